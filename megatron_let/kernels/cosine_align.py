@@ -1,0 +1,464 @@
+"""Fused LET alignment loss: per-token negative cosine after linear hidden-size interpolation.
+
+For every token the student hidden state ``h_M`` (``d_M`` features) is linearly interpolated along the
+hidden dimension to the teacher width ``d_T`` with aligned endpoints (``F.interpolate(mode="linear",
+align_corners=True)``) and compared with the teacher hidden state ``h_T``::
+
+    u_j  = j (d_M - 1) / (d_T - 1)        (u_j = 0 when d_T == 1)
+    i0_j = floor(u_j),  i1_j = min(i0_j + 1, d_M - 1),  beta_j = u_j - i0_j
+    x_j  = (1 - beta_j) h_M[i0_j] + beta_j h_M[i1_j]
+    loss = -(x . h_T) / (max(||x||, eps) * max(||h_T||, eps)),   eps = COSINE_EPS = 1e-8
+
+``i0_j`` and ``beta_j`` are computed with exact integer arithmetic (``j (d_M-1) // (d_T-1)`` and the
+remainder), so the reference and the kernel pick the same source features even where ``u_j`` is an
+integer.  Tokens with ``loss_mask == 0`` get loss 0 and gradient 0.
+
+Four entry points:
+
+* :func:`interpolate_hidden` - reference interpolation of the last dimension.
+* :func:`cosine_align_reference` - plain PyTorch, autograd-differentiable.
+* :func:`fused_cosine_align` - Triton forward/backward kernels that never materialise the interpolated
+  ``[N, d_T]`` tensor; only the inputs and three fp32 scalars per token are kept for backward.
+* :func:`cosine_align` - dispatcher between the two.
+
+Triton is optional: this module imports without it, and on CPU the kernels only run under Triton's
+interpreter (``TRITON_INTERPRET=1`` set before this module is imported).
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+try:  # Triton is an optional dependency: the reference path must work without it.
+    import triton
+    import triton.language as tl
+
+    TRITON_AVAILABLE = True
+except ImportError:  # pragma: no cover - exercised only on machines without triton
+    triton = None
+    tl = None
+    TRITON_AVAILABLE = False
+
+__all__ = [
+    "COSINE_EPS",
+    "TRITON_AVAILABLE",
+    "CosineAlignKernelConfig",
+    "cosine_align",
+    "cosine_align_reference",
+    "fused_cosine_align",
+    "interpolate_hidden",
+    "triton_interpreter_active",
+]
+
+COSINE_EPS: float = 1e-8
+"""Lower clamp applied to each norm (same value in the reference and the kernel)."""
+
+_IMPLS = ("auto", "triton", "reference")
+_KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+# Integer index arithmetic in the kernel is int32: j*(d_M-1) and i*(d_T-1) must not overflow.
+_MAX_DIM_PRODUCT = 2**31 - 1
+
+
+@dataclass(frozen=True)
+class CosineAlignKernelConfig:
+    """Launch configuration of the fused kernels.
+
+    Attributes:
+        max_block: largest number of features one program handles per loop iteration (power of two);
+            wider hidden sizes loop over blocks of this size.
+        num_warps: warps per program (one program per token row).
+    """
+
+    max_block: int = 1024
+    num_warps: int = 4
+
+    def __post_init__(self) -> None:
+        if self.max_block < 2 or self.max_block & (self.max_block - 1):
+            raise ValueError(f"max_block must be a power of two >= 2, got {self.max_block}")
+        if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
+            raise ValueError(f"num_warps must be a power of two >= 1, got {self.num_warps}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Validation shared by every entry point (runs before any compute).
+# --------------------------------------------------------------------------------------------------
+
+
+def _validate(h_m: torch.Tensor, h_t: torch.Tensor, loss_mask: torch.Tensor | None) -> None:
+    for name, h in (("h_m", h_m), ("h_t", h_t)):
+        if not isinstance(h, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor, got {type(h).__name__}")
+        if not h.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got dtype {h.dtype}")
+        if h.dim() < 1 or h.shape[-1] < 1:
+            raise ValueError(f"{name} needs a non-empty last (hidden) dimension, got shape {tuple(h.shape)}")
+    if h_m.shape[:-1] != h_t.shape[:-1]:
+        raise ValueError(
+            f"h_m and h_t must share leading (token) dims, got {tuple(h_m.shape)} and {tuple(h_t.shape)}"
+        )
+    if h_m.device != h_t.device:
+        raise ValueError(f"h_m is on {h_m.device} but h_t is on {h_t.device}")
+    if loss_mask is not None:
+        if not isinstance(loss_mask, torch.Tensor):
+            raise ValueError(f"loss_mask must be a torch.Tensor or None, got {type(loss_mask).__name__}")
+        if loss_mask.shape != h_m.shape[:-1]:
+            raise ValueError(
+                f"loss_mask shape {tuple(loss_mask.shape)} must equal the token dims {tuple(h_m.shape[:-1])}"
+            )
+        if loss_mask.device != h_m.device:
+            raise ValueError(f"loss_mask is on {loss_mask.device} but the hidden states are on {h_m.device}")
+
+
+# --------------------------------------------------------------------------------------------------
+# Reference implementation.
+# --------------------------------------------------------------------------------------------------
+
+
+def _interp_indices(d_in: int, d_out: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Source indices (i0, i1) and fp64 weights beta for interpolating d_in -> d_out features."""
+    den = max(d_out - 1, 1)  # d_out == 1: u_0 = 0
+    num = torch.arange(d_out, device=device, dtype=torch.int64) * (d_in - 1)
+    i0 = torch.div(num, den, rounding_mode="floor")
+    beta = (num - i0 * den).to(torch.float64) / den
+    i1 = torch.clamp(i0 + 1, max=d_in - 1)
+    return i0, i1, beta
+
+
+def interpolate_hidden(h: torch.Tensor, d_out: int) -> torch.Tensor:
+    """Linearly interpolate the last dimension of ``h`` to ``d_out`` features, endpoints aligned.
+
+    Equals ``F.interpolate(h.reshape(-1, 1, d_in), size=d_out, mode="linear", align_corners=True)``
+    reshaped back. Computed in ``h``'s dtype when it is fp32/fp64 and in fp32 otherwise; the result
+    has ``h``'s dtype. Differentiable.
+    """
+    if not isinstance(h, torch.Tensor) or not h.is_floating_point():
+        raise ValueError("h must be a floating-point torch.Tensor")
+    if h.dim() < 1 or h.shape[-1] < 1:
+        raise ValueError(f"h needs a non-empty last dimension, got shape {tuple(h.shape)}")
+    if not isinstance(d_out, int) or d_out < 1:
+        raise ValueError(f"d_out must be a positive int, got {d_out!r}")
+    d_in = h.shape[-1]
+    if d_in == d_out:
+        return h
+    compute_dtype = h.dtype if h.dtype in (torch.float32, torch.float64) else torch.float32
+    i0, i1, beta = _interp_indices(d_in, d_out, h.device)
+    beta = beta.to(compute_dtype)
+    hc = h.to(compute_dtype)
+    out = (1.0 - beta) * hc.index_select(-1, i0) + beta * hc.index_select(-1, i1)
+    return out.to(h.dtype)
+
+
+def cosine_align_reference(
+    h_m: torch.Tensor, h_t: torch.Tensor, loss_mask: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Per-token ``-cos(interp(h_m), h_t)`` in plain PyTorch (autograd-differentiable).
+
+    Args:
+        h_m: student hidden states ``[..., d_M]``.
+        h_t: teacher hidden states ``[..., d_T]`` with the same leading dims.
+        loss_mask: optional ``[...]``; tokens where it is 0 get loss 0 (and gradient 0).
+
+    Returns:
+        ``[...]`` losses in fp32 (fp64 when an input is fp64, so gradcheck can run on it).
+    """
+    _validate(h_m, h_t, loss_mask)
+    dtype = torch.float64 if torch.float64 in (h_m.dtype, h_t.dtype) else torch.float32
+    x = interpolate_hidden(h_m.to(dtype), h_t.shape[-1])
+    t = h_t.to(dtype)
+    dot = (x * t).sum(dim=-1)
+    norm_x = torch.linalg.vector_norm(x, dim=-1).clamp_min(COSINE_EPS)
+    norm_t = torch.linalg.vector_norm(t, dim=-1).clamp_min(COSINE_EPS)
+    loss = -dot / (norm_x * norm_t)
+    if loss_mask is not None:
+        loss = torch.where(loss_mask != 0, loss, torch.zeros_like(loss))
+    return loss
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton kernels.
+# --------------------------------------------------------------------------------------------------
+
+if TRITON_AVAILABLE:
+
+    @triton.jit
+    def _interp_src(j, m1, den):
+        """Source indices (i0, i1) and fp32 weight beta of output features j (exact integer split of u_j)."""
+        num = j * m1
+        i0 = num // den
+        beta = (num - i0 * den).to(tl.float32) / den
+        i1 = tl.minimum(i0 + 1, m1)
+        return i0, i1, beta
+
+    @triton.jit
+    def _load_x(hm_rows, j, m1, den, mask, SAME_DIM: tl.constexpr):
+        """Interpolated student features x[:, j] (fp32), gathered from the two source features of each j."""
+        if SAME_DIM:
+            x = tl.load(hm_rows + j[None, :], mask=mask, other=0.0).to(tl.float32)
+        else:
+            i0, i1, beta = _interp_src(j, m1, den)
+            a0 = tl.load(hm_rows + i0[None, :], mask=mask, other=0.0).to(tl.float32)
+            a1 = tl.load(hm_rows + i1[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = (1.0 - beta[None, :]) * a0 + beta[None, :] * a1
+        return x
+
+    @triton.jit
+    def _grad_x_gather(hm_rows, ht_rows, j, mask, m1, den, c_cross, c_xx):
+        """dL/dx[:, j] = c_cross * t_j + c_xx * x_j recomputed from the inputs (x is never stored), and beta_j."""
+        i0, i1, beta = _interp_src(j, m1, den)
+        t = tl.load(ht_rows + j[None, :], mask=mask, other=0.0).to(tl.float32)
+        a0 = tl.load(hm_rows + i0[None, :], mask=mask, other=0.0).to(tl.float32)
+        a1 = tl.load(hm_rows + i1[None, :], mask=mask, other=0.0).to(tl.float32)
+        x = (1.0 - beta[None, :]) * a0 + beta[None, :] * a1
+        return c_cross * t + c_xx * x, beta
+
+    @triton.jit
+    def _jstart(i, den, m1_div):
+        """First output feature j whose i0_j >= i, i.e. ceil(i * (d_T-1) / (d_M-1))."""
+        return (i * den + m1_div - 1) // m1_div
+
+    @triton.jit
+    def _cosine_align_fwd_kernel(
+        hm_ptr, ht_ptr, mask_ptr, loss_ptr, dot_ptr, nx_ptr, nt_ptr,
+        n_rows, d_m, d_t, m1, den, eps,
+        HAS_MASK: tl.constexpr, SAME_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        # One program handles ROWS tokens; the feature index math is shared by its rows.
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < n_rows
+        hm_rows = hm_ptr + rows[:, None] * d_m
+        ht_rows = ht_ptr + rows[:, None] * d_t
+        acc_dot = tl.zeros([ROWS, BLOCK_T], dtype=tl.float32)
+        acc_xx = tl.zeros([ROWS, BLOCK_T], dtype=tl.float32)
+        acc_tt = tl.zeros([ROWS, BLOCK_T], dtype=tl.float32)
+        for start in range(0, d_t, BLOCK_T):
+            j = start + tl.arange(0, BLOCK_T)
+            mask = rmask[:, None] & (j < d_t)[None, :]
+            t = tl.load(ht_rows + j[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = _load_x(hm_rows, j, m1, den, mask, SAME_DIM)
+            acc_dot += x * t
+            acc_xx += x * x
+            acc_tt += t * t
+        dot = tl.sum(acc_dot, axis=1)
+        nx = tl.sqrt(tl.sum(acc_xx, axis=1))
+        nt = tl.sqrt(tl.sum(acc_tt, axis=1))
+        loss = -dot / (tl.maximum(nx, eps) * tl.maximum(nt, eps))
+        if HAS_MASK:
+            loss = tl.where(tl.load(mask_ptr + rows, mask=rmask, other=0) != 0, loss, 0.0)
+        tl.store(loss_ptr + rows, loss, mask=rmask)
+        tl.store(dot_ptr + rows, dot, mask=rmask)
+        tl.store(nx_ptr + rows, nx, mask=rmask)
+        tl.store(nt_ptr + rows, nt, mask=rmask)
+
+    @triton.jit
+    def _cosine_align_bwd_kernel(
+        hm_ptr, ht_ptr, mask_ptr, gout_ptr, dot_ptr, nx_ptr, nt_ptr, ghm_ptr, ght_ptr,
+        n_rows, d_m, d_t, m1, m1_div, den, k_max, eps,
+        HAS_MASK: tl.constexpr, SAME_DIM: tl.constexpr, NEED_GRAD_M: tl.constexpr,
+        NEED_GRAD_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
+    ):
+        rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
+        rmask = rows < n_rows
+        hm_rows = hm_ptr + rows[:, None] * d_m
+        ht_rows = ht_ptr + rows[:, None] * d_t
+        g = tl.load(gout_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
+        if HAS_MASK:
+            g = tl.where(tl.load(mask_ptr + rows, mask=rmask, other=0) != 0, g, 0.0)
+        dot = tl.load(dot_ptr + rows, mask=rmask, other=0.0)
+        nx = tl.load(nx_ptr + rows, mask=rmask, other=0.0)
+        nt = tl.load(nt_ptr + rows, mask=rmask, other=0.0)
+        a = tl.maximum(nx, eps)
+        b = tl.maximum(nt, eps)
+        cos = dot / (a * b)
+        # L = -dot/(a b): dL/dx = -t/(ab) + cos/a^2 * x, the second term only where the norm clamp is
+        # inactive (matching clamp_min's gradient); symmetric for t.
+        c_cross = (-g / (a * b))[:, None]
+        c_xx = tl.where(nx >= eps, g * cos / (a * a), 0.0)[:, None]
+        c_tt = tl.where(nt >= eps, g * cos / (b * b), 0.0)[:, None]
+
+        if NEED_GRAD_T:
+            ght_rows = ght_ptr + rows[:, None] * d_t
+            for start in range(0, d_t, BLOCK_T):
+                j = start + tl.arange(0, BLOCK_T)
+                mask = rmask[:, None] & (j < d_t)[None, :]
+                t = tl.load(ht_rows + j[None, :], mask=mask, other=0.0).to(tl.float32)
+                x = _load_x(hm_rows, j, m1, den, mask, SAME_DIM)
+                gt = c_cross * x + c_tt * t
+                tl.store(ght_rows + j[None, :], gt.to(ght_ptr.dtype.element_ty), mask=mask)
+
+        if NEED_GRAD_M:
+            ghm_rows = ghm_ptr + rows[:, None] * d_m
+            if SAME_DIM:
+                for start in range(0, d_m, BLOCK_M):
+                    i = start + tl.arange(0, BLOCK_M)
+                    mask = rmask[:, None] & (i < d_m)[None, :]
+                    t = tl.load(ht_rows + i[None, :], mask=mask, other=0.0).to(tl.float32)
+                    x = tl.load(hm_rows + i[None, :], mask=mask, other=0.0).to(tl.float32)
+                    gm = c_cross * t + c_xx * x
+                    tl.store(ghm_rows + i[None, :], gm.to(ghm_ptr.dtype.element_ty), mask=mask)
+            else:
+                # Gather form of the interpolation adjoint (no atomics): source feature i receives
+                #   (1 - beta_j) * gx_j  from every j with i0_j == i      (j in [jstart(i), jend(i)))
+                #   beta_j * gx_j        from every j with i0_j == i - 1  (j in [jstart(i-1), jstart(i)))
+                # where gx_j = c_cross * t_j + c_xx * x_j is recomputed from the inputs. Each range holds
+                # at most k_max outputs, so k_max passes cover both. Masked lanes load zeros -> add 0.
+                for start in range(0, d_m, BLOCK_M):
+                    i = start + tl.arange(0, BLOCK_M)
+                    im = i < d_m
+                    js = _jstart(i, den, m1_div)
+                    je = tl.minimum(tl.where(i == d_m - 1, d_t, _jstart(i + 1, den, m1_div)), d_t)
+                    js_prev = _jstart(tl.maximum(i - 1, 0), den, m1_div)
+                    acc = tl.zeros([ROWS, BLOCK_M], dtype=tl.float32)
+                    for k in range(0, k_max):
+                        ja = js + k
+                        ma = rmask[:, None] & (im & (ja < je))[None, :]
+                        gx_a, beta_a = _grad_x_gather(hm_rows, ht_rows, ja, ma, m1, den, c_cross, c_xx)
+                        acc += (1.0 - beta_a[None, :]) * gx_a
+                        jb = js_prev + k
+                        mb = rmask[:, None] & (im & (i >= 1) & (jb < js))[None, :]
+                        gx_b, beta_b = _grad_x_gather(hm_rows, ht_rows, jb, mb, m1, den, c_cross, c_xx)
+                        acc += beta_b[None, :] * gx_b
+                    gm_mask = rmask[:, None] & im[None, :]
+                    tl.store(ghm_rows + i[None, :], acc.to(ghm_ptr.dtype.element_ty), mask=gm_mask)
+
+
+def triton_interpreter_active() -> bool:
+    """True when this module's kernels were built by Triton's CPU interpreter (TRITON_INTERPRET=1)."""
+    return TRITON_AVAILABLE and type(_cosine_align_fwd_kernel).__name__ == "InterpretedFunction"
+
+
+# --------------------------------------------------------------------------------------------------
+# Fused autograd function.
+# --------------------------------------------------------------------------------------------------
+
+
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+@functools.lru_cache(maxsize=256)
+def _max_outputs_per_source(d_m: int, d_t: int) -> int:
+    """Largest number of output features sharing one i0 (loop count of the backward gather)."""
+    i0, _, _ = _interp_indices(d_m, d_t, torch.device("cpu"))
+    return int(torch.bincount(i0, minlength=d_m).max())
+
+
+def _check_kernel_usable(h_m: torch.Tensor, h_t: torch.Tensor) -> None:
+    if not TRITON_AVAILABLE:
+        raise RuntimeError("the fused cosine-align kernel needs triton, which is not installed; "
+                           "use impl='reference' or install triton")
+    for name, h in (("h_m", h_m), ("h_t", h_t)):
+        if h.dtype not in _KERNEL_DTYPES:
+            raise ValueError(f"fused cosine align supports fp32/fp16/bf16, got {name}.dtype={h.dtype}; "
+                             "use impl='reference' for other dtypes")
+    if h_m.device.type != "cuda" and not triton_interpreter_active():
+        raise RuntimeError(
+            f"the Triton cosine-align kernel got {h_m.device.type} tensors: on CPU it only runs under "
+            "Triton's interpreter, so set TRITON_INTERPRET=1 in the environment before importing triton / "
+            "megatron_let.kernels (or use impl='reference')"
+        )
+    if h_m.shape[-1] * h_t.shape[-1] > _MAX_DIM_PRODUCT:
+        raise ValueError(f"d_M * d_T = {h_m.shape[-1] * h_t.shape[-1]} overflows the kernel's int32 index math")
+
+
+class _FusedCosineAlign(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, h_m, h_t, loss_mask, config: CosineAlignKernelConfig):
+        lead_shape = h_m.shape[:-1]
+        d_m, d_t = h_m.shape[-1], h_t.shape[-1]
+        hm = h_m.reshape(-1, d_m).contiguous()
+        ht = h_t.reshape(-1, d_t).contiguous()
+        n = hm.shape[0]
+        mask = None if loss_mask is None else (loss_mask.reshape(-1) != 0).to(torch.uint8).contiguous()
+        loss = torch.empty(n, device=hm.device, dtype=torch.float32)
+        stats = torch.empty(3, n, device=hm.device, dtype=torch.float32)  # dot, ||x||, ||t|| per token
+        m1 = d_m - 1
+        den = max(d_t - 1, 1)
+        if n > 0:
+            _cosine_align_fwd_kernel[(n,)](
+                hm, ht, mask if mask is not None else loss, loss, stats[0], stats[1], stats[2],
+                d_m, d_t, m1, den, COSINE_EPS,
+                HAS_MASK=mask is not None, SAME_DIM=d_m == d_t,
+                BLOCK_T=min(_next_power_of_2(d_t), config.max_block), num_warps=config.num_warps,
+            )
+        ctx.save_for_backward(hm, ht, mask, stats)
+        ctx.meta = (h_m.shape, h_t.shape, h_m.dtype, h_t.dtype, config)
+        return loss.reshape(lead_shape)
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        hm, ht, mask, stats = ctx.saved_tensors
+        shape_m, shape_t, dtype_m, dtype_t, config = ctx.meta
+        need_m, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if not (need_m or need_t):
+            return None, None, None, None
+        n, d_m = hm.shape
+        d_t = ht.shape[1]
+        # Mean/sum backward hands over expanded (stride-0) gradients: the kernel needs one value per row.
+        g = grad_loss.reshape(-1).contiguous()
+        grad_m = torch.empty((n, d_m), device=hm.device, dtype=dtype_m) if need_m else None
+        grad_t = torch.empty((n, d_t), device=ht.device, dtype=dtype_t) if need_t else None
+        if n > 0:
+            _cosine_align_bwd_kernel[(n,)](
+                hm, ht, mask if mask is not None else stats, g, stats[0], stats[1], stats[2],
+                grad_m if need_m else stats, grad_t if need_t else stats,
+                d_m, d_t, d_m - 1, max(d_m - 1, 1), max(d_t - 1, 1), _max_outputs_per_source(d_m, d_t),
+                COSINE_EPS,
+                HAS_MASK=mask is not None, SAME_DIM=d_m == d_t, NEED_GRAD_M=need_m, NEED_GRAD_T=need_t,
+                BLOCK_M=min(_next_power_of_2(d_m), config.max_block),
+                BLOCK_T=min(_next_power_of_2(d_t), config.max_block), num_warps=config.num_warps,
+            )
+        return (
+            grad_m.reshape(shape_m) if need_m else None,
+            grad_t.reshape(shape_t) if need_t else None,
+            None,
+            None,
+        )
+
+
+def fused_cosine_align(
+    h_m: torch.Tensor,
+    h_t: torch.Tensor,
+    loss_mask: torch.Tensor | None = None,
+    *,
+    config: CosineAlignKernelConfig | None = None,
+) -> torch.Tensor:
+    """Per-token ``-cos(interp(h_m), h_t)`` with Triton forward/backward kernels.
+
+    Same contract as :func:`cosine_align_reference` (fp32 result of the leading dims' shape, masked
+    tokens 0); inputs may be fp32/fp16/bf16 and non-contiguous. The interpolated tensor is never
+    written to memory; backward keeps the inputs plus dot, ||x|| and ||h_t|| per token. The gradient
+    for ``h_t`` is only computed when ``h_t.requires_grad``. ``config`` tunes the launch.
+    """
+    _validate(h_m, h_t, loss_mask)
+    _check_kernel_usable(h_m, h_t)
+    return _FusedCosineAlign.apply(h_m, h_t, loss_mask, config or CosineAlignKernelConfig())
+
+
+def cosine_align(
+    h_m: torch.Tensor, h_t: torch.Tensor, loss_mask: torch.Tensor | None = None, impl: str = "auto"
+) -> torch.Tensor:
+    """Per-token LET alignment loss, dispatching between the Triton kernel and the reference.
+
+    ``impl="auto"`` uses the kernel for CUDA tensors of a supported dtype when triton is importable and
+    the reference otherwise; ``"triton"`` forces the kernel (on CPU only under TRITON_INTERPRET=1);
+    ``"reference"`` forces plain PyTorch.
+    """
+    if impl not in _IMPLS:
+        raise ValueError(f"impl must be one of {_IMPLS}, got {impl!r}")
+    if impl == "auto":
+        use_kernel = (
+            TRITON_AVAILABLE
+            and isinstance(h_m, torch.Tensor)
+            and isinstance(h_t, torch.Tensor)
+            and h_m.is_cuda
+            and h_m.dtype in _KERNEL_DTYPES
+            and h_t.dtype in _KERNEL_DTYPES
+        )
+        impl = "triton" if use_kernel else "reference"
+    if impl == "triton":
+        return fused_cosine_align(h_m, h_t, loss_mask)
+    return cosine_align_reference(h_m, h_t, loss_mask)
+

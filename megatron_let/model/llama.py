@@ -1,0 +1,241 @@
+"""The LLaMA student, built from megatron-core's GPTModel.
+
+LLaMA = pre-norm RMSNorm, SwiGLU MLP, rotary position embeddings, no biases, optional grouped-query
+attention, tied or untied embeddings. On a GPU with Transformer Engine installed the TE layer spec is
+used; otherwise megatron-core's local spec, with our own :class:`LlamaRMSNorm` (torch's RMSNorm wrapper
+in megatron-core refuses sequence parallelism).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass
+class LlamaConfig:
+    """Architecture of the student. ``ffn_hidden_size=None`` means LLaMA's 8/3·h rounded up to 256."""
+
+    num_layers: int = 4
+    hidden_size: int = 256
+    ffn_hidden_size: Optional[int] = None
+    num_attention_heads: int = 4
+    num_query_groups: Optional[int] = None  # None = multi-head attention (no GQA)
+    seq_length: int = 256
+    max_position_embeddings: Optional[int] = None
+    vocab_size: int = 32000
+    untie_embeddings_and_output_weights: bool = True
+    rotary_base: int = 10000
+    norm_epsilon: float = 1e-5
+    init_method_std: float = 0.02
+    make_vocab_size_divisible_by: int = 128
+
+    def __post_init__(self) -> None:
+        if self.ffn_hidden_size is None:
+            self.ffn_hidden_size = int(256 * ((int(8 * self.hidden_size / 3) + 255) // 256))
+        if self.max_position_embeddings is None:
+            self.max_position_embeddings = self.seq_length
+
+    def validate(self, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:
+        """Raise ValueError for shapes megatron-core cannot build, before anything is allocated."""
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.num_attention_heads % tensor_parallel_size:
+            raise ValueError(
+                f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+                f"--tensor-model-parallel-size {tensor_parallel_size}"
+            )
+        groups = self.num_query_groups or self.num_attention_heads
+        if self.num_attention_heads % groups:
+            raise ValueError(
+                f"--num-attention-heads {self.num_attention_heads} is not divisible by "
+                f"--num-query-groups {groups}"
+            )
+        if groups % tensor_parallel_size:
+            raise ValueError(
+                f"--num-query-groups {groups} is not divisible by --tensor-model-parallel-size "
+                f"{tensor_parallel_size}"
+            )
+        if self.ffn_hidden_size % tensor_parallel_size:
+            raise ValueError(
+                f"--ffn-hidden-size {self.ffn_hidden_size} is not divisible by "
+                f"--tensor-model-parallel-size {tensor_parallel_size}"
+            )
+        if self.num_layers % pipeline_parallel_size:
+            raise ValueError(
+                f"--num-layers {self.num_layers} is not divisible by "
+                f"--pipeline-model-parallel-size {pipeline_parallel_size}"
+            )
+        if self.seq_length > self.max_position_embeddings:
+            raise ValueError(
+                f"--seq-length {self.seq_length} exceeds --max-position-embeddings "
+                f"{self.max_position_embeddings}"
+            )
+
+    def padded_vocab_size(self, tensor_parallel_size: int = 1) -> int:
+        """Megatron pads the vocabulary to a multiple of make_vocab_size_divisible_by × TP."""
+        multiple = self.make_vocab_size_divisible_by * tensor_parallel_size
+        return ((self.vocab_size + multiple - 1) // multiple) * multiple
+
+    def num_parameters(self, include_embeddings: bool = True) -> int:
+        """Parameter count of the unpadded model (used by dry runs and reports)."""
+        h, f = self.hidden_size, self.ffn_hidden_size
+        heads = self.num_attention_heads
+        groups = self.num_query_groups or heads
+        head_dim = h // heads
+        attn = h * (heads * head_dim) + 2 * h * (groups * head_dim) + (heads * head_dim) * h
+        mlp = 3 * h * f
+        per_layer = attn + mlp + 2 * h
+        total = self.num_layers * per_layer + h  # + final norm
+        if include_embeddings:
+            emb = self.vocab_size * h
+            total += emb if not self.untie_embeddings_and_output_weights else 2 * emb
+        return total
+
+
+# Paper table 3 (SPEC.md §2), plus small presets for CPU runs and tests.
+PRESETS: dict[str, dict] = {
+    "tiny": dict(num_layers=4, hidden_size=64, ffn_hidden_size=176, num_attention_heads=4,
+                 num_query_groups=2),
+    "small": dict(num_layers=8, hidden_size=256, ffn_hidden_size=704, num_attention_heads=8,
+                  num_query_groups=4),
+    "llama-1b": dict(num_layers=24, hidden_size=2048, ffn_hidden_size=5461, num_attention_heads=32),
+    "llama-7b": dict(num_layers=32, hidden_size=4096, ffn_hidden_size=11008, num_attention_heads=32),
+}
+
+
+def preset(name: str, **overrides) -> LlamaConfig:
+    if name not in PRESETS:
+        raise ValueError(f"unknown --model-preset {name!r}; choose from {sorted(PRESETS)}")
+    values = dict(PRESETS[name])
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return LlamaConfig(**values)
+
+
+class LlamaRMSNorm(torch.nn.Module):
+    """RMSNorm usable under sequence parallelism: its weight is marked ``sequence_parallel`` so that
+    megatron-core all-reduces its gradient across the TP group (each rank saw a sequence shard)."""
+
+    def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x32 = x.float()
+        y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
+        return (y * self.weight.float()).to(x.dtype)
+
+
+def transformer_engine_available() -> bool:
+    try:
+        import transformer_engine  # noqa: F401
+    except Exception:  # TE raises RuntimeError without a GPU, not only ImportError
+        return False
+    return torch.cuda.is_available()
+
+
+def build_transformer_config(cfg: LlamaConfig, parallel, bf16: bool, use_cpu: bool):
+    """megatron-core TransformerConfig for the LLaMA architecture."""
+    from megatron.core.transformer.transformer_config import TransformerConfig
+
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    return TransformerConfig(
+        num_layers=cfg.num_layers,
+        hidden_size=cfg.hidden_size,
+        ffn_hidden_size=cfg.ffn_hidden_size,
+        num_attention_heads=cfg.num_attention_heads,
+        num_query_groups=cfg.num_query_groups,
+        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        normalization="RMSNorm",
+        layernorm_epsilon=cfg.norm_epsilon,
+        gated_linear_unit=True,
+        activation_func=F.silu,
+        add_bias_linear=False,
+        add_qkv_bias=False,
+        hidden_dropout=0.0,
+        attention_dropout=0.0,
+        init_method_std=cfg.init_method_std,
+        tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+        pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        sequence_parallel=parallel.sequence_parallel,
+        bf16=bf16,
+        params_dtype=dtype,
+        pipeline_dtype=dtype,
+        autocast_dtype=dtype,
+        use_cpu_initialization=use_cpu,
+        calculate_per_token_loss=True,
+        # Fusions need apex/TE kernels; we keep the plain paths unless TE is present.
+        bias_activation_fusion=False,
+        masked_softmax_fusion=False,
+        bias_dropout_fusion=False,
+        apply_rope_fusion=False,
+        gradient_accumulation_fusion=False,
+        persist_layer_norm=False,
+        # batch_p2p_sync calls torch.cuda.synchronize(); only needed on GPU.
+        batch_p2p_sync=not use_cpu,
+    )
+
+
+def build_layer_spec(config, use_te: bool):
+    """Block spec: TE fused layers on GPU when available, else the local spec with LlamaRMSNorm."""
+    from megatron.core.models.gpt.gpt_layer_specs import (
+        get_gpt_layer_local_spec,
+        get_gpt_layer_with_transformer_engine_spec,
+    )
+    from megatron.core.transformer.transformer_block import (
+        TransformerBlockSubmodules,
+        get_num_layers_to_build,
+    )
+
+    if use_te:
+        layer = get_gpt_layer_with_transformer_engine_spec()
+        from megatron.core.extensions.transformer_engine import TENorm
+
+        final_norm = TENorm
+    else:
+        layer = get_gpt_layer_local_spec(normalization="RMSNorm")
+        layer = dataclasses.replace(
+            layer,
+            submodules=dataclasses.replace(
+                layer.submodules, input_layernorm=LlamaRMSNorm, pre_mlp_layernorm=LlamaRMSNorm
+            ),
+        )
+        final_norm = LlamaRMSNorm
+    return TransformerBlockSubmodules(
+        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=final_norm
+    )
+
+
+def build_student(cfg: LlamaConfig, parallel, bf16: bool = False, use_cpu: bool = True,
+                  use_te: Optional[bool] = None):
+    """Build this rank's GPTModel stage. Requires megatron parallel state to be initialised."""
+    from megatron.core import parallel_state
+    from megatron.core.models.gpt import GPTModel
+
+    config = build_transformer_config(cfg, parallel, bf16=bf16, use_cpu=use_cpu)
+    if use_te is None:
+        use_te = (not use_cpu) and transformer_engine_available()
+    model = GPTModel(
+        config=config,
+        transformer_layer_spec=build_layer_spec(config, use_te),
+        vocab_size=cfg.padded_vocab_size(parallel.tensor_model_parallel_size),
+        max_sequence_length=cfg.max_position_embeddings,
+        pre_process=parallel_state.is_pipeline_first_stage(),
+        post_process=parallel_state.is_pipeline_last_stage(),
+        parallel_output=True,
+        share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
+        position_embedding_type="rope",
+        rotary_base=cfg.rotary_base,
+    )
+    if not use_cpu:
+        model.cuda(torch.cuda.current_device())
+    return model

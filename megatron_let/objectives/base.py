@@ -1,0 +1,125 @@
+"""The objective interface: one loss module per training objective, chosen by ``--objective``.
+
+Under pipeline parallelism the student's layer-k hidden state and its logits live on different
+stages, so an objective contributes up to two terms, each evaluated where its inputs are:
+
+* ``hidden_loss`` - at student layer k (first stage for LET); its gradient is injected into the
+  student's backward at that layer;
+* ``output_loss`` - at the last stage, from the per-token NLL and the (vocab-parallel) logits.
+
+Both return ``(loss_sum, metrics)`` where ``loss_sum`` is a masked **sum** over this rank's tokens.
+The trainer turns sums into the token mean over the whole global batch (megatron-core's
+``calculate_per_token_loss``: gradients are divided by the number of valid tokens across micro-batches
+and data-parallel ranks), so every objective is reduced the same way. ``metrics`` maps a name to a
+``(sum, count)`` pair of tensors that the trainer reduces across ranks for logging.
+
+The trainer asks the objective what it needs (:class:`Needs`) and never looks at its name.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Callable, ClassVar, Dict, Optional, Tuple
+
+import torch
+
+Metrics = Dict[str, Tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass(frozen=True)
+class Needs:
+    """What an objective needs at a given step. All ``None``/``False`` = plain language modelling."""
+
+    student_layer: Optional[int] = None  # 1-based student layer whose output feeds hidden_loss
+    teacher_hidden_layer: Optional[int] = None  # teacher layer (1-based, -1 = last) for hidden_loss
+    teacher_logits: bool = False  # output_loss needs the teacher's logits
+    kd_data_selection: bool = False  # draw training samples from a data selection (SALT_DS)
+
+    @property
+    def teacher(self) -> bool:
+        return self.teacher_hidden_layer is not None or self.teacher_logits
+
+
+@dataclass
+class ObjectiveContext:
+    """Facts about the run an objective may need when it is built."""
+
+    train_iters: int
+    tp_group: Optional[torch.distributed.ProcessGroup] = None
+    vocab_size: Optional[int] = None  # true (unpadded) student vocabulary
+    student_num_layers: Optional[int] = None
+
+
+class Objective:
+    """Base class; subclasses set ``name``, ``Config`` and override what they use."""
+
+    name: ClassVar[str] = ""
+    Config: ClassVar[type]
+
+    def __init__(self, config, context: ObjectiveContext) -> None:
+        self.config = config
+        self.context = context
+
+    # --- command line -------------------------------------------------------------------------
+    @classmethod
+    def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
+        """Add this objective's flags (called for every registered objective)."""
+
+    @classmethod
+    def config_from_args(cls, args: argparse.Namespace):
+        return cls.Config()
+
+    def validate(self, student_num_layers: int) -> None:
+        """Raise ValueError for a configuration that cannot work, before any compute."""
+
+    # --- schedule -----------------------------------------------------------------------------
+    def needs(self, step: int) -> Needs:
+        return Needs()
+
+    def schedule_values(self, step: int) -> Dict[str, float]:
+        """Loss weights at ``step`` for logging (e.g. ``{"lambda": 0.1}``)."""
+        return {}
+
+    # --- losses ---------------------------------------------------------------------------------
+    def hidden_loss(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
+                    loss_mask: torch.Tensor, step: int) -> Tuple[torch.Tensor, Metrics]:
+        raise NotImplementedError(f"objective {self.name!r} has no hidden-state term")
+
+    def output_loss(self, nll: torch.Tensor, logits: Optional[torch.Tensor],
+                    teacher_logits: Optional[torch.Tensor], loss_mask: torch.Tensor,
+                    step: int) -> Tuple[torch.Tensor, Metrics]:
+        """Default: language modelling only, ``sum(nll * mask)``."""
+        return masked_sum(nll, loss_mask), {}
+
+
+def masked_sum(values: torch.Tensor, loss_mask: torch.Tensor) -> torch.Tensor:
+    return (values.float() * loss_mask.float()).sum()
+
+
+def metric(total: torch.Tensor, count: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+    return total.detach().float(), count.detach().float()
+
+
+_REGISTRY: Dict[str, type] = {}
+
+
+def register(cls: type) -> type:
+    """Class decorator that makes an objective selectable with ``--objective NAME``."""
+    if not cls.name:
+        raise ValueError(f"{cls.__name__} has no name")
+    _REGISTRY[cls.name] = cls
+    return cls
+
+
+def registry() -> Dict[str, type]:
+    from megatron_let import objectives  # noqa: F401  (imports every built-in objective module)
+
+    return dict(_REGISTRY)
+
+
+def build_objective(name: str, config, context: ObjectiveContext) -> Objective:
+    objectives = registry()
+    if name not in objectives:
+        raise ValueError(f"unknown --objective {name!r}; choose from {sorted(objectives)}")
+    return objectives[name](config, context)

@@ -1,0 +1,166 @@
+"""Make megatron-core 0.16.1 run on a CPU-only machine (gloo backend).
+
+megatron-core assumes CUDA in a handful of places. Rather than patching ``torch`` globally, we
+replace the module-level name ``torch`` inside exactly the megatron-core modules that need it with
+:class:`CudaToCpuTorch`, a thin proxy that forwards everything to the real ``torch`` except:
+
+* ``torch.cuda.current_device()`` returns ``"cpu"`` (call sites use it as a ``device=`` argument);
+* tensor factories (``zeros``, ``empty``, ``tensor``, ...) map ``device="cuda"``/``cuda:N`` to CPU;
+* ``torch.cuda.synchronize``/``empty_cache`` become no-ops;
+* ``torch.cuda.get_rng_state``/``manual_seed`` act on the CPU generator (RNG tracker).
+
+Two functions are replaced outright because their CUDA assumption is on tensors, not on ``torch``:
+``_get_cuda_rng_state``/``_set_cuda_rng_state`` of the RNG tracker and the fp32 grad-clipping helper
+that asserts ``param.grad.type() == 'torch.cuda.FloatTensor'``.
+
+Everything is applied only by :func:`apply_cpu_compat`, which the runtime calls only when training on
+CPU; on a GPU nothing here runs, so megatron-core's behaviour there is untouched. Each entry of
+:data:`PATCHED_MODULES` names the call sites it covers; ``tests/test_cpu_compat.py`` has a test per patch.
+"""
+
+from __future__ import annotations
+
+import importlib
+import types
+from typing import Any
+
+import torch
+
+# module -> the CUDA-only call sites in megatron-core 0.16.1 that the torch proxy covers there.
+PATCHED_MODULES: dict[str, str] = {
+    "megatron.core.tensor_parallel.random": "RNG tracker: torch.cuda.get_rng_state/manual_seed",
+    "megatron.core.tensor_parallel.mappings": "gather/scatter buffers on torch.cuda.current_device()",
+    "megatron.core.tensor_parallel.layers": "weight/grad buffers on torch.cuda.current_device()",
+    "megatron.core.models.common.embeddings.rotary_pos_embedding": "inv_freq on current_device()",
+    "megatron.core.transformer.dot_product_attention": "softmax offsets on current_device()",
+    "megatron.core.pipeline_parallel.schedules": "total_num_tokens = torch.zeros(device='cuda')",
+    "megatron.core.pipeline_parallel.p2p_communication": "shape buffers, torch.cuda.synchronize()",
+    "megatron.core.distributed.param_and_grad_buffer": "grad buffers on current_device()",
+    "megatron.core.distributed.distributed_data_parallel": "synchronize/empty_cache",
+    "megatron.core.optimizer.optimizer": "found_inf/_scale tensors with device='cuda'",
+    "megatron.core.optimizer.clip_grads": "total-norm tensors with device='cuda'",
+    "megatron.core.optimizer.distrib_optimizer": "shard buffers on current_device()",
+    "megatron.core.dist_checkpointing.strategies.filesystem_async": "torch.cuda.synchronize()",
+    "megatron.core.utils": "l2-norm and helper tensors with device='cuda'",
+    "megatron.core.transformer.utils": "get_default_causal_mask: torch.ones(device='cuda')",
+}
+
+_FACTORIES = (
+    "zeros", "ones", "empty", "full", "tensor", "arange", "rand", "randn", "randint",
+    "zeros_like", "ones_like", "empty_like", "full_like", "as_tensor",
+)
+
+
+def _to_cpu_device(device: Any) -> Any:
+    """Map any CUDA device spec (``"cuda"``, ``"cuda:1"``, an int, a cuda ``torch.device``) to CPU."""
+    if device is None:
+        return None
+    if isinstance(device, int):
+        return torch.device("cpu")
+    if isinstance(device, str) and device.startswith("cuda"):
+        return torch.device("cpu")
+    if isinstance(device, torch.device) and device.type == "cuda":
+        return torch.device("cpu")
+    return device
+
+
+class _CpuCudaNamespace:
+    """Stands in for ``torch.cuda`` inside patched megatron-core modules."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(torch.cuda, name)
+
+    @staticmethod
+    def current_device() -> str:
+        return "cpu"
+
+    @staticmethod
+    def synchronize(*_args: Any, **_kwargs: Any) -> None:
+        return None
+
+    @staticmethod
+    def empty_cache() -> None:
+        return None
+
+    @staticmethod
+    def is_available() -> bool:
+        return False
+
+    @staticmethod
+    def get_rng_state(*_args: Any, **_kwargs: Any) -> torch.Tensor:
+        return torch.get_rng_state()
+
+    @staticmethod
+    def manual_seed(seed: int) -> None:
+        torch.manual_seed(seed)
+
+
+class CudaToCpuTorch(types.ModuleType):
+    """A ``torch`` look-alike whose CUDA device requests land on the CPU."""
+
+    def __init__(self) -> None:
+        super().__init__("torch")
+        self.cuda = _CpuCudaNamespace()
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(torch, name)
+        if name in _FACTORIES:
+            def factory(*args: Any, __f=attr, **kwargs: Any) -> Any:
+                if "device" in kwargs:
+                    kwargs["device"] = _to_cpu_device(kwargs["device"])
+                kwargs.pop("pin_memory", None)
+                return __f(*args, **kwargs)
+
+            return factory
+        return attr
+
+
+def _cpu_get_rng_state(device: Any = "cuda", clone: bool = False, graph_safe: bool = False):
+    state = torch.get_rng_state()
+    return state.clone() if clone else state
+
+
+def _cpu_set_rng_state(new_state: torch.Tensor, device: int = -1, graph_safe: bool = False) -> None:
+    torch.set_rng_state(new_state)
+
+
+def _cpu_clip_grad_by_total_norm_fp32(parameters, max_norm, total_norm, use_decoupled_grad=False):
+    """Scale fp32 grads in place by max_norm / total_norm when that is < 1 (same contract as
+    megatron-core's helper, without its CUDA tensor-type assertion)."""
+    if isinstance(parameters, torch.Tensor):
+        parameters = [parameters]
+    clip_coeff = max_norm / (total_norm + 1.0e-6)
+    if clip_coeff >= 1.0:
+        return
+    attr = "decoupled_grad" if use_decoupled_grad else "grad"
+    with torch.no_grad():
+        for param in parameters:
+            grad = getattr(param, attr, None)
+            if grad is not None:
+                grad.mul_(clip_coeff)
+
+
+_APPLIED = False
+
+
+def apply_cpu_compat() -> None:
+    """Install the CPU compatibility layer (idempotent). Call only when running on CPU."""
+    global _APPLIED
+    if _APPLIED:
+        return
+    proxy = CudaToCpuTorch()
+    for module_name in PATCHED_MODULES:
+        module = importlib.import_module(module_name)
+        module.torch = proxy
+    random_mod = importlib.import_module("megatron.core.tensor_parallel.random")
+    random_mod._get_cuda_rng_state = _cpu_get_rng_state
+    random_mod._set_cuda_rng_state = _cpu_set_rng_state
+    # optimizer.py imported the helper by name, so replace it in both namespaces.
+    for module_name in ("megatron.core.optimizer.clip_grads", "megatron.core.optimizer.optimizer"):
+        module = importlib.import_module(module_name)
+        module.clip_grad_by_total_norm_fp32 = _cpu_clip_grad_by_total_norm_fp32
+    _APPLIED = True
+
+
+def cpu_compat_applied() -> bool:
+    return _APPLIED

@@ -1,0 +1,114 @@
+"""Device, backend and process-group set-up: the one place that decides CUDA+NCCL versus CPU+gloo."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class ParallelConfig:
+    tensor_model_parallel_size: int = 1
+    pipeline_model_parallel_size: int = 1
+    sequence_parallel: bool = False
+    use_distributed_optimizer: bool = False
+
+    def validate(self, world_size: int) -> None:
+        mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
+        if self.tensor_model_parallel_size < 1 or self.pipeline_model_parallel_size < 1:
+            raise ValueError("parallel sizes must be >= 1")
+        if world_size % mp:
+            raise ValueError(
+                f"world size {world_size} is not divisible by --tensor-model-parallel-size "
+                f"{self.tensor_model_parallel_size} x --pipeline-model-parallel-size "
+                f"{self.pipeline_model_parallel_size}"
+            )
+        if self.sequence_parallel and self.tensor_model_parallel_size == 1:
+            # Megatron-LM silently turns SP off at TP=1; we do the same in the arguments layer.
+            raise ValueError("--sequence-parallel requires --tensor-model-parallel-size > 1")
+
+    def data_parallel_size(self, world_size: int) -> int:
+        return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
+
+
+def resolve_device(flag: str = "auto") -> torch.device:
+    """``auto``: CUDA when a GPU is visible, else CPU. ``cpu`` forces CPU; ``cuda`` requires a GPU."""
+    if flag not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"--device must be auto, cpu or cuda, got {flag!r}")
+    if flag == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was requested but no CUDA GPU is visible")
+    if flag == "cpu" or (flag == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def world_size_from_env() -> int:
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def initialize_distributed(device: torch.device, parallel: ParallelConfig, seed: int,
+                           timeout_minutes: int = 30) -> None:
+    """Start torch.distributed (env:// under torchrun, a private 1-rank group otherwise), megatron's
+    model-parallel groups and its RNG tracker. On CPU, installs the megatron-core compatibility layer."""
+    from megatron.core import parallel_state, tensor_parallel
+
+    if device.type == "cpu":
+        from megatron_let.runtime.cpu_compat import apply_cpu_compat
+
+        apply_cpu_compat()
+        if "OMP_NUM_THREADS" not in os.environ and world_size_from_env() == 1:
+            torch.set_num_threads(max(1, os.cpu_count() or 1))
+    else:
+        torch.cuda.set_device(device)
+
+    if not torch.distributed.is_initialized():
+        if "RANK" not in os.environ:
+            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+        torch.distributed.init_process_group(
+            backend="nccl" if device.type == "cuda" else "gloo",
+            timeout=datetime.timedelta(minutes=timeout_minutes),
+        )
+    parallel.validate(torch.distributed.get_world_size())
+    if not parallel_state.model_parallel_is_initialized():
+        parallel_state.initialize_model_parallel(
+            tensor_model_parallel_size=parallel.tensor_model_parallel_size,
+            pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+        )
+    set_seed(seed)
+
+
+def set_seed(seed: int) -> None:
+    """Seed python/numpy/torch and megatron's TP-aware RNG tracker (same scheme on CPU and GPU)."""
+    import random
+
+    import numpy as np
+    from megatron.core import parallel_state, tensor_parallel
+
+    pp_rank = parallel_state.get_pipeline_model_parallel_rank()
+    # Different pipeline stages get different seeds, as in Megatron-LM.
+    stage_seed = seed + 100 * pp_rank
+    random.seed(stage_seed)
+    np.random.seed(stage_seed)
+    torch.manual_seed(stage_seed)
+    tensor_parallel.model_parallel_cuda_manual_seed(stage_seed, force_reset_rng=True)
+
+
+def destroy_distributed() -> None:
+    from megatron.core import parallel_state
+
+    if parallel_state.model_parallel_is_initialized():
+        parallel_state.destroy_model_parallel()
+    if torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()

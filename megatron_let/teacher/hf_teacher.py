@@ -1,0 +1,533 @@
+"""Frozen Hugging Face teacher for LET alignment and logit distillation.
+
+The teacher is any ``AutoModelForCausalLM`` stored in a *local* folder (no network access is ever
+attempted: every load passes ``local_files_only=True``). It is frozen, in eval mode, and only ever
+run under ``torch.no_grad()``.
+
+Layer convention (``TeacherConfig.layer``), identical to Hugging Face's ``output_hidden_states``:
+
+* ``layer=-1`` (default) or ``layer=num_layers``: the model's *final* hidden state, i.e.
+  ``outputs.hidden_states[-1]`` == ``base_model(...).last_hidden_state``. For Llama-like models
+  (SmolLM2, Qwen2, Gemma3) and GPT-NeoX/OPT this is *after* the final norm.
+* ``layer=L`` with ``1 <= L < num_layers``: the raw output of the L-th transformer block
+  (1-based), i.e. ``outputs.hidden_states[L]`` (before any final norm). Only blocks 1..L run.
+
+``hidden_states[0]`` (the embedding output) is not a transformer layer and is not selectable.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional, Union
+
+import torch
+from torch import nn
+
+__all__ = [
+    "TeacherConfig",
+    "TeacherInfo",
+    "HFTeacher",
+    "inspect_teacher",
+    "resolve_layer",
+    "resolve_dtype",
+    "find_weight_files",
+    "teacher_tokenizer_size",
+    "check_vocab_compatible",
+]
+
+_DTYPE_NAMES = {
+    "float32": torch.float32,
+    "fp32": torch.float32,
+    "bfloat16": torch.bfloat16,
+    "bf16": torch.bfloat16,
+    "float16": torch.float16,
+    "fp16": torch.float16,
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
+@dataclass
+class TeacherConfig:
+    """Where the teacher lives and how to run it.
+
+    Attributes:
+        path: local folder holding ``config.json`` and the weights (``--teacher-path``).
+        layer: 1-based teacher layer whose output is used; -1 = final hidden state (see module doc).
+        dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or "float16".
+        trust_remote_code: allow model code shipped in the folder to run. Off by default: it executes
+            arbitrary Python from the folder.
+    """
+
+    path: str
+    layer: int = -1
+    dtype: str = "auto"
+    trust_remote_code: bool = False
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
+            raise ValueError("TeacherConfig.path must be a non-empty folder path (--teacher-path)")
+        if not isinstance(self.layer, int) or isinstance(self.layer, bool):
+            raise ValueError(f"TeacherConfig.layer must be an int, got {self.layer!r}")
+        if self.layer != -1 and self.layer < 1:
+            raise ValueError(
+                f"TeacherConfig.layer={self.layer} is invalid: use -1 for the final hidden state or a "
+                "1-based layer index >= 1"
+            )
+        if self.dtype != "auto" and self.dtype not in _DTYPE_NAMES:
+            raise ValueError(
+                f"TeacherConfig.dtype={self.dtype!r} is not one of 'auto', {sorted(_DTYPE_NAMES)}"
+            )
+
+
+@dataclass
+class TeacherInfo:
+    """What a teacher folder holds, read from ``config.json`` alone (no weights loaded)."""
+
+    path: str
+    model_type: str
+    architectures: list[str]
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    num_parameters: Optional[int]
+    weight_files: list[str] = field(default_factory=list)
+    tokenizer_size: Optional[int] = None
+    layer: int = -1  # resolved 1-based layer (num_layers for the final hidden state)
+
+
+# ----------------------------------------------------------------------------------------------
+# Folder inspection
+# ----------------------------------------------------------------------------------------------
+
+
+def find_weight_files(path: Union[str, os.PathLike]) -> tuple[list[str], bool]:
+    """Return (weight files, are_safetensors) in a teacher folder; safetensors are preferred."""
+    folder = Path(path)
+    safetensors = sorted(str(p) for p in folder.glob("*.safetensors"))
+    if safetensors:
+        return safetensors, True
+    bins = sorted(str(p) for p in folder.glob("pytorch_model*.bin"))
+    return bins, False
+
+
+def _check_folder(path: Union[str, os.PathLike]) -> Path:
+    """Validate a teacher folder before anything is loaded; return it as a Path."""
+    folder = Path(path)
+    if not folder.exists():
+        raise FileNotFoundError(f"teacher folder {str(folder)!r} does not exist (--teacher-path)")
+    if not folder.is_dir():
+        raise NotADirectoryError(
+            f"teacher path {str(folder)!r} is not a folder (--teacher-path must be a Hugging Face "
+            "model folder; convert a .gguf file with tools/prepare_teacher.py)"
+        )
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(
+            f"teacher folder {str(folder)!r} has no config.json: not a Hugging Face model folder "
+            "(use tools/prepare_teacher.py to build one)"
+        )
+    weights, _ = find_weight_files(folder)
+    if not weights:
+        raise FileNotFoundError(
+            f"teacher folder {str(folder)!r} has no weights (*.safetensors or pytorch_model*.bin)"
+        )
+    return folder
+
+
+def _text_config(config: Any) -> Any:
+    """The decoder's config (multimodal configs such as Gemma3Config nest it)."""
+    getter = getattr(config, "get_text_config", None)
+    return getter() if callable(getter) else config
+
+
+def _config_int(config: Any, names: tuple[str, ...], what: str) -> int:
+    for name in names:
+        value = getattr(config, name, None)
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    raise ValueError(f"teacher config ({type(config).__name__}) has no {what} (looked for {names})")
+
+
+def _num_layers(config: Any) -> int:
+    return _config_int(_text_config(config), ("num_hidden_layers", "n_layer", "num_layers"), "layer count")
+
+
+def _hidden_size(config: Any, final: bool) -> int:
+    text = _text_config(config)
+    size = _config_int(text, ("hidden_size", "n_embd", "d_model"), "hidden size")
+    # OPT-350m projects its final hidden state down to the embedding width.
+    proj = getattr(text, "word_embed_proj_dim", None)
+    if final and isinstance(proj, int) and proj != size:
+        return proj
+    return size
+
+
+def _vocab_size(config: Any) -> int:
+    return _config_int(_text_config(config), ("vocab_size",), "vocab_size")
+
+
+def resolve_layer(layer: int, num_layers: int) -> int:
+    """Map a ``TeacherConfig.layer`` value to a 1-based layer in ``1..num_layers``.
+
+    -1 means the final hidden state, which is layer ``num_layers`` in HF's indexing.
+    """
+    if layer == -1:
+        return num_layers
+    if not 1 <= layer <= num_layers:
+        raise ValueError(
+            f"teacher layer {layer} is out of range: the teacher has {num_layers} layers "
+            f"(use -1 for the final hidden state or 1..{num_layers})"
+        )
+    return layer
+
+
+def resolve_dtype(dtype: str, device: Union[str, torch.device]) -> torch.dtype:
+    """"auto" -> bf16 on CUDA, fp32 elsewhere; otherwise the named dtype."""
+    if dtype == "auto":
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in _DTYPE_NAMES:
+        raise ValueError(f"teacher dtype {dtype!r} is not one of 'auto', {sorted(_DTYPE_NAMES)}")
+    return _DTYPE_NAMES[dtype]
+
+
+def teacher_tokenizer_size(path: Union[str, os.PathLike]) -> Optional[int]:
+    """``len(tokenizer)`` for the tokenizer stored in the teacher folder, or None if there is none."""
+    folder = Path(path)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    return len(tokenizer)
+
+
+def _count_parameters_meta(config: Any, trust_remote_code: bool) -> Optional[int]:
+    """Exact parameter count by building the model on the meta device (no memory, no weights)."""
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # an exotic architecture that cannot be built on meta: count is optional
+        return None
+    return sum(p.numel() for p in model.parameters())
+
+
+def inspect_teacher(
+    path: Union[str, os.PathLike],
+    layer: int = -1,
+    trust_remote_code: bool = False,
+    read_tokenizer: bool = True,
+) -> TeacherInfo:
+    """Describe a teacher folder without loading its weights (used by dry runs).
+
+    Raises:
+        FileNotFoundError: folder, config.json or weight files missing.
+        ValueError: ``layer`` outside the teacher's depth.
+    """
+    folder = _check_folder(path)
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(
+        str(folder), local_files_only=True, trust_remote_code=trust_remote_code
+    )
+    num_layers = _num_layers(config)
+    resolved = resolve_layer(layer, num_layers)
+    weights, _ = find_weight_files(folder)
+    return TeacherInfo(
+        path=str(folder),
+        model_type=str(getattr(config, "model_type", "")),
+        architectures=list(getattr(config, "architectures", None) or []),
+        hidden_size=_hidden_size(config, final=resolved == num_layers),
+        num_layers=num_layers,
+        vocab_size=_vocab_size(config),
+        num_parameters=_count_parameters_meta(config, trust_remote_code),
+        weight_files=[os.path.basename(w) for w in weights],
+        tokenizer_size=teacher_tokenizer_size(folder) if read_tokenizer else None,
+        layer=resolved,
+    )
+
+
+def check_vocab_compatible(
+    teacher_vocab: int,
+    student_vocab: int,
+    padded_student_vocab: int,
+    teacher_tokenizer_size: Optional[int] = None,
+) -> int:
+    """Check that student and teacher share a vocabulary; return the shared size.
+
+    Args:
+        teacher_vocab: rows of the teacher's embedding (``config.vocab_size``).
+        student_vocab: the student's real (unpadded) vocabulary size, i.e. its tokenizer's size.
+        padded_student_vocab: the student's embedding rows after padding for TP divisibility.
+        teacher_tokenizer_size: ``len(tokenizer)`` of the teacher's tokenizer, if it has one. A
+            teacher's embedding may be padded beyond its tokenizer (Qwen2: 151936 rows for 151665
+            tokens); the student may then match either number.
+
+    Returns:
+        The number of leading vocabulary entries both models share (the columns to compare in KD).
+        Student columns beyond it (padding) and teacher columns beyond it must be masked.
+    """
+    for name, value in (
+        ("teacher_vocab", teacher_vocab),
+        ("student_vocab", student_vocab),
+        ("padded_student_vocab", padded_student_vocab),
+    ):
+        if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if padded_student_vocab < student_vocab:
+        raise ValueError(
+            f"padded student vocabulary ({padded_student_vocab}) is smaller than the student "
+            f"vocabulary ({student_vocab})"
+        )
+    if teacher_tokenizer_size is not None and teacher_tokenizer_size > teacher_vocab:
+        raise ValueError(
+            f"teacher tokenizer has {teacher_tokenizer_size} tokens but its embedding only "
+            f"{teacher_vocab} rows: the teacher folder is inconsistent"
+        )
+    if student_vocab == teacher_vocab or student_vocab == teacher_tokenizer_size:
+        return student_vocab
+    tok = f" (tokenizer: {teacher_tokenizer_size} tokens)" if teacher_tokenizer_size is not None else ""
+    raise ValueError(
+        f"student vocabulary size {student_vocab} (padded to {padded_student_vocab}) differs from "
+        f"the teacher's vocabulary size {teacher_vocab}{tok}: logit distillation and the paper's "
+        "setup need the student to use the teacher's tokenizer"
+    )
+
+
+# ----------------------------------------------------------------------------------------------
+# Runtime
+# ----------------------------------------------------------------------------------------------
+
+
+class _StopForward(Exception):
+    """Raised by a forward hook to end the teacher forward early, carrying the layer output."""
+
+    def __init__(self, output: torch.Tensor) -> None:
+        super().__init__("teacher forward stopped after the requested layer")
+        self.output = output
+
+
+def _find_layer_list(base: nn.Module, num_layers: int) -> nn.ModuleList:
+    """The ModuleList of transformer blocks inside a base model (Llama: .layers, OPT: .decoder.layers)."""
+    for dotted in ("layers", "h", "decoder.layers", "blocks", "layer", "encoder.layer"):
+        module: Any = base
+        for part in dotted.split("."):
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        if isinstance(module, nn.ModuleList) and len(module) == num_layers:
+            return module
+    candidates = [
+        (name, m)
+        for name, m in base.named_modules()
+        if isinstance(m, nn.ModuleList) and len(m) == num_layers
+    ]
+    if not candidates:
+        raise ValueError(
+            f"cannot find the {num_layers} transformer blocks inside {type(base).__name__}; "
+            "middle-layer extraction is not supported for this architecture (use layer=-1)"
+        )
+    return min(candidates, key=lambda item: item[0].count("."))[1]
+
+
+def _supports_kwarg(fn: Any, name: str) -> bool:
+    import inspect
+
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+class HFTeacher:
+    """A frozen, eval-mode Hugging Face causal LM that serves hidden states and logits."""
+
+    def __init__(self, model: nn.Module, cfg: TeacherConfig) -> None:
+        """Wrap an already-loaded model (use :meth:`load` to read one from a folder)."""
+        self.cfg = cfg
+        self._model: Optional[nn.Module] = model
+        config = model.config
+        self._num_layers = _num_layers(config)
+        self._layer = resolve_layer(cfg.layer, self._num_layers)
+        self._hidden_size = _hidden_size(config, final=self._layer == self._num_layers)
+        self._vocab_size = _vocab_size(config)
+        self._device = next(model.parameters()).device
+        self._dtype = next(model.parameters()).dtype
+        for p in model.parameters():
+            p.requires_grad_(False)
+        model.eval()
+        self._num_parameters = sum(p.numel() for p in model.parameters())
+        base = model.base_model
+        self._base: Optional[nn.Module] = base
+        self._layers: Optional[nn.ModuleList] = (
+            None if self._layer == self._num_layers else _find_layer_list(base, self._num_layers)
+        )
+
+    @classmethod
+    def load(cls, cfg: TeacherConfig, device: Union[str, torch.device] = "cpu") -> "HFTeacher":
+        """Load the teacher from ``cfg.path`` onto ``device``; never touches the network.
+
+        Safetensors weights are loaded with ``use_safetensors=True``. ``pytorch_model*.bin`` weights
+        go through ``torch.load(weights_only=True)``: transformers >= 4.50 does so by default and we
+        pass ``weights_only=True`` explicitly where ``from_pretrained`` accepts it.
+        """
+        device = torch.device(device)
+        info = inspect_teacher(
+            cfg.path, cfg.layer, trust_remote_code=cfg.trust_remote_code, read_tokenizer=False
+        )
+        dtype = resolve_dtype(cfg.dtype, device)
+        from transformers import AutoModelForCausalLM
+
+        _, safetensors = find_weight_files(cfg.path)
+        kwargs: dict[str, Any] = dict(
+            local_files_only=True,
+            trust_remote_code=cfg.trust_remote_code,
+            use_safetensors=True if safetensors else None,
+        )
+        from transformers import PreTrainedModel
+
+        if _supports_kwarg(PreTrainedModel.from_pretrained, "weights_only"):
+            kwargs["weights_only"] = True
+        # transformers 5 renamed torch_dtype to dtype (the old name still works with a warning).
+        kwargs["dtype" if _transformers_major() >= 5 else "torch_dtype"] = dtype
+        model = AutoModelForCausalLM.from_pretrained(info.path, **kwargs)
+        model.to(device)
+        return cls(model, cfg)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def is_loaded(self) -> bool:
+        return self._model is not None
+
+    @property
+    def model(self) -> nn.Module:
+        if self._model is None:
+            raise RuntimeError("teacher released")
+        return self._model
+
+    @property
+    def hidden_size(self) -> int:
+        """Width of the tensors :meth:`hidden_states` returns."""
+        return self._hidden_size
+
+    @property
+    def num_layers(self) -> int:
+        return self._num_layers
+
+    @property
+    def layer(self) -> int:
+        """Resolved 1-based layer (``num_layers`` for the final hidden state)."""
+        return self._layer
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def num_parameters(self) -> int:
+        return self._num_parameters
+
+    @property
+    def device(self) -> torch.device:
+        return self._device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self._dtype
+
+    # ------------------------------------------------------------------ forward
+    def _check_inputs(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        if self._model is None:
+            raise RuntimeError("teacher released")
+        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
+            raise ValueError(
+                f"input_ids must be a 2-D [batch, seq] tensor, got "
+                f"{tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids)}"
+            )
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
+        if input_ids.numel() == 0:
+            raise ValueError("input_ids is empty")
+        lo, hi = int(input_ids.min()), int(input_ids.max())
+        if lo < 0 or hi >= self._vocab_size:
+            raise ValueError(
+                f"input_ids contain token ids in [{lo}, {hi}] but the teacher vocabulary has "
+                f"{self._vocab_size} entries"
+            )
+        if attention_mask is not None and attention_mask.shape != input_ids.shape:
+            raise ValueError(
+                f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
+                f"{tuple(input_ids.shape)}"
+            )
+        input_ids = input_ids.to(self._device, dtype=torch.long)
+        if attention_mask is not None:
+            attention_mask = attention_mask.to(self._device)
+        return input_ids, attention_mask
+
+    def hidden_states(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Teacher hidden state at ``cfg.layer``: ``[batch, seq, hidden_size]``, no grad.
+
+        Only the blocks up to the requested layer run; the LM head never runs.
+        """
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
+        assert self._base is not None
+        # no_grad rather than inference_mode: the result is used as a constant inside the
+        # student's autograd graph, which inference tensors are not allowed to enter.
+        with torch.no_grad():
+            if self._layers is None:
+                out = self._base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+            handle = self._layers[self._layer - 1].register_forward_hook(_raise_output)
+            try:
+                self._base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            except _StopForward as stop:
+                return stop.output
+            finally:
+                handle.remove()
+        raise RuntimeError(
+            f"teacher layer {self._layer} never ran during the forward of {type(self._base).__name__}"
+        )
+
+    def logits(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+    ) -> torch.Tensor:
+        """Full-model logits ``[batch, seq, vocab_size]`` under no_grad."""
+        input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
+        with torch.no_grad():
+            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.logits
+
+    def release(self) -> None:
+        """Drop the model and free its memory; later forwards raise RuntimeError("teacher released")."""
+        self._model = None
+        self._base = None
+        self._layers = None
+        gc.collect()
+        if self._device.type == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
+    def __repr__(self) -> str:
+        state = "loaded" if self.is_loaded else "released"
+        return (
+            f"HFTeacher(path={self.cfg.path!r}, layer={self._layer}/{self._num_layers}, "
+            f"hidden={self._hidden_size}, vocab={self._vocab_size}, params={self._num_parameters}, "
+            f"dtype={self._dtype}, device={self._device}, {state})"
+        )
+
+
+def _raise_output(module: nn.Module, args: Any, output: Any) -> None:
+    """Forward hook: stop the forward right after this block, handing its hidden state out."""
+    raise _StopForward(output[0] if isinstance(output, (tuple, list)) else output)
+
+
+def _transformers_major() -> int:
+    import transformers
+
+    return int(transformers.__version__.split(".")[0])

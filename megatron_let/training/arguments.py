@@ -1,0 +1,287 @@
+"""Megatron-LM-style command line -> nested configuration dataclasses, validated before any compute."""
+
+from __future__ import annotations
+
+import argparse
+import os
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from megatron_let.model.llama import PRESETS, LlamaConfig
+from megatron_let.runtime.device import ParallelConfig
+
+
+@dataclass
+class OptimConfig:
+    """Paper appendix B defaults: AdamW (0.9, 0.999), wd 0.01, clip 1.0, cosine to 10% with 10% warmup."""
+
+    lr: float = 4e-4
+    min_lr: Optional[float] = None  # None = 10% of lr
+    lr_warmup_fraction: float = 0.1
+    lr_decay_style: str = "cosine"
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+
+    def resolved_min_lr(self) -> float:
+        return 0.1 * self.lr if self.min_lr is None else self.min_lr
+
+
+@dataclass
+class BatchConfig:
+    micro_batch_size: int = 4
+    global_batch_size: Optional[int] = None  # None = micro_batch_size × data-parallel size
+    train_iters: int = 100
+
+    def num_microbatches(self, data_parallel_size: int) -> int:
+        gbs = self.global_batch_size or self.micro_batch_size * data_parallel_size
+        per_step = self.micro_batch_size * data_parallel_size
+        if gbs % per_step:
+            raise ValueError(
+                f"--global-batch-size {gbs} is not divisible by --micro-batch-size "
+                f"{self.micro_batch_size} x data-parallel size {data_parallel_size}"
+            )
+        return gbs // per_step
+
+
+@dataclass
+class DataArgs:
+    data_path: Optional[List[str]] = None
+    split: str = "969,30,1"
+    mock_data: bool = False
+    tokenizer_type: Optional[str] = None
+    tokenizer_model: Optional[str] = None
+    vocab_size: Optional[int] = None
+    data_cache_path: Optional[str] = None
+    kd_data_selection: Optional[str] = None
+
+
+@dataclass
+class CheckpointConfig:
+    save: Optional[str] = None
+    load: Optional[str] = None
+    save_interval: Optional[int] = None
+    exit_signal_handler: bool = False
+    no_load_optim: bool = False
+    no_load_rng: bool = False
+
+
+@dataclass
+class LoggingConfig:
+    log_interval: int = 10
+    eval_interval: Optional[int] = None
+    eval_iters: int = 10
+    tensorboard_dir: Optional[str] = None
+    metrics_jsonl: Optional[str] = None
+
+
+@dataclass
+class TeacherArgs:
+    path: Optional[str] = None
+    trust_remote_code: bool = False
+    tokenizer_mismatch: bool = False
+
+
+@dataclass
+class RunConfig:
+    model: LlamaConfig
+    parallel: ParallelConfig
+    batch: BatchConfig
+    optim: OptimConfig
+    data: DataArgs
+    checkpoint: CheckpointConfig
+    logging: LoggingConfig
+    teacher: TeacherArgs
+    objective: str = "let"
+    objective_config: object = None
+    device: str = "auto"
+    bf16: bool = False
+    seed: int = 1234
+    dry_run: bool = False
+    exit_interval: Optional[int] = None
+    raw: Optional[argparse.Namespace] = field(default=None, repr=False)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from megatron_let.objectives import registry
+
+    p = argparse.ArgumentParser(
+        prog="pretrain_let.py",
+        description="Pretrain a LLaMA student with megatron-core, optionally guided by a small "
+        "frozen teacher (LET, RKD, SALT).",
+        allow_abbrev=False,
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model-preset", choices=sorted(PRESETS), default=None,
+                   help="named architecture; explicit size flags override its fields")
+    g.add_argument("--num-layers", type=int)
+    g.add_argument("--hidden-size", type=int)
+    g.add_argument("--ffn-hidden-size", type=int)
+    g.add_argument("--num-attention-heads", type=int)
+    g.add_argument("--num-query-groups", type=int, help="GQA groups (default: no GQA)")
+    g.add_argument("--seq-length", type=int, default=256)
+    g.add_argument("--max-position-embeddings", type=int)
+    g.add_argument("--untie-embeddings-and-output-weights", dest="untie", action="store_true",
+                   default=True)
+    g.add_argument("--tie-embeddings-and-output-weights", dest="untie", action="store_false")
+    g.add_argument("--rotary-base", type=int, default=10000)
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+
+    g = p.add_argument_group("parallelism")
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    g.add_argument("--sequence-parallel", action="store_true")
+    g.add_argument("--use-distributed-optimizer", action="store_true")
+
+    g = p.add_argument_group("training")
+    g.add_argument("--micro-batch-size", type=int, default=4)
+    g.add_argument("--global-batch-size", type=int)
+    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--lr", type=float, default=4e-4)
+    g.add_argument("--min-lr", type=float, help="default: 10%% of --lr (paper recipe)")
+    g.add_argument("--lr-warmup-fraction", type=float, default=0.1)
+    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--exit-interval", type=int, help="exit after this many iterations (testing)")
+    g.add_argument("--dry-run", action="store_true",
+                   help="validate flags and print the layout without initialising anything")
+
+    g = p.add_argument_group("data")
+    g.add_argument("--data-path", nargs="+", help="prefixes of .bin/.idx files, optionally weighted")
+    g.add_argument("--split", default="969,30,1")
+    g.add_argument("--mock-data", action="store_true")
+    g.add_argument("--tokenizer-type",
+                   choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"))
+    g.add_argument("--tokenizer-model", help=".model file or a Hugging Face folder")
+    g.add_argument("--vocab-size", type=int, help="vocabulary size for NullTokenizer/mock data")
+    g.add_argument("--data-cache-path")
+    g.add_argument("--kd-data-selection",
+                   help="selection index (.npy from tools/select_data.py) used during the KD phase")
+
+    g = p.add_argument_group("checkpointing")
+    g.add_argument("--save")
+    g.add_argument("--load")
+    g.add_argument("--save-interval", type=int)
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on SIGTERM/SIGUSR1 save a checkpoint at the next step and exit")
+    g.add_argument("--no-load-optim", action="store_true")
+    g.add_argument("--no-load-rng", action="store_true")
+
+    g = p.add_argument_group("logging")
+    g.add_argument("--log-interval", type=int, default=10)
+    g.add_argument("--eval-interval", type=int)
+    g.add_argument("--eval-iters", type=int, default=10)
+    g.add_argument("--tensorboard-dir")
+    g.add_argument("--metrics-jsonl", help="append one JSON line of metrics per iteration here")
+
+    g = p.add_argument_group("objective and teacher")
+    objectives = registry()
+    g.add_argument("--objective", choices=sorted(objectives), default="let")
+    g.add_argument("--teacher-path", help="local Hugging Face causal-LM folder")
+    g.add_argument("--teacher-trust-remote-code", action="store_true")
+    g.add_argument("--let-tokenizer-mismatch", action="store_true",
+                   help="teacher and student tokenizers differ: align by character offsets (LET†)")
+    for cls in objectives.values():
+        cls.add_arguments(p)
+    return p
+
+
+def _model_config(a: argparse.Namespace, vocab_size: int) -> LlamaConfig:
+    fields = dict(
+        num_layers=a.num_layers, hidden_size=a.hidden_size, ffn_hidden_size=a.ffn_hidden_size,
+        num_attention_heads=a.num_attention_heads, num_query_groups=a.num_query_groups,
+    )
+    base = dict(PRESETS[a.model_preset]) if a.model_preset else {}
+    base.update({k: v for k, v in fields.items() if v is not None})
+    missing = [k for k in ("num_layers", "hidden_size", "num_attention_heads") if k not in base]
+    if missing:
+        raise ValueError(
+            "model size not given: pass --model-preset or " +
+            ", ".join("--" + m.replace("_", "-") for m in missing)
+        )
+    return LlamaConfig(
+        **base, seq_length=a.seq_length, max_position_embeddings=a.max_position_embeddings,
+        vocab_size=vocab_size, untie_embeddings_and_output_weights=a.untie,
+        rotary_base=a.rotary_base, norm_epsilon=a.norm_epsilon,
+        init_method_std=a.init_method_std, make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
+    )
+
+
+def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
+    """Parse and validate everything that can be checked without touching data or weights.
+
+    Vocabulary size comes from --vocab-size, else is filled in later from the tokenizer."""
+    a = build_parser().parse_args(argv)
+    return config_from_namespace(a)
+
+
+def config_from_namespace(a: argparse.Namespace) -> RunConfig:
+    from megatron_let.objectives import registry
+
+    if a.sequence_parallel and a.tensor_model_parallel_size == 1:
+        a.sequence_parallel = False  # as Megatron-LM: SP is meaningless without TP
+    model = _model_config(a, vocab_size=a.vocab_size or 0)
+    parallel = ParallelConfig(
+        tensor_model_parallel_size=a.tensor_model_parallel_size,
+        pipeline_model_parallel_size=a.pipeline_model_parallel_size,
+        sequence_parallel=a.sequence_parallel,
+        use_distributed_optimizer=a.use_distributed_optimizer,
+    )
+    model.validate(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
+    if a.sequence_parallel and a.seq_length % a.tensor_model_parallel_size:
+        raise ValueError(
+            f"--seq-length {a.seq_length} is not divisible by --tensor-model-parallel-size "
+            f"{a.tensor_model_parallel_size} (needed by --sequence-parallel)"
+        )
+    for name in ("micro_batch_size", "train_iters", "log_interval", "eval_iters"):
+        if getattr(a, name) is not None and getattr(a, name) <= 0:
+            raise ValueError(f"--{name.replace('_', '-')} must be > 0")
+    if not a.mock_data and not a.data_path and not a.dry_run:
+        raise ValueError("no training data: pass --data-path PREFIX [PREFIX ...] or --mock-data")
+    if a.mock_data and a.data_path:
+        raise ValueError("--mock-data and --data-path are mutually exclusive")
+    if a.data_path and not a.tokenizer_type:
+        raise ValueError("--data-path needs --tokenizer-type (and --tokenizer-model)")
+    if a.tokenizer_type in ("SentencePieceTokenizer", "HuggingFaceTokenizer") and not a.tokenizer_model:
+        raise ValueError(f"--tokenizer-type {a.tokenizer_type} needs --tokenizer-model")
+    if a.tokenizer_model and not os.path.exists(a.tokenizer_model):
+        raise FileNotFoundError(f"--tokenizer-model {a.tokenizer_model} does not exist")
+    if (a.mock_data or a.tokenizer_type == "NullTokenizer") and not a.vocab_size:
+        raise ValueError("--mock-data / NullTokenizer need --vocab-size")
+    if a.save_interval is not None and a.save_interval <= 0:
+        raise ValueError("--save-interval must be > 0")
+    if a.save_interval and not a.save:
+        raise ValueError("--save-interval needs --save DIR")
+    if a.exit_signal_handler and not a.save:
+        raise ValueError("--exit-signal-handler needs --save DIR")
+    if a.load and not os.path.isdir(a.load) and a.load != a.save:
+        raise FileNotFoundError(f"--load {a.load} does not exist")
+
+    objective_cls = registry()[a.objective]
+    objective_config = objective_cls.config_from_args(a)
+    return RunConfig(
+        model=model, parallel=parallel,
+        batch=BatchConfig(a.micro_batch_size, a.global_batch_size, a.train_iters),
+        optim=OptimConfig(a.lr, a.min_lr, a.lr_warmup_fraction, a.lr_decay_style, a.weight_decay,
+                          a.adam_beta1, a.adam_beta2, a.adam_eps, a.clip_grad),
+        data=DataArgs(a.data_path, a.split, a.mock_data, a.tokenizer_type, a.tokenizer_model,
+                      a.vocab_size, a.data_cache_path, a.kd_data_selection),
+        checkpoint=CheckpointConfig(a.save, a.load, a.save_interval, a.exit_signal_handler,
+                                    a.no_load_optim, a.no_load_rng),
+        logging=LoggingConfig(a.log_interval, a.eval_interval, a.eval_iters, a.tensorboard_dir,
+                              a.metrics_jsonl),
+        teacher=TeacherArgs(a.teacher_path, a.teacher_trust_remote_code, a.let_tokenizer_mismatch),
+        objective=a.objective, objective_config=objective_config, device=a.device, bf16=a.bf16,
+        seed=a.seed, dry_run=a.dry_run, exit_interval=a.exit_interval, raw=a,
+    )

@@ -1,0 +1,109 @@
+"""Per-step metric accumulation, cross-rank reduction and output (console, TensorBoard, JSONL)."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections import OrderedDict
+from typing import Dict, Optional, Tuple
+
+import torch
+
+
+class MetricAccumulator:
+    """Collects ``name -> (sum, count)`` on this rank; :meth:`reduce` sums over all ranks.
+
+    Values replicated across TP ranks (e.g. the NLL after vocab-parallel cross entropy) are added
+    only by the TP-rank-0 copy (``replicated=True``) so that nothing is counted twice."""
+
+    def __init__(self) -> None:
+        self._values: Dict[str, list] = OrderedDict()
+
+    def add(self, name: str, total: torch.Tensor, count: torch.Tensor, replicated: bool) -> None:
+        from megatron.core import parallel_state
+
+        if replicated and parallel_state.get_tensor_model_parallel_rank() != 0:
+            total, count = total * 0, count * 0
+        slot = self._values.setdefault(name, [0.0, 0.0])
+        slot[0] += float(total)
+        slot[1] += float(count)
+
+    def add_many(self, metrics: Dict[str, Tuple[torch.Tensor, torch.Tensor]], replicated: bool) -> None:
+        for name, (total, count) in metrics.items():
+            self.add(name, total, count, replicated)
+
+    def reduce(self, names) -> Dict[str, float]:
+        """Collective: every rank must call it with the same ``names`` (order matters)."""
+        names = list(names)
+        buf = torch.zeros(2 * len(names), dtype=torch.float64)
+        for i, n in enumerate(names):
+            if n in self._values:
+                buf[2 * i], buf[2 * i + 1] = self._values[n]
+        if torch.distributed.is_initialized():
+            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            buf = buf.to(device)
+            torch.distributed.all_reduce(buf)
+            buf = buf.cpu()
+        self._values.clear()
+        out = {}
+        for i, n in enumerate(names):
+            if buf[2 * i + 1] > 0:
+                out[n] = float(buf[2 * i] / buf[2 * i + 1])
+        return out
+
+
+def peak_memory_mb() -> float:
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+def format_eta(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    h, rem = divmod(seconds, 3600)
+    m, s = divmod(rem, 60)
+    return f"{h:d}:{m:02d}:{s:02d}"
+
+
+class MetricsWriter:
+    """Console line in Megatron's style, TensorBoard scalars and an optional JSONL, on one rank."""
+
+    def __init__(self, tensorboard_dir: Optional[str], jsonl_path: Optional[str], enabled: bool):
+        self.enabled = enabled
+        self.tb = None
+        self.jsonl = None
+        if not enabled:
+            return
+        if tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
+        if jsonl_path:
+            os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
+            self.jsonl = open(jsonl_path, "a")
+
+    def scalars(self, step: int, values: Dict[str, float], prefix: str = "train/") -> None:
+        if not self.enabled:
+            return
+        if self.tb is not None:
+            for k, v in values.items():
+                self.tb.add_scalar(prefix + k.replace(" ", "_"), v, step)
+        if self.jsonl is not None:
+            record = {"iteration": step, "split": prefix.rstrip("/"), "time": time.time()}
+            record.update(values)
+            self.jsonl.write(json.dumps(record) + "\n")
+            self.jsonl.flush()
+
+    def console(self, line: str) -> None:
+        if self.enabled:
+            print(line, flush=True)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.flush()
+            self.tb.close()
+        if self.jsonl is not None:
+            self.jsonl.close()

@@ -1,0 +1,460 @@
+"""The training loop: a thin orchestrator over megatron-core (schedules, DDP, optimizer, checkpoints).
+
+It knows nothing about any particular objective: it asks the active objective what it needs
+(:class:`~megatron_let.objectives.base.Needs`), loads the teacher only on the ranks that need it,
+captures student layer k where the objective wants it, and frees the teacher once no later step
+needs it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import signal
+import time
+from functools import partial
+from typing import Dict, Iterator, List, Optional
+
+import torch
+
+from megatron_let.objectives.base import Needs, ObjectiveContext, build_objective
+from megatron_let.training.arguments import RunConfig
+from megatron_let.training.metrics import MetricAccumulator, MetricsWriter, format_eta, peak_memory_mb
+
+
+class _SignalFlag:
+    """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary."""
+
+    def __init__(self, enabled: bool) -> None:
+        self.received: Optional[int] = None
+        if enabled:
+            for sig in (signal.SIGTERM, signal.SIGUSR1):
+                signal.signal(sig, self._handler)
+
+    def _handler(self, signum, _frame) -> None:
+        self.received = signum
+
+    def any_rank(self, device: torch.device) -> bool:
+        flag = torch.tensor([1 if self.received is not None else 0], dtype=torch.int32, device=device)
+        torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+        return bool(flag.item())
+
+
+class Trainer:
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.iteration = 0
+        self.consumed_train_samples = 0
+        self.teacher = None
+        self.capture = None
+        self.metrics = MetricAccumulator()
+        self.teacher_time = 0.0
+        self._forward_only = False
+
+    # ------------------------------------------------------------------ set-up
+    def setup(self) -> None:
+        from megatron.core import parallel_state
+        from megatron_let.runtime.device import initialize_distributed, resolve_device
+
+        cfg = self.cfg
+        self.device = resolve_device(cfg.device)
+        self.use_cpu = self.device.type == "cpu"
+        if cfg.bf16 and self.use_cpu:
+            raise ValueError("--bf16 needs a CUDA device (CPU runs are fp32)")
+        self.tokenizer = self._build_tokenizer()
+        if not cfg.model.vocab_size:
+            cfg.model.vocab_size = self.tokenizer.vocab_size
+        self.objective = build_objective(
+            cfg.objective, cfg.objective_config,
+            ObjectiveContext(train_iters=cfg.batch.train_iters, vocab_size=cfg.model.vocab_size,
+                             student_num_layers=cfg.model.num_layers),
+        )
+        self.objective.validate(cfg.model.num_layers)
+        self._validate_teacher_before_compute()
+
+        initialize_distributed(self.device, cfg.parallel, cfg.seed)
+        self.rank = torch.distributed.get_rank()
+        self.world = torch.distributed.get_world_size()
+        self.dp_size = parallel_state.get_data_parallel_world_size()
+        self.dp_rank = parallel_state.get_data_parallel_rank()
+        self.num_microbatches = cfg.batch.num_microbatches(self.dp_size)
+        self.global_batch_size = cfg.batch.micro_batch_size * self.dp_size * self.num_microbatches
+        self.is_first_stage = parallel_state.is_pipeline_first_stage()
+        self.is_last_stage = parallel_state.is_pipeline_last_stage()
+        self.objective.context.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.writer = MetricsWriter(
+            cfg.logging.tensorboard_dir, cfg.logging.metrics_jsonl,
+            enabled=self.rank == self.world - 1,  # the last rank sees the loss, as in Megatron-LM
+        )
+
+        self._build_model_and_optimizer()
+        self._build_data()
+        self._load_checkpoint()
+        self._update_teacher(self.iteration)
+        self.signals = _SignalFlag(cfg.checkpoint.exit_signal_handler)
+
+    def _build_tokenizer(self):
+        from megatron_let.data.tokenizers import build_tokenizer
+
+        d = self.cfg.data
+        if d.mock_data and not d.tokenizer_type:
+            return build_tokenizer("NullTokenizer", None, vocab_size=d.vocab_size)
+        return build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_size=d.vocab_size)
+
+    def _validate_teacher_before_compute(self) -> None:
+        """Teacher path, layer range and vocabulary are checked before any weight is loaded."""
+        cfg = self.cfg
+        needs = self.objective.needs(0)
+        self.needs_teacher_ever = any(
+            self.objective.needs(s).teacher for s in (0, cfg.batch.train_iters - 1)
+        ) or needs.teacher
+        if not self.needs_teacher_ever:
+            return
+        if not cfg.teacher.path:
+            raise ValueError(f"--objective {cfg.objective} needs --teacher-path")
+        from megatron_let.teacher.hf_teacher import check_vocab_compatible, inspect_teacher
+
+        layer = needs.teacher_hidden_layer if needs.teacher_hidden_layer is not None else -1
+        self.teacher_info = inspect_teacher(cfg.teacher.path, layer=layer)
+        if not cfg.teacher.tokenizer_mismatch:
+            check_vocab_compatible(self.teacher_info.vocab_size, cfg.model.vocab_size,
+                                   teacher_path=cfg.teacher.path)
+
+    def _build_model_and_optimizer(self) -> None:
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import finalize_model_grads
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+        from megatron.core.transformer.module import Float16Module
+
+        from megatron_let.model.llama import build_student
+
+        cfg = self.cfg
+        self.student = build_student(cfg.model, cfg.parallel, bf16=cfg.bf16, use_cpu=self.use_cpu)
+        tconfig = self.student.config
+        module = Float16Module(tconfig, self.student) if cfg.bf16 else self.student
+        self.model = DistributedDataParallel(
+            config=tconfig,
+            ddp_config=DistributedDataParallelConfig(
+                grad_reduce_in_fp32=True,
+                overlap_grad_reduce=False,
+                use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            ),
+            module=module,
+        )
+        tconfig.no_sync_func = self.model.no_sync
+        tconfig.finalize_model_grads_func = finalize_model_grads
+        tconfig.grad_scale_func = None
+
+        o = cfg.optim
+        self.optimizer = get_megatron_optimizer(
+            OptimizerConfig(
+                optimizer="adam", lr=o.lr, min_lr=o.resolved_min_lr(), weight_decay=o.weight_decay,
+                adam_beta1=o.adam_beta1, adam_beta2=o.adam_beta2, adam_eps=o.adam_eps,
+                clip_grad=o.clip_grad, bf16=cfg.bf16,
+                params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
+                use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+            ),
+            [self.model],
+        )
+        iters = cfg.batch.train_iters
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.resolved_min_lr(),
+            lr_warmup_steps=int(o.lr_warmup_fraction * iters), lr_decay_steps=iters,
+            lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
+            wd_incr_steps=iters, wd_incr_style="constant",
+        )
+
+    def _build_data(self) -> None:
+        from megatron_let.data.datasets import DataConfig, build_data_iterator, build_datasets
+
+        cfg = self.cfg
+        d = cfg.data
+        self.data_config = DataConfig(
+            data_path=d.data_path, split=d.split, seq_length=cfg.model.seq_length,
+            mock_data=d.mock_data, seed=cfg.seed, data_cache_path=d.data_cache_path,
+        )
+        eval_runs = 0
+        if cfg.logging.eval_interval:
+            eval_runs = cfg.batch.train_iters // cfg.logging.eval_interval + 1
+        train_samples = cfg.batch.train_iters * self.global_batch_size
+        valid_samples = eval_runs * cfg.logging.eval_iters * self.global_batch_size
+        self.train_ds, self.valid_ds, _ = build_datasets(
+            self.data_config, self.tokenizer, train_samples, max(valid_samples, 1), 1,
+        )
+        self._make_iterator = partial(
+            build_data_iterator, micro_batch_size=cfg.batch.micro_batch_size,
+            data_parallel_rank=self.dp_rank, data_parallel_size=self.dp_size, seed=cfg.seed,
+        )
+        self.valid_consumed = 0
+
+    # ------------------------------------------------------------------ checkpoints
+    def _load_checkpoint(self) -> None:
+        from megatron_let.training.checkpointing import load_checkpoint
+
+        ck = self.cfg.checkpoint
+        if not ck.load:
+            return
+        extra = load_checkpoint(ck.load, self.student, self.optimizer, self.scheduler,
+                                load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng)
+        if extra is None:
+            self._log(f"no checkpoint under {ck.load}; starting from scratch")
+            return
+        self.iteration = int(extra["iteration"])
+        self.consumed_train_samples = int(extra["consumed_train_samples"])
+        self.valid_consumed = int(extra.get("consumed_valid_samples", 0))
+        self._log(f"resumed from {ck.load} at iteration {self.iteration}")
+
+    def save(self) -> None:
+        from megatron_let.training.checkpointing import save_checkpoint
+
+        t0 = time.time()
+        path = save_checkpoint(
+            self.cfg.checkpoint.save, self.iteration, self.student, self.optimizer, self.scheduler,
+            extra={"iteration": self.iteration, "consumed_train_samples": self.consumed_train_samples,
+                   "consumed_valid_samples": self.valid_consumed,
+                   "objective": self.cfg.objective, "model": vars(self.cfg.model)},
+        )
+        self._log(f"saved checkpoint {path} in {time.time() - t0:.1f}s")
+
+    # ------------------------------------------------------------------ teacher
+    def _teacher_needed_here(self, needs: Needs) -> bool:
+        from megatron.core import parallel_state
+
+        if needs.teacher_hidden_layer is not None and needs.student_layer is not None:
+            from megatron_let.training.layer_capture import find_local_layer
+
+            if find_local_layer(self.student, needs.student_layer) is not None:
+                return True
+        return needs.teacher_logits and parallel_state.is_pipeline_last_stage()
+
+    def _update_teacher(self, step: int) -> None:
+        """Load the teacher where this step needs it; release it once no later step does."""
+        needs = self.objective.needs(step)
+        here = self._teacher_needed_here(needs)
+        if here and self.teacher is None:
+            from megatron_let.teacher.hf_teacher import HFTeacher, TeacherConfig
+
+            layer = needs.teacher_hidden_layer if needs.teacher_hidden_layer is not None else -1
+            self.teacher = HFTeacher.load(
+                TeacherConfig(path=self.cfg.teacher.path, layer=layer,
+                              trust_remote_code=self.cfg.teacher.trust_remote_code),
+                self.device,
+            )
+            self._log(f"teacher loaded on rank {self.rank}: {self.cfg.teacher.path}", all_ranks=True)
+        if needs.student_layer is not None and self.capture is None and here:
+            self._install_capture(needs.student_layer)
+        if not needs.teacher and self.teacher is not None:
+            # Schedules only decay: once a step needs no teacher, no later step does.
+            self.teacher.release()
+            self.teacher = None
+            if self.capture is not None:
+                self.capture.remove()
+                self.capture = None
+            self._log(f"teacher released at iteration {step}", all_ranks=False)
+
+    def _install_capture(self, student_layer: int) -> None:
+        from megatron.core import parallel_state
+        from megatron_let.training.layer_capture import LayerCapture, find_local_layer
+
+        layer = find_local_layer(self.student, student_layer)
+        sp = self.cfg.parallel.sequence_parallel
+        self.capture = LayerCapture(
+            layer, lambda h, t, m: self.objective.hidden_loss(h, t, m, self.iteration),
+            sequence_parallel=sp,
+        )
+        replicated = not sp
+        self.capture.metrics_sink = lambda metrics: self.metrics.add_many(metrics, replicated)
+
+    # ------------------------------------------------------------------ one step
+    def _forward_step(self, data_iterator, model):
+        from megatron.core import parallel_state
+
+        batch = next(data_iterator)
+        tokens = batch["tokens"].to(self.device)
+        position_ids = batch["position_ids"].to(self.device)
+        loss_mask = batch["loss_mask"].to(self.device)
+        needs = self.objective.needs(self.iteration)
+        teacher_logits = None
+        if not self._forward_only and self.teacher is not None:
+            t0 = time.time()
+            if self.capture is not None and needs.teacher_hidden_layer is not None:
+                self.capture.set_pending(self.teacher.hidden_states(tokens), loss_mask)
+            if needs.teacher_logits and self.is_last_stage:
+                teacher_logits = self.teacher.logits(tokens)
+            self.teacher_time += time.time() - t0
+        output = model(tokens, position_ids, None)
+        if self.capture is not None:
+            self.capture.clear()
+        return output, partial(self._loss_func, batch, teacher_logits)
+
+    def _loss_func(self, batch: Dict[str, torch.Tensor], teacher_logits, logits: torch.Tensor):
+        from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
+
+        labels = batch["labels"].to(logits.device)
+        loss_mask = batch["loss_mask"].to(logits.device).float()
+        # vocab_parallel_cross_entropy overwrites its input: give it its own fp32 copy.
+        nll = vocab_parallel_cross_entropy(logits.float().clone(), labels)
+        count = loss_mask.sum()
+        nll_sum = (nll * loss_mask).sum()
+        if self._forward_only:
+            self.metrics.add("lm loss", nll_sum.detach(), count, replicated=True)
+            return nll_sum, count.int(), {}
+        loss_sum, metrics = self.objective.output_loss(nll, logits, teacher_logits, loss_mask,
+                                                       self.iteration)
+        self.metrics.add("lm loss", nll_sum.detach(), count, replicated=True)
+        self.metrics.add("total loss", loss_sum.detach(), count, replicated=True)
+        self.metrics.add_many(metrics, replicated=True)
+        return loss_sum, count.int(), {}
+
+    def _train_step(self, data_iterator) -> Dict[str, float]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self._forward_only = False
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        forward_backward = get_forward_backward_func()
+        forward_backward(
+            forward_step_func=self._forward_step, data_iterator=data_iterator, model=[self.model],
+            num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.batch.micro_batch_size, forward_only=False,
+        )
+        update_ok, grad_norm, _ = self.optimizer.step()
+        if update_ok:
+            self.scheduler.step(increment=1)
+        return {"grad norm": float(grad_norm) if grad_norm is not None else float("nan"),
+                "skipped": 0.0 if update_ok else 1.0}
+
+    def evaluate(self) -> Dict[str, float]:
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        self._forward_only = True
+        self.model.eval()
+        samples_per_iter = self.global_batch_size
+        iterator = self._make_iterator(self.valid_ds, consumed_samples=0)
+        forward_backward = get_forward_backward_func()
+        with torch.no_grad():
+            for _ in range(self.cfg.logging.eval_iters):
+                forward_backward(
+                    forward_step_func=self._forward_step, data_iterator=iterator, model=[self.model],
+                    num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
+                    micro_batch_size=self.cfg.batch.micro_batch_size, forward_only=True,
+                )
+        self.valid_consumed += samples_per_iter * self.cfg.logging.eval_iters
+        self.model.train()
+        self._forward_only = False
+        out = self.metrics.reduce(["lm loss"])
+        loss = out.get("lm loss", float("nan"))
+        return {"lm loss": loss, "ppl": math.exp(min(loss, 50.0))}
+
+    # ------------------------------------------------------------------ loop
+    def train(self) -> Dict[str, float]:
+        cfg = self.cfg
+        iterator = self._make_iterator(self.train_ds, consumed_samples=self.consumed_train_samples)
+        self.model.train()
+        tokens_per_step = self.global_batch_size * cfg.model.seq_length
+        start_iter = self.iteration
+        t_start = time.time()
+        last: Dict[str, float] = {}
+        metric_names = ["lm loss", "total loss", *self._objective_metric_names()]
+        self._log(
+            f"training {cfg.objective} for {cfg.batch.train_iters} iterations from iteration "
+            f"{self.iteration}: global batch {self.global_batch_size} = micro {cfg.batch.micro_batch_size}"
+            f" x dp {self.dp_size} x {self.num_microbatches} micro-batches, seq {cfg.model.seq_length}"
+        )
+        while self.iteration < cfg.batch.train_iters:
+            self._update_teacher(self.iteration)
+            t0 = time.time()
+            self.teacher_time = 0.0
+            schedule = self.objective.schedule_values(self.iteration)
+            step_stats = self._train_step(iterator)
+            step_time = time.time() - t0
+            self.iteration += 1
+            self.consumed_train_samples += self.global_batch_size
+            reduced = self.metrics.reduce(metric_names)
+            values = dict(reduced)
+            values.update(schedule)
+            values.update(step_stats)
+            values["lr"] = self.optimizer.param_groups[0]["lr"]
+            values["step time"] = step_time
+            values["tokens per sec"] = tokens_per_step / max(step_time, 1e-9)
+            values["peak memory MB"] = peak_memory_mb()
+            values["teacher time share"] = self._teacher_share(step_time)
+            self.writer.scalars(self.iteration, values)
+            last = values
+            if self.iteration % cfg.logging.log_interval == 0 or self.iteration == cfg.batch.train_iters:
+                elapsed = time.time() - t_start
+                per_iter = elapsed / max(1, self.iteration - start_iter)
+                self._console_line(values, per_iter)
+            if cfg.logging.eval_interval and self.iteration % cfg.logging.eval_interval == 0:
+                self._run_eval()
+            stop_signal = self.signals.any_rank(self._collective_device())
+            save_now = cfg.checkpoint.save and (
+                (cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0)
+                or stop_signal
+            )
+            if save_now:
+                self.save()
+            if stop_signal:
+                self._log(f"exit signal received: checkpoint saved at iteration {self.iteration}, exiting")
+                return last
+            if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
+                self._log(f"--exit-interval {cfg.exit_interval} reached at iteration {self.iteration}")
+                return last
+        if cfg.logging.eval_interval and self.iteration % cfg.logging.eval_interval != 0:
+            self._run_eval()
+        if cfg.checkpoint.save and not (
+            cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0
+        ):
+            self.save()
+        return last
+
+    def _objective_metric_names(self) -> List[str]:
+        return getattr(self.objective, "metric_names", ["align loss", "cosine similarity", "kd loss"])
+
+    def _teacher_share(self, step_time: float) -> float:
+        t = torch.tensor([self.teacher_time, step_time], dtype=torch.float64,
+                         device=self._collective_device())
+        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
+        return float(t[0] / t[1]) if t[1] > 0 else 0.0
+
+    def _run_eval(self) -> None:
+        ev = self.evaluate()
+        self.writer.scalars(self.iteration, {"lm loss": ev["lm loss"], "ppl": ev["ppl"]}, prefix="valid/")
+        self._log(
+            f" validation at iteration {self.iteration:8d} | lm loss: {ev['lm loss']:.6E} | "
+            f"lm loss PPL: {ev['ppl']:.6E}", last_rank=True,
+        )
+
+    def _console_line(self, v: Dict[str, float], per_iter: float) -> None:
+        n = self.cfg.batch.train_iters
+        parts = [
+            f" [{time.strftime('%Y-%m-%d %H:%M:%S')}] iteration {self.iteration:8d}/{n:8d}",
+            f"consumed samples: {self.consumed_train_samples:12d}",
+            f"elapsed time per iteration (ms): {per_iter * 1000:.1f}",
+            f"learning rate: {v['lr']:.6E}",
+            f"global batch size: {self.global_batch_size:5d}",
+        ]
+        for key in ("lm loss", "total loss", "align loss", "cosine similarity", "kd loss"):
+            if key in v:
+                parts.append(f"{key}: {v[key]:.6E}")
+        for key in ("lambda", "kd weight"):
+            if key in v:
+                parts.append(f"{key}: {v[key]:.4f}")
+        parts.append(f"grad norm: {v['grad norm']:.3f}")
+        parts.append(f"tokens/s: {v['tokens per sec']:.0f}")
+        if v.get("teacher time share", 0) > 0:
+            parts.append(f"teacher share: {100 * v['teacher time share']:.1f}%")
+        parts.append(f"ETA {format_eta(per_iter * (n - self.iteration))}")
+        self.writer.console(" | ".join(parts))
+
+    def _collective_device(self) -> torch.device:
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    def _log(self, msg: str, all_ranks: bool = False, last_rank: bool = False) -> None:
+        if all_ranks or (last_rank and self.rank == self.world - 1) or (not last_rank and self.rank == 0):
+            print(f"[megatron_let] {msg}", flush=True)
+
+    def close(self) -> None:
+        if getattr(self, "writer", None) is not None:
+            self.writer.close()

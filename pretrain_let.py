@@ -1,0 +1,45 @@
+#!/usr/bin/env python
+"""Pretrain a LLaMA student with megatron-core, optionally guided by a small frozen teacher.
+
+    torchrun --nproc_per_node 8 pretrain_let.py --objective let --teacher-path /teachers/smollm2 ...
+
+See README.md for the flags; ``--dry-run`` validates them and prints the layout without starting.
+"""
+
+import os
+import sys
+import warnings
+
+# megatron-core warns at import about missing apex/TE; the runtime already reports the backend.
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+
+def main(argv=None) -> int:
+    from megatron_let.training.arguments import parse_args
+
+    try:
+        cfg = parse_args(argv)
+        if cfg.dry_run:
+            from megatron_let.training.dry_run import dry_run
+
+            dry_run(cfg)
+            return 0
+        from megatron_let.training.trainer import Trainer
+
+        trainer = Trainer(cfg)
+        trainer.setup()
+    except (ValueError, FileNotFoundError) as e:
+        print(f"pretrain_let.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+        from megatron_let.runtime.device import destroy_distributed
+
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":  # guarded: async checkpoint workers re-import this file
+    sys.exit(main())
