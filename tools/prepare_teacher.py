@@ -342,17 +342,21 @@ def prepare(args: argparse.Namespace) -> dict:
     if out.exists() and args.force:
         shutil.rmtree(out)
     out.mkdir(parents=True, exist_ok=True)
+    expected = {k: v.to(dtype) for k, v in plain.state_dict().items()}
     plain.to(dtype)
     save_kwargs = {} if int(transformers.__version__.split(".")[0]) >= 5 else {"safe_serialization": True}
     plain.save_pretrained(str(out), **save_kwargs)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(out))
 
-    # Reload exactly as --teacher-path will, and compare with what was saved.
+    # Reload exactly as --teacher-path will and compare tensor by tensor (logits would also differ
+    # through buffers such as RoPE's inv_freq, which from_pretrained keeps in fp32).
     reloaded = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, **_dtype_kwarg(dtype)).eval()
-    diff_saved = max_logit_diff(plain, reloaded, ids)
-    if diff_saved > 1e-5:
-        raise RuntimeError(f"saved teacher does not reproduce the model (max |logit diff| {diff_saved:.3g})")
+    saved = reloaded.state_dict()
+    wrong = [k for k, v in expected.items() if k not in saved or not torch.equal(saved[k], v)]
+    if wrong:
+        raise RuntimeError(f"saved teacher does not reproduce the weights: {wrong[:5]}")
+    del expected
     del plain
 
     continuation = None

@@ -449,25 +449,40 @@ def train_sentencepiece(
     sentencepiece.set_random_generator_seed(seed)
     out_dir = os.path.dirname(os.path.abspath(model_prefix))
     os.makedirs(out_dir, exist_ok=True)
-    sentencepiece.SentencePieceTrainer.train(
-        sentence_iterator=iter_training_lines(inputs, json_key),
-        model_prefix=model_prefix,
-        vocab_size=vocab_size,
-        model_type=model_type,
-        character_coverage=character_coverage,
-        byte_fallback=True,
-        split_digits=True,
-        normalization_rule_name="identity",
-        remove_extra_whitespaces=False,
-        allow_whitespace_only_pieces=True,
-        input_sentence_size=max_sentences,
-        shuffle_input_sentence=True,
-        seed_sentencepiece_size=min(1_000_000, max(10 * vocab_size, 10_000)),
-        unk_id=SPM_SPECIAL_IDS["unk"],
-        bos_id=SPM_SPECIAL_IDS["bos"],
-        eos_id=SPM_SPECIAL_IDS["eos"],
-        pad_id=SPM_SPECIAL_IDS["pad"],
-        num_threads=num_threads or max(1, min(8, os.cpu_count() or 1)),
-        minloglevel=1,
-    )
+    input_errors: list[Exception] = []
+
+    def lines() -> Iterator[str]:
+        # sentencepiece wraps exceptions raised by the iterator; keep ours to re-raise them as is.
+        try:
+            yield from iter_training_lines(inputs, json_key)
+        except (ValueError, OSError) as err:
+            input_errors.append(err)
+            raise
+
+    try:
+        sentencepiece.SentencePieceTrainer.train(
+            sentence_iterator=lines(),
+            model_prefix=model_prefix,
+            vocab_size=vocab_size,
+            model_type=model_type,
+            character_coverage=character_coverage,
+            byte_fallback=True,
+            split_digits=True,
+            normalization_rule_name="identity",
+            remove_extra_whitespaces=False,
+            allow_whitespace_only_pieces=True,
+            input_sentence_size=max_sentences,
+            shuffle_input_sentence=True,
+            seed_sentencepiece_size=min(1_000_000, max(10 * vocab_size, 10_000)),
+            unk_id=SPM_SPECIAL_IDS["unk"],
+            bos_id=SPM_SPECIAL_IDS["bos"],
+            eos_id=SPM_SPECIAL_IDS["eos"],
+            pad_id=SPM_SPECIAL_IDS["pad"],
+            num_threads=num_threads or max(1, min(8, os.cpu_count() or 1)),
+            minloglevel=1,
+        )
+    except RuntimeError as err:  # sentencepiece reports bad settings (e.g. vocab too large) this way
+        if input_errors:
+            raise input_errors[0] from None
+        raise ValueError(f"sentencepiece training of {model_prefix!r} failed: {err}") from None
     return model_prefix + ".model"

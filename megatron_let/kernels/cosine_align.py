@@ -62,6 +62,15 @@ _KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 _MAX_DIM_PRODUCT = 2**31 - 1
 
 
+def _next_power_of_2(n: int) -> int:
+    return 1 << max(n - 1, 0).bit_length()
+
+
+def _floor_power_of_2(n: int) -> int:
+    """Largest power of two <= n (1 for n < 1)."""
+    return 1 << max(n.bit_length() - 1, 0)
+
+
 @dataclass(frozen=True)
 class CosineAlignKernelConfig:
     """Launch configuration of the fused kernels.
@@ -69,17 +78,38 @@ class CosineAlignKernelConfig:
     Attributes:
         max_block: largest number of features one program handles per loop iteration (power of two);
             wider hidden sizes loop over blocks of this size.
-        num_warps: warps per program (one program per token row).
+        num_warps: warps per program.
+        rows_per_program: tokens one program handles (power of two). ``None`` picks the largest power
+            of two <= ``tile_elems // max(BLOCK_M, BLOCK_T)``, clamped to [1, 16]: one row per program
+            at LET's real widths (>= 1024 features), several rows for narrow ones, where per-program
+            overhead dominates (notably under the CPU interpreter).
+        tile_elems: element budget per program tile used by the ``rows_per_program=None`` heuristic.
     """
 
     max_block: int = 1024
     num_warps: int = 4
+    rows_per_program: int | None = None
+    tile_elems: int = 1024
 
     def __post_init__(self) -> None:
         if self.max_block < 2 or self.max_block & (self.max_block - 1):
             raise ValueError(f"max_block must be a power of two >= 2, got {self.max_block}")
         if self.num_warps < 1 or self.num_warps & (self.num_warps - 1):
             raise ValueError(f"num_warps must be a power of two >= 1, got {self.num_warps}")
+        rows = self.rows_per_program
+        if rows is not None and (rows < 1 or rows & (rows - 1)):
+            raise ValueError(f"rows_per_program must be a power of two >= 1 or None, got {rows}")
+        if self.tile_elems < 1:
+            raise ValueError(f"tile_elems must be >= 1, got {self.tile_elems}")
+
+    def plan(self, d_m: int, d_t: int) -> tuple[int, int, int]:
+        """(rows per program, BLOCK_M, BLOCK_T) for hidden sizes d_m -> d_t."""
+        block_m = min(_next_power_of_2(d_m), self.max_block)
+        block_t = min(_next_power_of_2(d_t), self.max_block)
+        rows = self.rows_per_program
+        if rows is None:
+            rows = min(_floor_power_of_2(self.tile_elems // max(block_m, block_t)), 16)
+        return rows, block_m, block_t
 
 
 # --------------------------------------------------------------------------------------------------
@@ -334,10 +364,6 @@ def triton_interpreter_active() -> bool:
 # --------------------------------------------------------------------------------------------------
 
 
-def _next_power_of_2(n: int) -> int:
-    return 1 << max(n - 1, 0).bit_length()
-
-
 @functools.lru_cache(maxsize=256)
 def _max_outputs_per_source(d_m: int, d_t: int) -> int:
     """Largest number of output features sharing one i0 (loop count of the backward gather)."""
@@ -374,14 +400,13 @@ class _FusedCosineAlign(torch.autograd.Function):
         mask = None if loss_mask is None else (loss_mask.reshape(-1) != 0).to(torch.uint8).contiguous()
         loss = torch.empty(n, device=hm.device, dtype=torch.float32)
         stats = torch.empty(3, n, device=hm.device, dtype=torch.float32)  # dot, ||x||, ||t|| per token
-        m1 = d_m - 1
-        den = max(d_t - 1, 1)
+        rows, _, block_t = config.plan(d_m, d_t)
         if n > 0:
-            _cosine_align_fwd_kernel[(n,)](
+            _cosine_align_fwd_kernel[(triton.cdiv(n, rows),)](
                 hm, ht, mask if mask is not None else loss, loss, stats[0], stats[1], stats[2],
-                d_m, d_t, m1, den, COSINE_EPS,
-                HAS_MASK=mask is not None, SAME_DIM=d_m == d_t,
-                BLOCK_T=min(_next_power_of_2(d_t), config.max_block), num_warps=config.num_warps,
+                n, d_m, d_t, d_m - 1, max(d_t - 1, 1), COSINE_EPS,
+                HAS_MASK=mask is not None, SAME_DIM=d_m == d_t, ROWS=rows, BLOCK_T=block_t,
+                num_warps=config.num_warps,
             )
         ctx.save_for_backward(hm, ht, mask, stats)
         ctx.meta = (h_m.shape, h_t.shape, h_m.dtype, h_t.dtype, config)
@@ -400,15 +425,15 @@ class _FusedCosineAlign(torch.autograd.Function):
         g = grad_loss.reshape(-1).contiguous()
         grad_m = torch.empty((n, d_m), device=hm.device, dtype=dtype_m) if need_m else None
         grad_t = torch.empty((n, d_t), device=ht.device, dtype=dtype_t) if need_t else None
+        rows, block_m, block_t = config.plan(d_m, d_t)
         if n > 0:
-            _cosine_align_bwd_kernel[(n,)](
+            _cosine_align_bwd_kernel[(triton.cdiv(n, rows),)](
                 hm, ht, mask if mask is not None else stats, g, stats[0], stats[1], stats[2],
                 grad_m if need_m else stats, grad_t if need_t else stats,
-                d_m, d_t, d_m - 1, max(d_m - 1, 1), max(d_t - 1, 1), _max_outputs_per_source(d_m, d_t),
+                n, d_m, d_t, d_m - 1, max(d_m - 1, 1), max(d_t - 1, 1), _max_outputs_per_source(d_m, d_t),
                 COSINE_EPS,
                 HAS_MASK=mask is not None, SAME_DIM=d_m == d_t, NEED_GRAD_M=need_m, NEED_GRAD_T=need_t,
-                BLOCK_M=min(_next_power_of_2(d_m), config.max_block),
-                BLOCK_T=min(_next_power_of_2(d_t), config.max_block), num_warps=config.num_warps,
+                ROWS=rows, BLOCK_M=block_m, BLOCK_T=block_t, num_warps=config.num_warps,
             )
         return (
             grad_m.reshape(shape_m) if need_m else None,

@@ -264,7 +264,9 @@ def vocab_parallel_kd_loss(
         ValueError: mismatched leading dims / mask shape, teacher vocab smaller than ``vocab_size``,
             ``vocab_size`` outside ``[1, world * V_local]``, non-positive temperature or chunk size.
 
-    Logits must be finite over the real vocabulary.
+    Logits must be finite over the real vocabulary. Leading dims are flattened with ``reshape``: pass
+    tensors whose leading dims are contiguous (e.g. not a ``transpose(0, 1)`` view) or the flatten
+    copies the whole tensor.
     """
     shard, teacher_local = _validate_and_shard(
         student_logits, teacher_logits, loss_mask, temperature, vocab_size, chunk_size, tp_group

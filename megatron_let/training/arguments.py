@@ -244,7 +244,9 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
             f"--seq-length {a.seq_length} is not divisible by --tensor-model-parallel-size "
             f"{a.tensor_model_parallel_size} (needed by --sequence-parallel)"
         )
-    for name in ("micro_batch_size", "train_iters", "log_interval", "eval_iters"):
+    if a.train_iters < 0:
+        raise ValueError("--train-iters must be >= 0 (0 writes the initial checkpoint and exits)")
+    for name in ("micro_batch_size", "log_interval", "eval_iters"):
         if getattr(a, name) is not None and getattr(a, name) <= 0:
             raise ValueError(f"--{name.replace('_', '-')} must be > 0")
     if not a.mock_data and not a.data_path and not a.dry_run:

@@ -157,7 +157,7 @@ class Trainer:
             ),
             [self.model],
         )
-        iters = cfg.batch.train_iters
+        iters = max(1, cfg.batch.train_iters)
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.resolved_min_lr(),
             lr_warmup_steps=int(o.lr_warmup_fraction * iters), lr_decay_steps=iters,
@@ -173,11 +173,13 @@ class Trainer:
         self.data_config = DataConfig(
             data_path=d.data_path, split=d.split, seq_length=cfg.model.seq_length,
             mock_data=d.mock_data, seed=cfg.seed, data_cache_path=d.data_cache_path,
+            tokenizer_type=d.tokenizer_type or "NullTokenizer", tokenizer_model=d.tokenizer_model,
+            vocab_size=d.vocab_size,
         )
         eval_runs = 0
         if cfg.logging.eval_interval:
             eval_runs = cfg.batch.train_iters // cfg.logging.eval_interval + 1
-        train_samples = cfg.batch.train_iters * self.global_batch_size
+        train_samples = max(1, cfg.batch.train_iters) * self.global_batch_size
         valid_samples = eval_runs * cfg.logging.eval_iters * self.global_batch_size
         self.train_ds, self.valid_ds, _ = build_datasets(
             self.data_config, self.tokenizer, train_samples, max(valid_samples, 1), 1,
@@ -367,6 +369,7 @@ class Trainer:
             t0 = time.time()
             self.teacher_time = 0.0
             schedule = self.objective.schedule_values(self.iteration)
+            lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
             step_stats = self._train_step(iterator)
             step_time = time.time() - t0
             self.iteration += 1
@@ -375,7 +378,7 @@ class Trainer:
             values = dict(reduced)
             values.update(schedule)
             values.update(step_stats)
-            values["lr"] = self.optimizer.param_groups[0]["lr"]
+            values["lr"] = lr
             values["step time"] = step_time
             values["tokens per sec"] = tokens_per_step / max(step_time, 1e-9)
             values["peak memory MB"] = peak_memory_mb()

@@ -1,0 +1,64 @@
+"""Helpers to run pretrain_let.py / tools in subprocesses (single process or torchrun) for tests."""
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+TINY_MODEL = [
+    "--num-layers", "4", "--hidden-size", "64", "--ffn-hidden-size", "128",
+    "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "32",
+    "--max-position-embeddings", "32", "--device", "cpu", "--log-interval", "1",
+    "--lr", "3e-3", "--lr-warmup-fraction", "0.0", "--lr-decay-style", "constant",
+]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def base_env(threads: int = 1) -> dict:
+    env = dict(os.environ)
+    env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),
+               HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", PYTHONWARNINGS="ignore")
+    for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(k, None)
+    return env
+
+
+def run_script(script, args, nproc=1, timeout=300, check=True, env=None):
+    """Run ``script`` (path relative to the repo) with python or torchrun; returns CompletedProcess."""
+    path = os.path.join(ROOT, script)
+    if nproc == 1:
+        cmd = [sys.executable, path, *args]
+    else:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), path, *args]
+    proc = subprocess.run(cmd, env=env or base_env(), capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT)
+    if check and proc.returncode != 0:
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode})\nSTDOUT:\n{proc.stdout[-4000:]}\n"
+            f"STDERR:\n{proc.stderr[-6000:]}"
+        )
+    return proc
+
+
+def run_pretrain(args, nproc=1, timeout=300, check=True):
+    return run_script("pretrain_let.py", args, nproc=nproc, timeout=timeout, check=check)
+
+
+def read_metrics(path, split="train"):
+    """Per-iteration metrics written by --metrics-jsonl, keyed by iteration (last write wins)."""
+    out = {}
+    with open(path) as f:
+        for line in f:
+            rec = json.loads(line)
+            if rec["split"] == split:
+                out[rec["iteration"]] = rec
+    return out

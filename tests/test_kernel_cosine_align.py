@@ -1,0 +1,308 @@
+"""Fused LET cosine-alignment kernel vs the plain PyTorch reference (and the reference vs F.interpolate,
+hand-computed values and gradcheck).
+
+Without a GPU the Triton kernels run under Triton's CPU interpreter, which must be switched on before
+triton builds the kernels; shapes stay small because the interpreter is slow.
+"""
+
+import os
+
+import torch
+
+if not torch.cuda.is_available():
+    # The interpreter is read when the kernels are decorated, i.e. when the module is imported.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import importlib
+import math
+import subprocess
+import sys
+
+import pytest
+import torch.nn.functional as F
+
+# The package re-exports the function ``cosine_align``, which shadows the submodule attribute, so
+# ``import megatron_let.kernels.cosine_align as ca`` would bind the function: fetch the module itself.
+ca = importlib.import_module("megatron_let.kernels.cosine_align")
+
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if ca.TRITON_AVAILABLE and DEVICE.type == "cpu" and not ca.triton_interpreter_active():
+    # Another test module imported the kernels before TRITON_INTERPRET was set: rebuild them.
+    ca = importlib.reload(ca)
+
+requires_triton = pytest.mark.skipif(
+    not ca.TRITON_AVAILABLE, reason="triton is not installed: the fused-kernel tests need it (pip install triton)"
+)
+
+FP32_TOL = dict(atol=1e-5, rtol=1e-5)
+BF16_TOL = dict(atol=2e-2, rtol=2e-2)
+
+
+def _inputs(lead, d_m, d_t, dtype=torch.float32, seed=0, mask_p=0.3):
+    gen = torch.Generator().manual_seed(seed)
+    h_m = torch.randn(*lead, d_m, generator=gen).to(dtype)
+    h_t = torch.randn(*lead, d_t, generator=gen).to(dtype)
+    mask = torch.rand(lead, generator=gen) > mask_p
+    upstream = torch.randn(lead, generator=gen)
+    return h_m.to(DEVICE), h_t.to(DEVICE), mask.to(DEVICE), upstream.to(DEVICE)
+
+
+def _loss_and_grads(fn, h_m, h_t, mask, upstream, **kwargs):
+    h_m = h_m.detach().clone().requires_grad_(True)
+    h_t = h_t.detach().clone().requires_grad_(True)
+    loss = fn(h_m, h_t, mask, **kwargs)
+    (loss * upstream).sum().backward()
+    return loss.detach(), h_m.grad, h_t.grad
+
+
+# ---------------------------------------------------------------------------------------------- reference
+
+
+@pytest.mark.parametrize("d_in,d_out", [(200, 96), (50, 130), (64, 64), (7, 1), (1, 5), (3, 5), (2048, 576), (576, 2048)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_interpolate_hidden_matches_f_interpolate(d_in, d_out, dtype):
+    h = torch.randn(2, 3, d_in, dtype=dtype)
+    # F.interpolate is evaluated in fp64: in fp32 it rounds the source position j*scale itself (errors up
+    # to ~3e-4 at d=2048), while interpolate_hidden splits u_j exactly with integer arithmetic.
+    expected = F.interpolate(h.double().reshape(-1, 1, d_in), size=d_out, mode="linear", align_corners=True)
+    got = ca.interpolate_hidden(h, d_out)
+    assert got.shape == (2, 3, d_out) and got.dtype == dtype
+    tol = dict(atol=1e-6, rtol=1e-6) if dtype == torch.float32 else dict(atol=1e-12, rtol=1e-12)
+    torch.testing.assert_close(got.double(), expected.reshape(2, 3, d_out), **tol)
+
+
+def test_interpolate_hidden_hand_computed():
+    # d_M=3 -> d_T=5: u = j*2/4 = 0, .5, 1, 1.5, 2
+    h = torch.tensor([1.0, 3.0, 7.0])
+    torch.testing.assert_close(ca.interpolate_hidden(h, 5), torch.tensor([1.0, 2.0, 3.0, 5.0, 7.0]))
+    # d_M=4 -> d_T=3: u = j*3/2 = 0, 1.5, 3
+    h = torch.tensor([2.0, 4.0, 8.0, 16.0])
+    torch.testing.assert_close(ca.interpolate_hidden(h, 3), torch.tensor([2.0, 6.0, 16.0]))
+    # d_T=1: u_0 = 0 -> first feature
+    torch.testing.assert_close(ca.interpolate_hidden(h, 1), torch.tensor([2.0]))
+
+
+def test_reference_hand_computed():
+    h_m = torch.tensor([[1.0, 3.0, 7.0], [1.0, 3.0, 7.0]])  # interpolates to [1, 2, 3, 5, 7]
+    h_t = torch.tensor([[0.0, 1.0, 0.0, 1.0, 0.0], [1.0, 2.0, 3.0, 5.0, 7.0]])
+    # row 0: dot = 2 + 5 = 7, ||x|| = sqrt(88), ||t|| = sqrt(2); row 1: identical vectors -> cos = 1
+    expected = torch.tensor([-7.0 / math.sqrt(88.0 * 2.0), -1.0])
+    torch.testing.assert_close(ca.cosine_align_reference(h_m, h_t), expected)
+    masked = ca.cosine_align_reference(h_m, h_t, torch.tensor([0, 1]))
+    torch.testing.assert_close(masked, torch.tensor([0.0, -1.0]))
+
+
+@pytest.mark.parametrize("d_m,d_t", [(7, 4), (4, 9), (5, 5)])
+def test_reference_gradcheck_float64(d_m, d_t):
+    gen = torch.Generator().manual_seed(3)
+    h_m = torch.randn(2, 3, d_m, generator=gen, dtype=torch.float64, requires_grad=True)
+    h_t = torch.randn(2, 3, d_t, generator=gen, dtype=torch.float64, requires_grad=True)
+    mask = torch.tensor([[1, 0, 1], [1, 1, 0]])
+    assert torch.autograd.gradcheck(lambda a, b: ca.cosine_align_reference(a, b, mask), (h_m, h_t))
+
+
+def test_reference_masked_tokens_zero_loss_and_grad():
+    h_m, h_t, mask, upstream = _inputs((4, 6), 12, 8)
+    loss, g_m, g_t = _loss_and_grads(ca.cosine_align_reference, h_m, h_t, mask, upstream)
+    assert loss.dtype == torch.float32
+    assert torch.all(loss[~mask] == 0) and torch.all(g_m[~mask] == 0) and torch.all(g_t[~mask] == 0)
+    assert torch.all(g_m[mask].abs().sum(-1) > 0)
+
+
+def test_reference_upcasts_bf16_to_fp32():
+    h_m, h_t, _, _ = _inputs((5,), 20, 12, dtype=torch.bfloat16)
+    loss = ca.cosine_align_reference(h_m, h_t)
+    assert loss.dtype == torch.float32
+    torch.testing.assert_close(loss, ca.cosine_align_reference(h_m.float(), h_t.float()), atol=0, rtol=0)
+
+
+# ---------------------------------------------------------------------------------------------- kernel
+
+# (name, leading dims, d_M, d_T)
+KERNEL_CASES = [
+    ("downsample", (3, 47), 200, 96),
+    ("same_dim", (3, 21), 64, 64),
+    ("upsample", (2, 13), 50, 130),
+    ("one_token", (1,), 33, 20),
+]
+
+
+@requires_triton
+@pytest.mark.parametrize("name,lead,d_m,d_t", KERNEL_CASES, ids=[c[0] for c in KERNEL_CASES])
+def test_fused_matches_reference_fp32(name, lead, d_m, d_t):
+    h_m, h_t, mask, upstream = _inputs(lead, d_m, d_t, seed=len(name))
+    ref = _loss_and_grads(ca.cosine_align_reference, h_m, h_t, mask, upstream)
+    got = _loss_and_grads(ca.fused_cosine_align, h_m, h_t, mask, upstream)
+    assert got[0].shape == lead and got[0].dtype == torch.float32
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, **FP32_TOL)
+    assert torch.all(got[0][~mask] == 0)
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("d_m,d_t", [(200, 96), (50, 130)])
+def test_fused_half_precision_vs_fp32_reference(dtype, d_m, d_t):
+    # Both see the same rounded inputs; the reference computes in fp32 from them.
+    h_m, h_t, mask, upstream = _inputs((2, 9), d_m, d_t, dtype=dtype, seed=7)
+    ref = _loss_and_grads(ca.cosine_align_reference, h_m.float(), h_t.float(), mask, upstream)
+    loss, g_m, g_t = _loss_and_grads(ca.fused_cosine_align, h_m, h_t, mask, upstream)
+    assert loss.dtype == torch.float32 and g_m.dtype == dtype and g_t.dtype == dtype
+    for g, r in zip((loss, g_m, g_t), ref):
+        torch.testing.assert_close(g.float(), r, **BF16_TOL)
+
+
+@requires_triton
+@pytest.mark.parametrize(
+    "d_m,d_t",
+    [(200, 96), (50, 130), (40, 40), (1, 7), (7, 1), (1, 1), (3, 29), (17, 16), (3, 5)],
+)
+@pytest.mark.parametrize("rows", [1, 4])
+def test_fused_block_loops_and_edge_widths(d_m, d_t, rows):
+    # max_block=16 forces several feature blocks per row, exercising the loops used at d = 2048/4096.
+    config = ca.CosineAlignKernelConfig(max_block=16, rows_per_program=rows)
+    h_m, h_t, mask, upstream = _inputs((3,), d_m, d_t, seed=d_m * 100 + d_t)
+    ref = _loss_and_grads(ca.cosine_align_reference, h_m, h_t, mask, upstream)
+    got = _loss_and_grads(ca.fused_cosine_align, h_m, h_t, mask, upstream, config=config)
+    for g, r in zip(got, ref):
+        torch.testing.assert_close(g, r, **FP32_TOL)
+
+
+@requires_triton
+def test_fused_masked_tokens_have_exactly_zero_grad():
+    h_m, h_t, mask, upstream = _inputs((3, 8), 30, 18, seed=11, mask_p=0.5)
+    loss, g_m, g_t = _loss_and_grads(ca.fused_cosine_align, h_m, h_t, mask, upstream)
+    assert (~mask).any() and mask.any()
+    assert torch.all(loss[~mask] == 0) and torch.all(g_m[~mask] == 0) and torch.all(g_t[~mask] == 0)
+    assert torch.all(g_m[mask].abs().sum(-1) > 0)
+
+
+@requires_triton
+def test_fused_non_contiguous_inputs_and_mean_reduction():
+    gen = torch.Generator().manual_seed(5)
+    base_m = torch.randn(24, 6, generator=gen).to(DEVICE)  # [d_M, N] -> transposed view
+    base_t = torch.randn(6, 2 * 10, generator=gen).to(DEVICE)  # every other feature
+    base_mask = (torch.rand(6, 2, generator=gen) > 0.3).to(DEVICE)
+
+    def run(fn):
+        h_m = base_m.clone().requires_grad_(True)
+        h_t = base_t.clone().requires_grad_(True)
+        mask = base_mask[:, 0]  # strided view
+        loss = fn(h_m.t(), h_t[:, ::2], mask)
+        assert not h_m.t().is_contiguous() and not h_t[:, ::2].is_contiguous()
+        # mean backward hands the Function an expanded (stride-0) gradient
+        (loss.sum() / mask.sum()).backward()
+        return loss.detach(), h_m.grad, h_t.grad
+
+    for g, r in zip(run(ca.fused_cosine_align), run(ca.cosine_align_reference)):
+        torch.testing.assert_close(g, r, **FP32_TOL)
+
+
+@requires_triton
+def test_fused_teacher_grad_only_when_requested():
+    h_m, h_t, mask, upstream = _inputs((4,), 20, 12, seed=2)
+    student = h_m.clone().requires_grad_(True)
+    teacher = h_t.clone()  # frozen teacher
+    (ca.fused_cosine_align(student, teacher, mask) * upstream).sum().backward()
+    assert teacher.grad is None and student.grad is not None
+    _, g_m_ref, _ = _loss_and_grads(ca.cosine_align_reference, h_m, h_t, mask, upstream)
+    torch.testing.assert_close(student.grad, g_m_ref, **FP32_TOL)
+
+    # teacher-only gradient (student constant) also works
+    teacher = h_t.clone().requires_grad_(True)
+    (ca.fused_cosine_align(h_m, teacher, mask) * upstream).sum().backward()
+    _, _, g_t_ref = _loss_and_grads(ca.cosine_align_reference, h_m, h_t, mask, upstream)
+    torch.testing.assert_close(teacher.grad, g_t_ref, **FP32_TOL)
+
+
+@requires_triton
+def test_fused_keeps_only_inputs_and_per_token_scalars():
+    n, d_m, d_t = 6, 40, 24
+    h_m, h_t, mask, _ = _inputs((n,), d_m, d_t, seed=4)
+    h_m.requires_grad_(True)
+    saved = []
+
+    def pack(t):
+        saved.append(t.numel())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ca.fused_cosine_align(h_m, h_t, mask)
+    # inputs (n*d_m + n*d_t), the uint8 mask (n) and dot/||x||/||t|| (3n): no [n, d_T] interpolated copy.
+    assert sorted(saved) == sorted([n * d_m, n * d_t, n, 3 * n])
+
+
+@requires_triton
+def test_fused_scalar_token_and_empty_batch():
+    h_m, h_t, _, _ = _inputs((), 9, 5, seed=8)
+    torch.testing.assert_close(ca.fused_cosine_align(h_m, h_t), ca.cosine_align_reference(h_m, h_t), **FP32_TOL)
+    empty = ca.fused_cosine_align(torch.zeros(0, 9, device=DEVICE), torch.zeros(0, 5, device=DEVICE))
+    assert empty.shape == (0,)
+
+
+# ---------------------------------------------------------------------------------------------- dispatch
+
+
+def test_cosine_align_dispatch(monkeypatch):
+    h_m, h_t, mask, _ = _inputs((3, 4), 16, 10)
+    expected = ca.cosine_align_reference(h_m, h_t, mask)
+    torch.testing.assert_close(ca.cosine_align(h_m, h_t, mask, impl="reference"), expected, atol=0, rtol=0)
+    with pytest.raises(ValueError, match="impl must be one of"):
+        ca.cosine_align(h_m, h_t, mask, impl="cuda")
+    if DEVICE.type == "cpu":
+        def boom(*args, **kwargs):
+            raise AssertionError("auto must not pick the kernel for CPU tensors")
+
+        monkeypatch.setattr(ca, "fused_cosine_align", boom)
+        torch.testing.assert_close(ca.cosine_align(h_m, h_t, mask), expected, atol=0, rtol=0)
+
+
+@requires_triton
+def test_cosine_align_triton_impl_on_cpu(monkeypatch):
+    h_m, h_t, mask, _ = _inputs((3, 4), 16, 10)
+    h_m, h_t, mask = h_m.cpu(), h_t.cpu(), mask.cpu()
+    if ca.triton_interpreter_active():
+        torch.testing.assert_close(
+            ca.cosine_align(h_m, h_t, mask, impl="triton"), ca.cosine_align_reference(h_m, h_t, mask), **FP32_TOL
+        )
+    monkeypatch.setattr(ca, "triton_interpreter_active", lambda: False)
+    with pytest.raises(RuntimeError, match="TRITON_INTERPRET=1"):
+        ca.cosine_align(h_m, h_t, mask, impl="triton")
+
+
+def test_bad_inputs_raise_value_error():
+    h_m = torch.randn(2, 3, 8)
+    with pytest.raises(ValueError, match="leading"):
+        ca.cosine_align_reference(h_m, torch.randn(2, 4, 5))
+    with pytest.raises(ValueError, match="loss_mask shape"):
+        ca.cosine_align_reference(h_m, torch.randn(2, 3, 5), torch.ones(3, 2))
+    with pytest.raises(ValueError, match="floating-point"):
+        ca.cosine_align_reference(h_m, torch.ones(2, 3, 5, dtype=torch.long))
+    with pytest.raises(ValueError, match="non-empty last"):
+        ca.cosine_align_reference(h_m, torch.randn(2, 3, 0))
+    with pytest.raises(ValueError, match="d_out"):
+        ca.interpolate_hidden(h_m, 0)
+    with pytest.raises(ValueError, match="power of two"):
+        ca.CosineAlignKernelConfig(max_block=48)
+    if ca.TRITON_AVAILABLE:
+        with pytest.raises(ValueError, match="fp32/fp16/bf16"):
+            ca.fused_cosine_align(h_m.double().to(DEVICE), torch.randn(2, 3, 5, dtype=torch.float64, device=DEVICE))
+
+
+def test_module_imports_and_falls_back_without_triton():
+    code = (
+        "import sys; sys.modules['triton'] = None\n"
+        "import torch, megatron_let.kernels as k\n"
+        "assert not k.TRITON_AVAILABLE\n"
+        "h_m, h_t = torch.randn(3, 6), torch.randn(3, 4)\n"
+        "assert torch.equal(k.cosine_align(h_m, h_t), k.cosine_align_reference(h_m, h_t))\n"
+        "try:\n"
+        "    k.cosine_align(h_m, h_t, impl='triton')\n"
+        "except RuntimeError as e:\n"
+        "    assert 'triton' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('impl=triton without triton must raise')\n"
+    )
+    env = {key: val for key, val in os.environ.items() if key != "TRITON_INTERPRET"}
+    result = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
