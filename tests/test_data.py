@@ -449,7 +449,7 @@ def test_data_config_validation(preprocessed):
     for split in ("1,2,3,4", "a,b", "1e3,1", "-1,2", "0,0,0", ""):
         with pytest.raises(ValueError, match="--split"):
             parse_split(split)
-    with pytest.raises(ValueError, match="--data-path or --mock-data"):
+    with pytest.raises(ValueError, match="no training data"):
         DataConfig()
     with pytest.raises(ValueError, match="not both"):
         DataConfig(data_path=[preprocessed[1]], mock_data=True)
@@ -465,23 +465,24 @@ def test_data_config_validation(preprocessed):
 def gpt_datasets(preprocessed, sp_tok, work):
     cfg = DataConfig(data_path=[preprocessed[1]], split="90,10,0", seq_length=SEQ, seed=7,
                      data_cache_path=str(work / "cache"))
-    # 160 docs x ~24 tokens ~ 240 samples per epoch: 400 train samples forces a second epoch.
-    return build_datasets(cfg, sp_tok, 400, 20, 0)
+    # ask for ~1.5 epochs of the train split (90% of the tokens) so a second epoch is needed
+    n_train = int(1.5 * validate_indexed_dataset(preprocessed[1]).num_tokens / SEQ)
+    return build_datasets(cfg, sp_tok, n_train, 20, 0) + (n_train,)
 
 
 def test_gpt_samples_are_slices_of_document_stream(gpt_datasets, corpus, sp_reference):
-    train, valid, test = gpt_datasets
+    train, valid, test, n_train = gpt_datasets
     assert test is None  # 0 samples requested
     _, docs = corpus
     ref = _reference_docs(sp_reference, docs)
     n_train_docs = round(0.9 * len(docs))
-    for ds, doc_range, n in ((train, range(0, n_train_docs), 400), (valid, range(n_train_docs, len(docs)), 20)):
+    for ds, doc_range, n in ((train, range(0, n_train_docs), n_train), (valid, range(n_train_docs, len(docs)), 20)):
         assert len(ds) >= n
         order = np.asarray(ds.document_index)
         epochs = len(order) // len(doc_range)
         assert len(order) == epochs * len(doc_range)
         if ds is train:
-            assert epochs >= 2, "400 train samples should need a second pass over the documents"
+            assert epochs >= 2, "the train samples should need a second pass over the documents"
         assert sorted(order.tolist()) == sorted(list(doc_range) * epochs)  # each split doc once per epoch
         stream = np.concatenate([ref[d] for d in order])
         for i in range(len(ds)):

@@ -364,7 +364,11 @@ class Trainer:
             f"{self.iteration}: global batch {self.global_batch_size} = micro {cfg.batch.micro_batch_size}"
             f" x dp {self.dp_size} x {self.num_microbatches} micro-batches, seq {cfg.model.seq_length}"
         )
+        # tests slow steps down to land a SIGKILL between checkpoints
+        test_sleep = float(os.environ.get("MEGATRON_LET_TEST_STEP_SLEEP", "0"))
         while self.iteration < cfg.batch.train_iters:
+            if test_sleep:
+                time.sleep(test_sleep)
             self._update_teacher(self.iteration)
             t0 = time.time()
             self.teacher_time = 0.0
