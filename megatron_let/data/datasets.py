@@ -114,6 +114,34 @@ def _check_splits_nonempty(
                 )
 
 
+def _builder_class():
+    """megatron-core's builder, patched for one single-process bug.
+
+    In megatron-core 0.16.1 ``BlendedDataset`` calls ``torch.distributed.get_rank()`` on a cache
+    miss even when torch.distributed is not initialised, so a weighted blend with a cache path
+    crashes in a single process. Without torch.distributed we hand the blended dataset a config
+    copy without cache path: it then rebuilds its (cheap, C++-built) blending index in memory.
+    The per-dataset GPT indices are still cached.
+    """
+    import copy
+
+    from megatron.core.datasets.blended_dataset import BlendedDataset
+    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+
+    class _Builder(BlendedMegatronDatasetBuilder):
+        @staticmethod
+        def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):
+            if cls is BlendedDataset and not torch.distributed.is_initialized() and args[-1].path_to_cache:
+                config = copy.copy(args[-1])  # shallow copy: no __post_init__ re-run
+                config.path_to_cache = None
+                args = (*args[:-1], config)
+            return BlendedMegatronDatasetBuilder.build_generic_dataset(
+                cls, is_built_on_rank, synchronize_ranks, *args
+            )
+
+    return _Builder
+
+
 def build_datasets(
     cfg: DataConfig,
     tokenizer,
@@ -139,7 +167,6 @@ def build_datasets(
             that cannot supply the requested number of samples.
         FileNotFoundError: a ``--data-path`` prefix lacks its .bin/.idx.
     """
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
     from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     sizes = [train_samples, valid_samples, test_samples]
@@ -178,7 +205,7 @@ def build_datasets(
             config.split_matrix[i] = None
 
     cls = MockGPTDataset if cfg.mock_data else GPTDataset
-    builder = BlendedMegatronDatasetBuilder(cls, sizes, is_built_on_rank or (lambda: True), config)
+    builder = _builder_class()(cls, sizes, is_built_on_rank or (lambda: True), config)
     datasets = builder.build()
 
     for name, ds, n in zip(_SPLIT_NAMES, datasets, sizes):

@@ -91,7 +91,7 @@ class LayerCapture:
         loss_sum, metrics = self.loss_fn(hidden, teacher.to(hidden.device), mask.to(hidden.device))
         self.fired += 1
         if self.metrics_sink is not None:
-            self.metrics_sink(metrics)
+            self.metrics_sink(loss_sum.detach(), mask.float().sum(), metrics)
         hidden = InjectLossGrad.apply(hidden, loss_sum, self.grad_scale_fn())
         if isinstance(output, tuple):
             return (hidden,) + tuple(output[1:])

@@ -117,8 +117,11 @@ class Trainer:
         layer = needs.teacher_hidden_layer if needs.teacher_hidden_layer is not None else -1
         self.teacher_info = inspect_teacher(cfg.teacher.path, layer=layer)
         if not cfg.teacher.tokenizer_mismatch:
-            check_vocab_compatible(self.teacher_info.vocab_size, cfg.model.vocab_size,
-                                   teacher_path=cfg.teacher.path)
+            check_vocab_compatible(
+                self.teacher_info.vocab_size, cfg.model.vocab_size,
+                cfg.model.padded_vocab_size(cfg.parallel.tensor_model_parallel_size),
+                self.teacher_info.tokenizer_size,
+            )
 
     def _build_model_and_optimizer(self) -> None:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
@@ -266,7 +269,12 @@ class Trainer:
             sequence_parallel=sp,
         )
         replicated = not sp
-        self.capture.metrics_sink = lambda metrics: self.metrics.add_many(metrics, replicated)
+
+        def sink(weighted_sum, count, metrics):
+            self.metrics.add("hidden loss term", weighted_sum, count, replicated)
+            self.metrics.add_many(metrics, replicated)
+
+        self.capture.metrics_sink = sink
 
     # ------------------------------------------------------------------ one step
     def _forward_step(self, data_iterator, model):
@@ -305,7 +313,7 @@ class Trainer:
         loss_sum, metrics = self.objective.output_loss(nll, logits, teacher_logits, loss_mask,
                                                        self.iteration)
         self.metrics.add("lm loss", nll_sum.detach(), count, replicated=True)
-        self.metrics.add("total loss", loss_sum.detach(), count, replicated=True)
+        self.metrics.add("output loss term", loss_sum.detach(), count, replicated=True)
         self.metrics.add_many(metrics, replicated=True)
         return loss_sum, count.int(), {}
 
@@ -358,7 +366,8 @@ class Trainer:
         start_iter = self.iteration
         t_start = time.time()
         last: Dict[str, float] = {}
-        metric_names = ["lm loss", "total loss", *self._objective_metric_names()]
+        metric_names = ["lm loss", "output loss term", "hidden loss term",
+                        *self._objective_metric_names()]
         self._log(
             f"training {cfg.objective} for {cfg.batch.train_iters} iterations from iteration "
             f"{self.iteration}: global batch {self.global_batch_size} = micro {cfg.batch.micro_batch_size}"
@@ -380,6 +389,9 @@ class Trainer:
             self.consumed_train_samples += self.global_batch_size
             reduced = self.metrics.reduce(metric_names)
             values = dict(reduced)
+            # both terms are token means over the same global batch, so they add
+            values["total loss"] = values.pop("output loss term", float("nan")) + values.pop(
+                "hidden loss term", 0.0)
             values.update(schedule)
             values.update(step_stats)
             values["lr"] = lr
