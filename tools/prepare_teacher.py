@@ -305,6 +305,8 @@ def validate_args(args: argparse.Namespace) -> None:
         raise ValueError("--out must differ from --input")
     if args.max_new_tokens < 1:
         raise ValueError("--max-new-tokens must be >= 1")
+    if args.source != "hf":
+        _require_gguf_support()
 
 
 def resolve_source(args: argparse.Namespace, scratch: Path) -> SourceFile:

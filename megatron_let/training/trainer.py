@@ -8,6 +8,7 @@ needs it.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import signal
@@ -218,7 +219,10 @@ class Trainer:
             self.cfg.checkpoint.save, self.iteration, self.student, self.optimizer, self.scheduler,
             extra={"iteration": self.iteration, "consumed_train_samples": self.consumed_train_samples,
                    "consumed_valid_samples": self.valid_consumed,
-                   "objective": self.cfg.objective, "model": vars(self.cfg.model)},
+                   "objective": self.cfg.objective, "model": dataclasses.asdict(self.cfg.model),
+                   "tokenizer": {"type": self.cfg.data.tokenizer_type or "NullTokenizer",
+                                 "model": self.cfg.data.tokenizer_model,
+                                 "vocab_size": self.cfg.model.vocab_size}},
         )
         self._log(f"saved checkpoint {path} in {time.time() - t0:.1f}s")
 
