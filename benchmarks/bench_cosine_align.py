@@ -146,7 +146,8 @@ def report(shape, dtype, results: list[Result], note: str = "") -> None:
     print(f"\n== tokens={tokens} d_M={d_m} -> d_T={d_t} dtype={str(dtype).removeprefix('torch.')} {note}")
     print(f"{'impl':<10} {'fwd+bwd ms':>11} {'peak extra':>12} {'saved extra':>12}")
     for r in results:
-        print(f"{r.impl:<10} {r.time_ms:>11.3f} {_fmt_bytes(r.peak_extra_bytes):>12} {_fmt_bytes(r.saved_extra_bytes):>12}")
+        peak, saved = _fmt_bytes(r.peak_extra_bytes), _fmt_bytes(r.saved_extra_bytes)
+        print(f"{r.impl:<10} {r.time_ms:>11.3f} {peak:>12} {saved:>12}")
     by = {r.impl: r for r in results}
     if "reference" in by and "fused" in by:
         ref, fused = by["reference"], by["fused"]
@@ -175,7 +176,8 @@ def main(argv: list[str] | None = None) -> int:
         h_m, h_t, mask = make_inputs(*shape, args.dtype, args.device, args.mask_frac)
         results = [measure("reference", ref_fn, h_m, h_t, mask, args.device, args.iters, args.warmup)]
         if kernel_ok and args.device == "cuda":
-            results.append(measure("fused", ca.fused_cosine_align, h_m, h_t, mask, args.device, args.iters, args.warmup))
+            fused = measure("fused", ca.fused_cosine_align, h_m, h_t, mask, args.device, args.iters, args.warmup)
+            results.append(fused)
         report(shape, args.dtype, results, "" if args.device == "cuda" else "(reference only on CPU)")
         del h_m, h_t, mask
 

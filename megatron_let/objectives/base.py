@@ -56,6 +56,7 @@ class Objective:
 
     name: ClassVar[str] = ""
     Config: ClassVar[type]
+    metric_names: ClassVar[Tuple[str, ...]] = ()  # keys of the metrics this objective reports
 
     def __init__(self, config, context: ObjectiveContext) -> None:
         self.config = config

@@ -67,6 +67,7 @@ def cca_align(h_m: torch.Tensor, h_t: torch.Tensor, loss_mask: torch.Tensor,
 @register
 class LETObjective(Objective):
     name = "let"
+    metric_names = ("align loss", "cosine similarity")
 
     @dataclass
     class Config:

@@ -482,6 +482,12 @@ class HFTeacher:
         # student's autograd graph, which inference tensors are not allowed to enter.
         with torch.no_grad():
             if self._layers is None:
+                if self._base is self._model:  # no separate base model (unusual remote code)
+                    out = self._base(
+                        input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                        output_hidden_states=True,
+                    )
+                    return out.hidden_states[-1]
                 out = self._base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
                 return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
             handle = self._layers[self._layer - 1].register_forward_hook(_raise_output)

@@ -218,11 +218,13 @@ def _model_config(a: argparse.Namespace, vocab_size: int) -> LlamaConfig:
     )
 
 
-def parse_args(argv: Optional[List[str]] = None) -> RunConfig:
+def parse_args(argv: Optional[List[str]] = None,
+               parser: Optional[argparse.ArgumentParser] = None) -> RunConfig:
     """Parse and validate everything that can be checked without touching data or weights.
 
-    Vocabulary size comes from --vocab-size, else is filled in later from the tokenizer."""
-    a = build_parser().parse_args(argv)
+    Vocabulary size comes from --vocab-size, else is filled in later from the tokenizer. Tools that
+    share the training flags pass ``build_parser()`` extended with their own."""
+    a = (parser or build_parser()).parse_args(argv)
     return config_from_namespace(a)
 
 

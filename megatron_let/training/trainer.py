@@ -23,6 +23,49 @@ from megatron_let.training.arguments import RunConfig
 from megatron_let.training.metrics import MetricAccumulator, MetricsWriter, format_eta, peak_memory_mb
 
 
+def load_selection(path: str, dataset_size: int):
+    """A SALT_DS selection: a 1-D .npy of training-sample indices written by tools/select_data.py."""
+    import numpy as np
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"--kd-data-selection {path} does not exist")
+    try:
+        sel = np.load(path, allow_pickle=False)
+    except Exception as e:
+        raise ValueError(f"--kd-data-selection {path} is not a readable .npy file: {e}") from e
+    if sel.ndim != 1 or sel.size == 0 or not np.issubdtype(sel.dtype, np.integer):
+        raise ValueError(f"--kd-data-selection {path} must be a non-empty 1-D integer array")
+    if sel.min() < 0 or sel.max() >= dataset_size:
+        raise ValueError(
+            f"--kd-data-selection {path} indexes sample {int(sel.max())} but the training dataset "
+            f"has {dataset_size} samples: was it made with the same --data-path/--split/"
+            "--seq-length/--train-iters/--global-batch-size?"
+        )
+    return sel.astype(np.int64)
+
+
+def build_run_datasets(cfg: RunConfig, tokenizer, global_batch_size: int):
+    """(train, valid) datasets of a run. Shared with tools (select_data) that must see exactly the
+    training sample order: megatron-core's shuffle depends on the number of samples requested."""
+    from megatron_let.data.datasets import DataConfig, build_datasets
+
+    d = cfg.data
+    data_config = DataConfig(
+        data_path=d.data_path, split=d.split, seq_length=cfg.model.seq_length,
+        mock_data=d.mock_data, seed=cfg.seed, data_cache_path=d.data_cache_path,
+        tokenizer_type=d.tokenizer_type or "NullTokenizer", tokenizer_model=d.tokenizer_model,
+        vocab_size=d.vocab_size,
+    )
+    eval_runs = 0
+    if cfg.logging.eval_interval:
+        eval_runs = cfg.batch.train_iters // cfg.logging.eval_interval + 1
+    train_samples = max(1, cfg.batch.train_iters) * global_batch_size
+    valid_samples = eval_runs * cfg.logging.eval_iters * global_batch_size
+    train_ds, valid_ds, _ = build_datasets(data_config, tokenizer, train_samples,
+                                           max(valid_samples, 1), 1)
+    return train_ds, valid_ds
+
+
 class _SignalFlag:
     """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary."""
 
@@ -46,6 +89,7 @@ class Trainer:
         self.cfg = cfg
         self.iteration = 0
         self.consumed_train_samples = 0
+        self.consumed_selection_samples = 0
         self.teacher = None
         self.capture = None
         self.metrics = MetricAccumulator()
@@ -170,29 +214,23 @@ class Trainer:
         )
 
     def _build_data(self) -> None:
-        from megatron_let.data.datasets import DataConfig, build_data_iterator, build_datasets
+        from megatron_let.data.datasets import build_data_iterator
 
         cfg = self.cfg
         d = cfg.data
-        self.data_config = DataConfig(
-            data_path=d.data_path, split=d.split, seq_length=cfg.model.seq_length,
-            mock_data=d.mock_data, seed=cfg.seed, data_cache_path=d.data_cache_path,
-            tokenizer_type=d.tokenizer_type or "NullTokenizer", tokenizer_model=d.tokenizer_model,
-            vocab_size=d.vocab_size,
-        )
-        eval_runs = 0
-        if cfg.logging.eval_interval:
-            eval_runs = cfg.batch.train_iters // cfg.logging.eval_interval + 1
-        train_samples = max(1, cfg.batch.train_iters) * self.global_batch_size
-        valid_samples = eval_runs * cfg.logging.eval_iters * self.global_batch_size
-        self.train_ds, self.valid_ds, _ = build_datasets(
-            self.data_config, self.tokenizer, train_samples, max(valid_samples, 1), 1,
-        )
+        self.train_ds, self.valid_ds = build_run_datasets(cfg, self.tokenizer, self.global_batch_size)
         self._make_iterator = partial(
             build_data_iterator, micro_batch_size=cfg.batch.micro_batch_size,
             data_parallel_rank=self.dp_rank, data_parallel_size=self.dp_size, seed=cfg.seed,
         )
-        self.valid_consumed = 0
+        self.selection = None
+        if d.kd_data_selection:
+            self.selection = load_selection(d.kd_data_selection, len(self.train_ds))
+            if not self.objective.needs(0).kd_data_selection:
+                raise ValueError(
+                    f"--kd-data-selection is only used by an objective with a KD data phase "
+                    f"(--objective salt), not --objective {cfg.objective}"
+                )
 
     # ------------------------------------------------------------------ checkpoints
     def _load_checkpoint(self) -> None:
@@ -208,7 +246,7 @@ class Trainer:
             return
         self.iteration = int(extra["iteration"])
         self.consumed_train_samples = int(extra["consumed_train_samples"])
-        self.valid_consumed = int(extra.get("consumed_valid_samples", 0))
+        self.consumed_selection_samples = int(extra.get("consumed_selection_samples", 0))
         self._log(f"resumed from {ck.load} at iteration {self.iteration}")
 
     def save(self) -> None:
@@ -218,7 +256,7 @@ class Trainer:
         path = save_checkpoint(
             self.cfg.checkpoint.save, self.iteration, self.student, self.optimizer, self.scheduler,
             extra={"iteration": self.iteration, "consumed_train_samples": self.consumed_train_samples,
-                   "consumed_valid_samples": self.valid_consumed,
+                   "consumed_selection_samples": self.consumed_selection_samples,
                    "objective": self.cfg.objective, "model": dataclasses.asdict(self.cfg.model),
                    "tokenizer": {"type": self.cfg.data.tokenizer_type or "NullTokenizer",
                                  "model": self.cfg.data.tokenizer_model,
@@ -344,7 +382,7 @@ class Trainer:
 
         self._forward_only = True
         self.model.eval()
-        samples_per_iter = self.global_batch_size
+        # the same held-out batches at every evaluation, so validation curves are comparable
         iterator = self._make_iterator(self.valid_ds, consumed_samples=0)
         forward_backward = get_forward_backward_func()
         with torch.no_grad():
@@ -354,7 +392,6 @@ class Trainer:
                     num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
                     micro_batch_size=self.cfg.batch.micro_batch_size, forward_only=True,
                 )
-        self.valid_consumed += samples_per_iter * self.cfg.logging.eval_iters
         self.model.train()
         self._forward_only = False
         out = self.metrics.reduce(["lm loss"])
@@ -364,14 +401,14 @@ class Trainer:
     # ------------------------------------------------------------------ loop
     def train(self) -> Dict[str, float]:
         cfg = self.cfg
-        iterator = self._make_iterator(self.train_ds, consumed_samples=self.consumed_train_samples)
+        iterator, on_selection = None, None
         self.model.train()
         tokens_per_step = self.global_batch_size * cfg.model.seq_length
         start_iter = self.iteration
         t_start = time.time()
         last: Dict[str, float] = {}
         metric_names = ["lm loss", "output loss term", "hidden loss term",
-                        *self._objective_metric_names()]
+                        *self.objective.metric_names]
         self._log(
             f"training {cfg.objective} for {cfg.batch.train_iters} iterations from iteration "
             f"{self.iteration}: global batch {self.global_batch_size} = micro {cfg.batch.micro_batch_size}"
@@ -383,6 +420,11 @@ class Trainer:
             if test_sleep:
                 time.sleep(test_sleep)
             self._update_teacher(self.iteration)
+            use_selection = self.selection is not None and self.objective.needs(
+                self.iteration).kd_data_selection
+            if use_selection is not on_selection:  # SALT_DS: KD steps read the selection
+                iterator = self._iterator(use_selection)
+                on_selection = use_selection
             t0 = time.time()
             self.teacher_time = 0.0
             schedule = self.objective.schedule_values(self.iteration)
@@ -390,7 +432,10 @@ class Trainer:
             step_stats = self._train_step(iterator)
             step_time = time.time() - t0
             self.iteration += 1
-            self.consumed_train_samples += self.global_batch_size
+            if use_selection:
+                self.consumed_selection_samples += self.global_batch_size
+            else:
+                self.consumed_train_samples += self.global_batch_size
             reduced = self.metrics.reduce(metric_names)
             values = dict(reduced)
             # both terms are token means over the same global batch, so they add
@@ -432,8 +477,12 @@ class Trainer:
             self.save()
         return last
 
-    def _objective_metric_names(self) -> List[str]:
-        return getattr(self.objective, "metric_names", ["align loss", "cosine similarity", "kd loss"])
+
+    def _iterator(self, use_selection: bool) -> Iterator:
+        if use_selection:
+            return self._make_iterator(self.train_ds, consumed_samples=self.consumed_selection_samples,
+                                       selection_index=self.selection)
+        return self._make_iterator(self.train_ds, consumed_samples=self.consumed_train_samples)
 
     def _teacher_share(self, step_time: float) -> float:
         t = torch.tensor([self.teacher_time, step_time], dtype=torch.float64,
