@@ -269,6 +269,18 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         raise ValueError("--save-interval needs --save DIR")
     if a.exit_signal_handler and not a.save:
         raise ValueError("--exit-signal-handler needs --save DIR")
+    if a.data_path:
+        from megatron_let.data.indexed import parse_data_path, validate_indexed_dataset
+
+        for _, prefix in parse_data_path(a.data_path):
+            validate_indexed_dataset(prefix)  # missing or corrupt .bin/.idx: clear error now
+    world = int(os.environ.get("WORLD_SIZE", "0"))
+    if world:  # under torchrun/SLURM the data-parallel size is known before anything starts
+        parallel_check = ParallelConfig(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
+                                        a.sequence_parallel)
+        parallel_check.validate(world)
+        BatchConfig(a.micro_batch_size, a.global_batch_size, a.train_iters).num_microbatches(
+            parallel_check.data_parallel_size(world))
     if a.load and not os.path.isdir(a.load) and a.load != a.save:
         raise FileNotFoundError(f"--load {a.load} does not exist")
 

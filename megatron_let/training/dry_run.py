@@ -1,0 +1,657 @@
+"""``--dry-run``: validate a run and print its layout, sizes and costs without starting it.
+
+No process group is created and no weight is loaded, so a launcher can be checked on a login node
+(CPU only) for any cluster size. The world size is read from ``WORLD_SIZE`` (set by torchrun, SLURM
+wrappers or the example launchers) and defaults to TP × PP (a single data-parallel replica).
+
+What is checked, in the order a real run would hit it: parallel sizes against the world size, the
+global batch against micro-batch × data-parallel size, the vocabulary (``--vocab-size`` or the
+tokenizer), the objective's own settings (e.g. LET's layer k within the student's depth), the
+teacher folder (config, weights, layer range, shared vocabulary; read with ``inspect_teacher``,
+no weights loaded), the ``--data-path`` prefixes (``.idx`` headers only) and the SALT data
+selection file. Every problem is a ``ValueError``/``FileNotFoundError`` naming the flag, which
+``pretrain_let.py`` reports on stderr with exit code 2.
+
+Estimates (formulas, with the assumptions, in ``docs/launching.md``):
+
+* **Layout** - Megatron's rank order ``tp-cp-ep-dp-pp``: ``rank = tp_rank + TP·dp_rank +
+  TP·DP·pp_rank``; pipeline stage p holds student layers ``p·L/PP + 1 .. (p+1)·L/PP``.
+* **Memory per GPU** (:func:`estimate_memory`) - weights, fp32 gradient buffer, optimizer state
+  (fp32 master + Adam moments, sharded over DP with ``--use-distributed-optimizer``), activations
+  of the micro-batches a 1F1B pipeline stage keeps in flight, logits, and the bf16 teacher.
+* **Teacher FLOPs** (:func:`estimate_flops`) - teacher forward ≈ 2·N_T·tokens (+ attention) against
+  student training ≈ 6·N_S·tokens (+ attention), while the teacher is active and averaged over
+  the whole run.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from typing import Iterable, List, Optional, Set, Tuple
+
+from megatron_let.model.llama import LlamaConfig
+from megatron_let.training.arguments import RunConfig
+
+GIB = 2**30
+# Print every rank up to this world size; beyond it, the first and last ranks of the table.
+MAX_RANK_ROWS = 512
+
+
+# ---------------------------------------------------------------------------------------------
+# Layout
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class RankPlacement:
+    """Where one global rank sits in the (tp, dp, pp) grid and what it holds."""
+
+    rank: int
+    tp_rank: int
+    dp_rank: int
+    pp_rank: int
+    first_layer: int  # 1-based global student layer numbers held by this rank's stage
+    last_layer: int
+    embedding: bool
+    output_layer: bool
+    teacher: bool
+
+
+@dataclass(frozen=True)
+class ParallelLayout:
+    """Megatron-core's default grid (order ``tp-cp-ep-dp-pp``, no CP/EP, no virtual pipeline)."""
+
+    world_size: int
+    tp: int
+    pp: int
+    num_layers: int
+
+    def __post_init__(self) -> None:
+        if self.world_size < 1:
+            raise ValueError(f"world size must be >= 1, got {self.world_size}")
+        if self.world_size % (self.tp * self.pp):
+            raise ValueError(
+                f"world size {self.world_size} is not divisible by --tensor-model-parallel-size "
+                f"{self.tp} x --pipeline-model-parallel-size {self.pp}"
+            )
+        if self.num_layers % self.pp:
+            raise ValueError(
+                f"--num-layers {self.num_layers} is not divisible by "
+                f"--pipeline-model-parallel-size {self.pp}"
+            )
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // (self.tp * self.pp)
+
+    @property
+    def layers_per_stage(self) -> int:
+        return self.num_layers // self.pp
+
+    def coordinates(self, rank: int) -> Tuple[int, int, int]:
+        """(tp_rank, dp_rank, pp_rank) of a global rank: TP fastest, then DP, then PP."""
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside world of {self.world_size}")
+        return rank % self.tp, (rank // self.tp) % self.dp, rank // (self.tp * self.dp)
+
+    def stage_layers(self, pp_rank: int) -> Tuple[int, int]:
+        """1-based (first, last) student layer on pipeline stage ``pp_rank``."""
+        n = self.layers_per_stage
+        return pp_rank * n + 1, (pp_rank + 1) * n
+
+    def stage_of_layer(self, layer: int) -> int:
+        if not 1 <= layer <= self.num_layers:
+            raise ValueError(f"student layer {layer} outside 1..{self.num_layers}")
+        return (layer - 1) // self.layers_per_stage
+
+    def placements(self, teacher_stages: Iterable[int] = ()) -> List[RankPlacement]:
+        stages = set(teacher_stages)
+        out = []
+        for rank in range(self.world_size):
+            tp_rank, dp_rank, pp_rank = self.coordinates(rank)
+            first, last = self.stage_layers(pp_rank)
+            out.append(RankPlacement(
+                rank=rank, tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=pp_rank,
+                first_layer=first, last_layer=last, embedding=pp_rank == 0,
+                output_layer=pp_rank == self.pp - 1, teacher=pp_rank in stages,
+            ))
+        return out
+
+
+def world_size_from_env(cfg: RunConfig) -> int:
+    """``WORLD_SIZE`` from the environment (torchrun/SLURM/launchers), else TP × PP."""
+    text = os.environ.get("WORLD_SIZE")
+    if text is None or text == "":
+        return cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
+    try:
+        value = int(text)
+    except ValueError:
+        raise ValueError(f"environment variable WORLD_SIZE={text!r} is not an integer") from None
+    if value < 1:
+        raise ValueError(f"environment variable WORLD_SIZE={value} must be >= 1")
+    return value
+
+
+# ---------------------------------------------------------------------------------------------
+# Parameter counts
+# ---------------------------------------------------------------------------------------------
+
+
+def layer_matmul_parameters(model: LlamaConfig) -> int:
+    """Weights of one transformer layer's linear layers (attention QKV + proj, SwiGLU MLP)."""
+    h, f = model.hidden_size, model.ffn_hidden_size
+    heads = model.num_attention_heads
+    groups = model.num_query_groups or heads
+    head_dim = h // heads
+    attn = h * heads * head_dim + 2 * h * groups * head_dim + heads * head_dim * h
+    return attn + 3 * h * f
+
+
+def stage_parameters(model: LlamaConfig, tp: int, pp: int, pp_rank: int) -> int:
+    """Parameters held by one rank of pipeline stage ``pp_rank`` (Megatron's sharding).
+
+    Linear weights and the (padded) vocabulary are split over TP; RMSNorm weights are replicated.
+    The first stage holds the embedding, the last the output layer and final norm; with tied
+    embeddings and PP > 1 the last stage keeps its own copy of the embedding (kept in sync by an
+    all-reduce), as Megatron does."""
+    h = model.hidden_size
+    layers = model.num_layers // pp
+    per_layer = layer_matmul_parameters(model) // tp + 2 * h
+    total = layers * per_layer
+    vocab_shard = model.padded_vocab_size(tp) * h // tp
+    if pp_rank == 0:
+        total += vocab_shard
+    if pp_rank == pp - 1:
+        total += h  # final norm
+        if model.untie_embeddings_and_output_weights or pp > 1:
+            total += vocab_shard
+    return total
+
+
+@dataclass
+class TeacherSummary:
+    """The teacher as the dry run sees it: sizes from ``config.json`` and a meta-device model."""
+
+    path: str
+    model_type: str
+    num_layers: int
+    hidden_size: int  # width of the embedding / blocks
+    vocab_size: int
+    num_parameters: int
+    embedding_parameters: int
+    head_parameters: int  # LM head matmul weights (counted for FLOPs even when tied)
+    tied: bool
+    layer: int  # resolved 1-based layer that LET aligns to (num_layers = final state)
+    output_width: int  # width of the tensor LET aligns to
+
+    @property
+    def block_parameters(self) -> int:
+        """Parameters of the transformer blocks (and final norm), i.e. without embedding/head."""
+        return self.num_parameters - self.embedding_parameters - (0 if self.tied else self.head_parameters)
+
+
+def teacher_summary(info, trust_remote_code: bool) -> TeacherSummary:
+    """Break the teacher's parameters into embedding / head / blocks on the meta device."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(info.path, local_files_only=True,
+                                        trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    emb = model.get_input_embeddings().weight
+    head_module = model.get_output_embeddings()
+    head = head_module.weight if head_module is not None else emb
+    seen, total = set(), 0
+    for p in model.parameters():  # tied weights appear once
+        if id(p) not in seen:
+            seen.add(id(p))
+            total += p.numel()
+    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return TeacherSummary(
+        path=info.path, model_type=info.model_type, num_layers=info.num_layers,
+        hidden_size=int(getattr(text, "hidden_size", info.hidden_size)),
+        vocab_size=info.vocab_size, num_parameters=total, embedding_parameters=emb.numel(),
+        head_parameters=head.numel(), tied=head is emb, layer=info.layer,
+        output_width=info.hidden_size,
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Estimates
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TeacherUse:
+    """How the objective uses the teacher."""
+
+    stages: Set[int]  # pipeline stages whose ranks load the teacher
+    layers_run: int  # teacher blocks run per forward
+    lm_head: bool  # logits are needed (KD): the LM head runs too
+    active_steps: int  # steps 0..active_steps-1 need the teacher
+
+
+@dataclass
+class StageMemory:
+    """Estimated bytes per GPU on one pipeline stage (see docs/launching.md for the formulas)."""
+
+    pp_rank: int
+    parameters: int
+    weights: float
+    gradients: float
+    optimizer: float
+    activations: float
+    logits: float
+    teacher: float
+    in_flight_microbatches: int
+
+    @property
+    def total(self) -> float:
+        return (self.weights + self.gradients + self.optimizer + self.activations + self.logits
+                + self.teacher)
+
+
+def layer_activation_bytes(model: LlamaConfig, micro_batch_size: int, tp: int,
+                           sequence_parallel: bool, bytes_per_value: int) -> float:
+    """Activations one LLaMA layer keeps for backward, for one micro-batch (flash attention).
+
+    Per token, saved tensors: attention-norm input (h), QKV input (h), q/k/v (h + 2·h_kv),
+    attention output (h), MLP-norm input (h), FC1 input (h), FC1 output (2f, gate and up) and the
+    SwiGLU output (f): 6h + 2h_kv + 3f values. Under TP the q/k/v, attention-output, FC1-output and
+    SwiGLU terms are split over TP ranks; the four h-sized norm/linear inputs are split too only
+    with sequence parallelism. Flash attention keeps no s×s matrix (its softmax statistics are
+    negligible) and dropout is off, so there are no masks."""
+    h, f = model.hidden_size, model.ffn_hidden_size
+    heads = model.num_attention_heads
+    h_kv = (model.num_query_groups or heads) * (h // heads)
+    tokens = model.seq_length * micro_batch_size
+    split = (h + 2 * h_kv) + h + 3 * f
+    outside = 4 * h
+    per_token = (split + outside) / tp if sequence_parallel else split / tp + outside
+    return tokens * per_token * bytes_per_value
+
+
+def estimate_memory(cfg: RunConfig, model: LlamaConfig, layout: ParallelLayout,
+                    num_microbatches: int, teacher: Optional[TeacherSummary],
+                    use: Optional[TeacherUse]) -> List[StageMemory]:
+    """Per-GPU memory estimate for each pipeline stage.
+
+    * weights: P·2 bytes in bf16 (P·4 in fp32);
+    * gradients: P·4 (the DDP gradient buffer is fp32: ``grad_reduce_in_fp32``);
+    * optimizer: P·12 in bf16 (fp32 master copy + Adam m, v), P·8 in fp32 (m, v); divided by DP
+      with ``--use-distributed-optimizer``;
+    * activations: :func:`layer_activation_bytes` × layers of the stage × micro-batches in flight
+      (1F1B: stage p holds min(PP − p, micro-batches) forward passes awaiting their backward);
+    * logits (last stage, one micro-batch): s·b·V_pad/TP·(act bytes + 4), the logits and the fp32
+      softmax that vocab-parallel cross entropy keeps; KD adds the teacher's logits s·b·V_T·2;
+    * teacher: 2·N_T bytes (bf16) on the stages that hold it, plus its LET target s·b·d_T·2.
+    """
+    tp, pp, dp = layout.tp, layout.pp, layout.dp
+    bf16 = cfg.bf16
+    act = 2 if bf16 else 4
+    b, s = cfg.batch.micro_batch_size, model.seq_length
+    opt_per_param = 12 if bf16 else 8
+    if cfg.parallel.use_distributed_optimizer:
+        opt_per_param = opt_per_param / dp
+    per_layer = layer_activation_bytes(model, b, tp, cfg.parallel.sequence_parallel, act)
+    stages = []
+    for p in range(pp):
+        params = stage_parameters(model, tp, pp, p)
+        in_flight = min(pp - p, num_microbatches)
+        logits = 0.0
+        if p == pp - 1:
+            logits = s * b * model.padded_vocab_size(tp) / tp * (act + 4)
+            if use is not None and use.lm_head and teacher is not None:
+                logits += s * b * teacher.vocab_size * 2
+        teacher_bytes = 0.0
+        if use is not None and teacher is not None and p in use.stages:
+            teacher_bytes = 2.0 * teacher.num_parameters
+            if not use.lm_head:
+                teacher_bytes += s * b * teacher.output_width * 2
+        stages.append(StageMemory(
+            pp_rank=p, parameters=params, weights=params * (2 if bf16 else 4),
+            gradients=params * 4.0, optimizer=params * opt_per_param,
+            activations=per_layer * layout.layers_per_stage * in_flight, logits=logits,
+            teacher=teacher_bytes, in_flight_microbatches=in_flight,
+        ))
+    return stages
+
+
+@dataclass
+class FlopEstimate:
+    """FLOPs per training step (whole job) and the teacher's overhead."""
+
+    student_per_step: float
+    teacher_per_step: float
+    active_steps: int
+    train_iters: int
+    tp: int
+    pp: int
+
+    @property
+    def overhead_active(self) -> float:
+        """Teacher forward / student training FLOPs on a step where the teacher runs."""
+        return self.teacher_per_step / self.student_per_step if self.student_per_step else 0.0
+
+    @property
+    def overhead_run(self) -> float:
+        """The same ratio averaged over all training steps."""
+        if self.train_iters <= 0:
+            return 0.0
+        return self.overhead_active * min(self.active_steps, self.train_iters) / self.train_iters
+
+    @property
+    def overhead_on_teacher_ranks(self) -> float:
+        """Ratio on the GPUs that run it: the teacher is replicated over TP and runs on one
+        pipeline stage, so each such GPU does TP·PP times its share of the job's teacher work."""
+        return self.overhead_active * self.tp * self.pp
+
+
+def student_flops_per_token(model: LlamaConfig, tp: int) -> float:
+    """Training FLOPs per token: 6·(layer matmul weights + V_pad·h output layer) + 12·L·s·h
+    (QKᵀ and AV, forward + backward, counted without causal halving)."""
+    h = model.hidden_size
+    matmul = model.num_layers * layer_matmul_parameters(model) + model.padded_vocab_size(tp) * h
+    return 6.0 * matmul + 12.0 * model.num_layers * model.seq_length * h
+
+
+def teacher_flops_per_token(teacher: TeacherSummary, use: TeacherUse, seq_length: int) -> float:
+    """Forward FLOPs per token: 2·(blocks run × block weights [+ LM head]) + 4·layers·s·h."""
+    per_block = (teacher.block_parameters) / teacher.num_layers
+    matmul = use.layers_run * per_block + (teacher.head_parameters if use.lm_head else 0)
+    return 2.0 * matmul + 4.0 * use.layers_run * seq_length * teacher.hidden_size
+
+
+def estimate_flops(model: LlamaConfig, tokens_per_step: int, train_iters: int,
+                   layout: ParallelLayout, teacher: Optional[TeacherSummary],
+                   use: Optional[TeacherUse]) -> FlopEstimate:
+    student = student_flops_per_token(model, layout.tp) * tokens_per_step
+    t = 0.0
+    active = 0
+    if teacher is not None and use is not None:
+        t = teacher_flops_per_token(teacher, use, model.seq_length) * tokens_per_step
+        active = use.active_steps
+    return FlopEstimate(student, t, active, train_iters, layout.tp, layout.pp)
+
+
+def teacher_active_steps(objective, train_iters: int) -> int:
+    """Number of leading steps that need the teacher. Schedules only decay (the trainer relies on
+    it to free the teacher), so the first step without a teacher is found by bisection."""
+    if train_iters <= 0 or not objective.needs(0).teacher:
+        return 0
+    if objective.needs(train_iters - 1).teacher:
+        return train_iters
+    lo, hi = 0, train_iters - 1  # invariant: needs(lo).teacher, not needs(hi).teacher
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if objective.needs(mid).teacher:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+# ---------------------------------------------------------------------------------------------
+# Plan: everything validated and computed, nothing printed
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DataSummary:
+    prefixes: List[Tuple[Optional[float], str]] = field(default_factory=list)
+    num_tokens: int = 0  # total tokens in the --data-path files
+
+
+@dataclass
+class DryRunPlan:
+    cfg: RunConfig
+    model: LlamaConfig  # with the resolved vocabulary
+    layout: ParallelLayout
+    num_microbatches: int
+    global_batch_size: int
+    objective: object
+    teacher: Optional[TeacherSummary]
+    teacher_use: Optional[TeacherUse]
+    memory: List[StageMemory]
+    flops: FlopEstimate
+    data: DataSummary
+    gpus_per_node: Optional[int]
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.global_batch_size * self.model.seq_length
+
+
+def _resolve_vocab(cfg: RunConfig, trainer) -> int:
+    if cfg.model.vocab_size:
+        return cfg.model.vocab_size
+    if not cfg.data.tokenizer_type:
+        raise ValueError(
+            "vocabulary size unknown: pass --vocab-size, or --tokenizer-type with --tokenizer-model"
+        )
+    return trainer._build_tokenizer().vocab_size
+
+
+def _check_data(cfg: RunConfig) -> DataSummary:
+    from megatron_let.data.indexed import parse_data_path, validate_indexed_dataset
+
+    summary = DataSummary()
+    if cfg.data.data_path:
+        summary.prefixes = parse_data_path(cfg.data.data_path)
+        for _, prefix in summary.prefixes:
+            summary.num_tokens += validate_indexed_dataset(prefix).num_tokens  # headers only
+    if cfg.data.kd_data_selection and not os.path.isfile(cfg.data.kd_data_selection):
+        raise FileNotFoundError(f"--kd-data-selection {cfg.data.kd_data_selection} does not exist")
+    return summary
+
+
+def _gpus_per_node() -> Optional[int]:
+    text = os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("GPUS_PER_NODE")
+    return int(text) if text and text.isdigit() and int(text) > 0 else None
+
+
+def plan_run(cfg: RunConfig, world_size: Optional[int] = None) -> DryRunPlan:
+    """Validate ``cfg`` as the trainer would, without any process group or weights, and compute the
+    layout and estimates. Raises ValueError/FileNotFoundError naming the offending flag."""
+    from megatron_let.objectives.base import ObjectiveContext, build_objective
+    from megatron_let.training.trainer import Trainer
+
+    cfg = copy.deepcopy(cfg)  # the vocabulary is filled in below; the caller's config is kept
+    if cfg.bf16 and cfg.device == "cpu":
+        raise ValueError("--bf16 needs a CUDA device (CPU runs are fp32)")
+    world = world_size if world_size is not None else world_size_from_env(cfg)
+    par = cfg.parallel
+    par.validate(world)
+    layout = ParallelLayout(world, par.tensor_model_parallel_size,
+                            par.pipeline_model_parallel_size, cfg.model.num_layers)
+    num_microbatches = cfg.batch.num_microbatches(layout.dp)
+    gbs = cfg.batch.micro_batch_size * layout.dp * num_microbatches
+
+    # The trainer's own checks (tokenizer, teacher folder and vocabulary), on a trainer that is
+    # never set up: the dry run then fails exactly where a real run would.
+    trainer = Trainer(cfg)
+    cfg.model.vocab_size = _resolve_vocab(cfg, trainer)
+    model = cfg.model
+    objective = build_objective(
+        cfg.objective, cfg.objective_config,
+        ObjectiveContext(train_iters=cfg.batch.train_iters, vocab_size=model.vocab_size,
+                         student_num_layers=model.num_layers),
+    )
+    objective.validate(model.num_layers)
+    trainer.objective = objective
+    try:
+        trainer._validate_teacher_before_compute()
+    except NotADirectoryError as e:  # an OSError, but it means a bad --teacher-path
+        raise FileNotFoundError(str(e)) from e
+    data = _check_data(cfg)
+
+    teacher, use = None, None
+    info = getattr(trainer, "teacher_info", None)
+    if getattr(trainer, "needs_teacher_ever", False) and info is not None:
+        teacher = teacher_summary(info, cfg.teacher.trust_remote_code)
+        needs = objective.needs(0)
+        stages: Set[int] = set()
+        if needs.teacher_hidden_layer is not None and needs.student_layer is not None:
+            stages.add(layout.stage_of_layer(needs.student_layer))
+        if needs.teacher_logits:
+            stages.add(layout.pp - 1)
+        use = TeacherUse(
+            stages=stages,
+            layers_run=teacher.num_layers if needs.teacher_logits else teacher.layer,
+            lm_head=needs.teacher_logits,
+            active_steps=teacher_active_steps(objective, cfg.batch.train_iters),
+        )
+    memory = estimate_memory(cfg, model, layout, num_microbatches, teacher, use)
+    flops = estimate_flops(model, gbs * model.seq_length, cfg.batch.train_iters, layout, teacher,
+                           use)
+    return DryRunPlan(cfg, model, layout, num_microbatches, gbs, objective, teacher, use, memory,
+                      flops, data, _gpus_per_node())
+
+
+# ---------------------------------------------------------------------------------------------
+# Report
+# ---------------------------------------------------------------------------------------------
+
+
+def format_config(obj, indent: int = 0) -> List[str]:
+    """Nested dataclasses as indented ``name: value`` lines (the raw argparse namespace skipped)."""
+    pad = "  " * indent
+    lines = []
+    for f in dataclasses.fields(obj):
+        if f.name == "raw":
+            continue
+        value = getattr(obj, f.name)
+        if dataclasses.is_dataclass(value) and not isinstance(value, type):
+            lines.append(f"{pad}{f.name}:")
+            lines.extend(format_config(value, indent + 1))
+        else:
+            lines.append(f"{pad}{f.name}: {value!r}")
+    return lines
+
+
+def _count(n: float) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.2f}{unit}"
+    return f"{n:.0f}"
+
+
+def _layers(first: int, last: int) -> str:
+    return f"{first}-{last}" if first != last else str(first)
+
+
+def format_plan(plan: DryRunPlan) -> str:
+    cfg, model, layout = plan.cfg, plan.model, plan.layout
+    out: List[str] = ["=" * 30 + " megatron_let dry run " + "=" * 30, "", "resolved configuration:"]
+    out += format_config(cfg, indent=1)
+
+    # Derived quantities.
+    iters = cfg.batch.train_iters
+    tokens = plan.tokens_per_step
+    out += [
+        "",
+        "derived:",
+        f"  vocabulary: {model.vocab_size} (padded to {model.padded_vocab_size(layout.tp)} = "
+        f"multiple of {model.make_vocab_size_divisible_by} x TP)",
+        f"  global batch: {plan.global_batch_size} = micro {cfg.batch.micro_batch_size} x DP "
+        f"{layout.dp} x {plan.num_microbatches} micro-batches",
+        f"  tokens per step: {tokens:,}; whole run: {tokens * iters:,} tokens ({_count(tokens * iters)})",
+        f"  learning rate: {cfg.optim.lr:g} -> {cfg.optim.resolved_min_lr():g}, "
+        f"{int(cfg.optim.lr_warmup_fraction * max(1, iters))} warmup iterations, "
+        f"{cfg.optim.lr_decay_style} decay",
+        f"  objective schedule: step 0 {plan.objective.schedule_values(0)}, "
+        f"last step {plan.objective.schedule_values(max(0, iters - 1))}",
+    ]
+    if plan.data.prefixes:
+        epochs = tokens * iters / plan.data.num_tokens if plan.data.num_tokens else float("inf")
+        out.append(f"  data: {len(plan.data.prefixes)} prefix(es), {plan.data.num_tokens:,} tokens; "
+                   f"the run reads {epochs:.2f} epoch(s)")
+
+    # Layout.
+    out += ["", f"parallel layout: world {layout.world_size} = TP {layout.tp} x DP {layout.dp} x "
+            f"PP {layout.pp} (rank = tp + TP*dp + TP*DP*pp); {layout.layers_per_stage} layers per stage"]
+    use = plan.teacher_use
+    if use is not None:
+        where = ", ".join(f"stage {s}" for s in sorted(use.stages))
+        out.append(f"  teacher loaded on every rank of {where} (replicated over TP and DP)")
+    rows = plan.layout.placements(use.stages if use else ())
+    node_col = plan.gpus_per_node is not None
+    header = f"  {'rank':>6} " + (f"{'node':>5} " if node_col else "") + \
+        f"{'pp':>3} {'dp':>4} {'tp':>3}  {'layers':>9}  holds"
+    out.append(header)
+    shown = rows if len(rows) <= MAX_RANK_ROWS else rows[: MAX_RANK_ROWS // 2] + [None] + \
+        rows[-MAX_RANK_ROWS // 2:]
+    for r in shown:
+        if r is None:
+            out.append(f"  ... {len(rows) - MAX_RANK_ROWS} ranks omitted ...")
+            continue
+        holds = [name for name, on in (("embedding", r.embedding), ("output", r.output_layer),
+                                       ("TEACHER", r.teacher)) if on]
+        node = f"{r.rank // plan.gpus_per_node:>5} " if node_col else ""
+        out.append(f"  {r.rank:>6} {node}{r.pp_rank:>3} {r.dp_rank:>4} {r.tp_rank:>3}  "
+                   f"{_layers(r.first_layer, r.last_layer):>9}  {' '.join(holds)}")
+
+    # Parameters.
+    total = model.num_parameters()
+    non_emb = model.num_parameters(include_embeddings=False)
+    out += ["", "parameters:",
+            f"  student: {total:,} ({_count(total)}), non-embedding {non_emb:,} ({_count(non_emb)})"]
+    for m in plan.memory:
+        out.append(f"    per rank on stage {m.pp_rank}: {m.parameters:,} ({_count(m.parameters)}, "
+                   "padded vocabulary)")
+    t = plan.teacher
+    if t is not None:
+        out.append(
+            f"  teacher: {t.num_parameters:,} ({_count(t.num_parameters)}) {t.model_type}, "
+            f"{t.num_layers} layers, hidden {t.hidden_size}, vocab {t.vocab_size}"
+            f"{', tied embeddings' if t.tied else ''}; {t.path}")
+        if use is not None:
+            what = "logits (all layers + LM head)" if use.lm_head else \
+                f"hidden state of layer {t.layer}/{t.num_layers} (width {t.output_width})"
+            out.append(f"    uses: {what}; needed for steps 0..{use.active_steps - 1} "
+                       f"({use.active_steps} of {iters} steps)")
+
+    # Memory.
+    out += ["", "estimated memory per GPU (GiB; excludes CUDA context, NCCL buffers, fragmentation):",
+            f"  {'stage':>5} {'weights':>8} {'grads':>8} {'optim':>8} {'activ.':>8} {'logits':>8} "
+            f"{'teacher':>8} {'total':>8}  micro-batches in flight"]
+    for m in plan.memory:
+        out.append(
+            f"  {m.pp_rank:>5} {m.weights / GIB:>8.2f} {m.gradients / GIB:>8.2f} "
+            f"{m.optimizer / GIB:>8.2f} {m.activations / GIB:>8.2f} {m.logits / GIB:>8.2f} "
+            f"{m.teacher / GIB:>8.2f} {m.total / GIB:>8.2f}  {m.in_flight_microbatches}")
+    peak = max(plan.memory, key=lambda m: m.total)
+    out.append(f"  peak: {peak.total / GIB:.2f} GiB on stage {peak.pp_rank} "
+               f"({'bf16' if cfg.bf16 else 'fp32'}, "
+               f"{'distributed' if cfg.parallel.use_distributed_optimizer else 'replicated'} optimizer"
+               f"{', sequence parallel' if cfg.parallel.sequence_parallel else ''})")
+
+    # FLOPs.
+    f = plan.flops
+    out += ["", "compute per step:",
+            f"  student training: {f.student_per_step:.3e} FLOPs "
+            f"({f.student_per_step / tokens:.3e} per token)"]
+    if t is not None and use is not None:
+        out += [
+            f"  teacher forward: {f.teacher_per_step:.3e} FLOPs "
+            f"({f.teacher_per_step / tokens:.3e} per token)",
+            f"  teacher overhead while active: {100 * f.overhead_active:.2f}% of the student's "
+            f"FLOPs (on the teacher's GPUs: {100 * f.overhead_on_teacher_ranks:.2f}% of their work)",
+            f"  teacher overhead averaged over the run: {100 * f.overhead_run:.2f}% "
+            f"({use.active_steps} of {iters} steps)",
+        ]
+    else:
+        out.append("  no teacher: no overhead")
+    out += ["", "dry run OK: configuration is valid; nothing was started."]
+    return "\n".join(out)
+
+
+def dry_run(cfg: RunConfig) -> None:
+    """Validate ``cfg`` and print the plan (on rank 0 only when launched under torchrun)."""
+    plan = plan_run(cfg)
+    if int(os.environ.get("RANK", "0") or 0) == 0:
+        print(format_plan(plan), flush=True)
