@@ -61,8 +61,8 @@ def build_run_datasets(cfg: RunConfig, tokenizer, global_batch_size: int):
         eval_runs = cfg.batch.train_iters // cfg.logging.eval_interval + 1
     train_samples = max(1, cfg.batch.train_iters) * global_batch_size
     valid_samples = eval_runs * cfg.logging.eval_iters * global_batch_size
-    train_ds, valid_ds, _ = build_datasets(data_config, tokenizer, train_samples,
-                                           max(valid_samples, 1), 1)
+    # no test split: megatron-core would refuse an empty one even when it is never read
+    train_ds, valid_ds, _ = build_datasets(data_config, tokenizer, train_samples, valid_samples, 0)
     return train_ds, valid_ds
 
 
@@ -91,6 +91,7 @@ class Trainer:
         self.consumed_train_samples = 0
         self.consumed_selection_samples = 0
         self.teacher = None
+        self.aligner = None
         self.capture = None
         self.metrics = MetricAccumulator()
         self.teacher_time = 0.0
@@ -161,7 +162,16 @@ class Trainer:
 
         layer = needs.teacher_hidden_layer if needs.teacher_hidden_layer is not None else -1
         self.teacher_info = inspect_teacher(cfg.teacher.path, layer=layer)
-        if not cfg.teacher.tokenizer_mismatch:
+        if cfg.teacher.tokenizer_mismatch:
+            if needs.teacher_logits:
+                raise ValueError("--let-tokenizer-mismatch aligns hidden states only; logit "
+                                 f"distillation (--objective {cfg.objective}) needs a shared vocabulary")
+            from megatron_let.data.tokenizers import build_tokenizer
+            from megatron_let.teacher.token_alignment import TokenAligner
+
+            self.aligner = TokenAligner(self.tokenizer,
+                                        build_tokenizer("HuggingFaceTokenizer", cfg.teacher.path))
+        else:
             check_vocab_compatible(
                 self.teacher_info.vocab_size, cfg.model.vocab_size,
                 cfg.model.padded_vocab_size(cfg.parallel.tensor_model_parallel_size),
@@ -331,7 +341,11 @@ class Trainer:
         if not self._forward_only and self.teacher is not None:
             t0 = time.time()
             if self.capture is not None and needs.teacher_hidden_layer is not None:
-                self.capture.set_pending(self.teacher.hidden_states(tokens), loss_mask)
+                if self.aligner is not None:  # LET†: teacher has its own tokenizer
+                    hidden = self.aligner.teacher_hidden(self.teacher, tokens)
+                else:
+                    hidden = self.teacher.hidden_states(tokens)
+                self.capture.set_pending(hidden, loss_mask)
             if needs.teacher_logits and self.is_last_stage:
                 teacher_logits = self.teacher.logits(tokens)
             self.teacher_time += time.time() - t0
