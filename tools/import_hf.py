@@ -1,0 +1,128 @@
+#!/usr/bin/env python
+"""Import a Hugging Face ``LlamaForCausalLM`` folder as a megatron_let checkpoint (iteration 0).
+
+    python tools/import_hf.py --hf exported/run1 --save checkpoints/from_hf
+    torchrun --nproc_per_node 4 tools/import_hf.py --hf DIR --save CKPT \\
+        --tensor-model-parallel-size 2 --pipeline-model-parallel-size 2
+
+The checkpoint is a model-only dist_checkpointing checkpoint: it loads at any TP/PP whatever layout
+wrote it. Continue training from it with
+``pretrain_let.py --load CKPT --no-load-optim --no-load-rng <the same architecture flags>``.
+Tokenizer files found in the HF folder are copied to ``CKPT/tokenizer`` and recorded as the
+checkpoint's ``HuggingFaceTokenizer``. See docs/evaluation.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import sys
+import warnings
+
+warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
+                                allow_abbrev=False)
+    p.add_argument("--hf", required=True, help="local Hugging Face Llama folder (config.json + weights)")
+    p.add_argument("--save", required=True, help="checkpoint root to write")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
+    p.add_argument("--seq-length", type=int, help="training sequence length to record (default: max_position_embeddings)")
+    p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    return p
+
+
+def import_hf(args: argparse.Namespace) -> str:
+    import torch
+
+    from megatron_let.export.checkpoint_io import TOKENIZER_SUBDIR, save_model_checkpoint
+    from megatron_let.export.hf_conversion import (
+        HF_TOKENIZER_FILES, copy_hf_tokenizer_files, hf_to_megatron, hf_weight_files,
+        llama_config_from_hf, megatron_key_is_needed, read_hf_config, read_hf_state_dict, shard_for_rank,
+    )
+    from megatron_let.runtime.device import ParallelConfig, initialize_distributed
+
+    # Validate everything from files before starting the process group.
+    hf = read_hf_config(args.hf)
+    hf_weight_files(args.hf)
+    cfg = llama_config_from_hf(hf, seq_length=args.seq_length,
+                               make_vocab_size_divisible_by=args.make_vocab_size_divisible_by,
+                               where=os.path.join(args.hf, "config.json"))
+    parallel = ParallelConfig(tensor_model_parallel_size=args.tensor_model_parallel_size,
+                              pipeline_model_parallel_size=args.pipeline_model_parallel_size)
+    cfg.validate(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    mp = parallel.tensor_model_parallel_size * parallel.pipeline_model_parallel_size
+    if world != mp:
+        raise ValueError(f"import_hf.py needs exactly TP x PP = {mp} processes (got WORLD_SIZE={world}); "
+                         f"launch with torchrun --nproc_per_node {mp}, or use TP=PP=1 (the checkpoint "
+                         "reshards to any layout on load)")
+    if os.path.isfile(args.save):
+        raise ValueError(f"--save {args.save!r} is a file")
+    has_tokenizer = any(os.path.isfile(os.path.join(args.hf, n)) for n in HF_TOKENIZER_FILES)
+    save_root = os.path.abspath(args.save)
+
+    initialize_distributed(torch.device("cpu"), parallel, seed=0)
+    from megatron.core import parallel_state
+
+    from megatron_let.model.llama import build_student
+
+    rank = torch.distributed.get_rank()
+    tokenizer = {"type": "NullTokenizer", "model": None, "vocab_size": cfg.vocab_size}
+    if has_tokenizer:
+        tokenizer = {"type": "HuggingFaceTokenizer", "model": os.path.join(save_root, TOKENIZER_SUBDIR),
+                     "vocab_size": cfg.vocab_size}
+        if rank == 0:
+            copy_hf_tokenizer_files(args.hf, os.path.join(save_root, TOKENIZER_SUBDIR))
+    stored = read_hf_state_dict(args.hf)
+    dtypes = {str(t.dtype).replace("torch.", "") for t in stored.values()}
+    hf_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"
+
+    model = build_student(cfg, parallel, use_cpu=True)
+    tp_size = parallel.tensor_model_parallel_size
+    full = hf_to_megatron(stored, cfg, padded_vocab_size=cfg.padded_vocab_size(tp_size))
+    del stored
+    layers_per_stage = cfg.num_layers // parallel.pipeline_model_parallel_size
+    offset = parallel_state.get_pipeline_model_parallel_rank() * layers_per_stage
+    params = {k: v for k, v in model.state_dict(keep_vars=True).items()
+              if isinstance(v, torch.Tensor) and megatron_key_is_needed(k)}
+    local = shard_for_rank(full, params.keys(), cfg, parallel_state.get_tensor_model_parallel_rank(),
+                           tp_size, offset)
+    with torch.no_grad():
+        for k, dst in params.items():
+            if dst.shape != local[k].shape:
+                raise ValueError(f"{k}: converted shape {tuple(local[k].shape)} != model shape {tuple(dst.shape)}")
+            dst.copy_(local[k])
+    extra = {
+        "iteration": 0, "consumed_train_samples": 0, "consumed_valid_samples": 0,
+        "consumed_selection_samples": 0, "objective": "import_hf",
+        "model": dataclasses.asdict(cfg), "tokenizer": tokenizer,
+        "hf_source": os.path.abspath(args.hf), "hf_dtype": hf_dtype,
+    }
+    path = save_model_checkpoint(args.save, 0, model, extra)
+    if rank == 0:
+        print(f"[import_hf] wrote {path} (TP={tp_size}, PP={parallel.pipeline_model_parallel_size}; "
+              f"reshardable), vocab {cfg.vocab_size} padded to {cfg.padded_vocab_size(tp_size)}, "
+              f"tokenizer {tokenizer['type']}, source dtype {hf_dtype}", flush=True)
+    return path
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        import_hf(args)
+    except (ValueError, FileNotFoundError) as e:
+        print(f"import_hf.py: error: {e}", file=sys.stderr, flush=True)
+        return 2
+    finally:
+        from megatron_let.runtime.device import destroy_distributed
+
+        destroy_distributed()
+    return 0
+
+
+if __name__ == "__main__":  # guarded: dist_checkpointing workers may re-import this file
+    sys.exit(main())
