@@ -107,6 +107,9 @@ class Trainer:
         self.use_cpu = self.device.type == "cpu"
         if cfg.bf16 and self.use_cpu:
             raise ValueError("--bf16 needs a CUDA device (CPU runs are fp32)")
+        if cfg.parallel.use_distributed_optimizer and self.use_cpu:
+            # megatron-core 0.16.1's DistributedOptimizer type-checks parameters as CUDA tensors
+            raise ValueError("--use-distributed-optimizer needs CUDA; on CPU use the default optimizer")
         self.tokenizer = self._build_tokenizer()
         if not cfg.model.vocab_size:
             cfg.model.vocab_size = self.tokenizer.vocab_size
