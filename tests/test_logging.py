@@ -1,0 +1,34 @@
+"""TensorBoard scalars and the console line carry the same numbers as the per-iteration metrics."""
+
+import math
+
+from launch import TINY_MODEL, read_metrics, run_pretrain
+
+
+def test_tensorboard_console_and_validation(tmp_path):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tb, metrics = str(tmp_path / "tb"), str(tmp_path / "m.jsonl")
+    out = run_pretrain(TINY_MODEL + ["--objective", "baseline", "--mock-data", "--vocab-size", "200",
+                                     "--micro-batch-size", "2", "--train-iters", "4",
+                                     "--eval-interval", "2", "--eval-iters", "2",
+                                     "--tensorboard-dir", tb, "--metrics-jsonl", metrics]).stdout
+    acc = EventAccumulator(tb)
+    acc.Reload()
+    tags = set(acc.Tags()["scalars"])
+    for tag in ("train/lm_loss", "train/total_loss", "train/lr", "train/grad_norm",
+                "train/tokens_per_sec", "train/step_time", "train/peak_memory_MB",
+                "valid/lm_loss", "valid/ppl"):
+        assert tag in tags, tag
+    m = read_metrics(metrics)
+    tb_loss = {e.step: e.value for e in acc.Scalars("train/lm_loss")}
+    assert sorted(tb_loss) == [1, 2, 3, 4]
+    for i in range(1, 5):
+        assert abs(tb_loss[i] - m[i]["lm loss"]) < 1e-5
+    valid = read_metrics(metrics, split="valid")
+    assert sorted(valid) == [2, 4]
+    assert abs(valid[4]["ppl"] - math.exp(valid[4]["lm loss"])) < 1e-3 * valid[4]["ppl"]
+    # Megatron-style console line with progress and ETA
+    lines = [l for l in out.splitlines() if "iteration        4/       4" in l]
+    assert lines and "lm loss:" in lines[0] and "ETA" in lines[0] and "tokens/s" in lines[0]
+    assert "validation at iteration        4" in out

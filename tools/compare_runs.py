@@ -1,0 +1,193 @@
+#!/usr/bin/env python
+"""Compare training runs from their logs: final validation quality, step and wall-clock speed-ups.
+
+    python tools/compare_runs.py --runs LET=runs/quickstart/let baseline=runs/quickstart/baseline \\
+        --baseline baseline --out runs/quickstart/comparison.md runs/quickstart/comparison.csv
+
+Runs are read exactly as by ``tools/plot_runs.py`` (TensorBoard event files, or a metrics jsonl).
+Every number is computed from the logged scalars:
+
+  final valid loss / ppl   the last ``valid/lm_loss`` (and ``valid/ppl``, else exp of the loss)
+  target                   the baseline's final valid loss
+  steps to target          the first evaluated step whose ``valid/lm_loss`` <= target ("not
+                           reached" if none); its resolution is the run's --eval-interval
+  speed-up (steps)         baseline's steps to target / run's steps to target (paper: LET reaches
+                           the baseline's final quality in < 67% of the steps, ≈ 1.6x)
+  train time               training wall-clock: the cumulative ``train/step_time`` (evaluation and
+                           start-up excluded); without it, event time since the first train step
+  wall-clock ratio         run's train time / baseline's train time (whole run)
+  speed-up (wall-clock)    baseline's train time to target / run's train time to target
+
+The markdown table is printed; ``--out`` also writes it to ``.md`` files and the raw numbers to
+``.csv`` / ``.json`` files (chosen by extension).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import sys
+from dataclasses import asdict, dataclass
+from typing import List, Optional, Sequence
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from plot_runs import VALID_LOSS, VALID_PPL, Run, load_runs  # noqa: E402
+
+OUT_FORMATS = (".md", ".csv", ".json")
+
+
+@dataclass
+class Comparison:
+    run: str
+    last_step: int
+    final_valid_loss: float
+    final_valid_ppl: float
+    target_loss: float
+    steps_to_target: Optional[int]
+    step_speedup: Optional[float]
+    train_seconds: Optional[float]
+    wallclock_ratio: Optional[float]
+    seconds_to_target: Optional[float]
+    wallclock_speedup: Optional[float]
+
+
+def steps_to_reach(run: Run, target: float) -> Optional[int]:
+    """First evaluated step whose validation loss is <= target, or None."""
+    s = run.scalars[VALID_LOSS]
+    hit = np.nonzero(s.values <= target)[0]
+    return int(s.steps[hit[0]]) if hit.size else None
+
+
+def seconds_at(run: Run, step: int) -> Optional[float]:
+    """Training seconds up to ``step`` (the latest timed step at or before it)."""
+    t = run.train_seconds()
+    if t is None:
+        return None
+    i = int(np.searchsorted(t.steps, step, side="right")) - 1
+    return float(t.values[i]) if i >= 0 else None
+
+
+def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
+    if num is None or den is None or den <= 0:
+        return None
+    return num / den
+
+
+def compare(runs: Sequence[Run], baseline: str) -> List[Comparison]:
+    """One :class:`Comparison` per run, measured against the run named ``baseline``."""
+    by_name = {r.name: r for r in runs}
+    if baseline not in by_name:
+        raise ValueError(f"--baseline {baseline!r} is not one of the runs {sorted(by_name)}")
+    missing = [r.name for r in runs if not r.has(VALID_LOSS)]
+    if missing:
+        raise ValueError(f"runs {missing} logged no {VALID_LOSS} (train them with --eval-interval)")
+    base = by_name[baseline]
+    target = float(base.scalars[VALID_LOSS].values[-1])
+    if not math.isfinite(target):
+        raise ValueError(f"baseline {baseline!r} ended with a non-finite validation loss ({target})")
+    base_steps = steps_to_reach(base, target)  # may precede its last evaluation
+    base_total = seconds_at(base, int(base.scalars[VALID_LOSS].steps[-1]))
+    base_sec_to_target = seconds_at(base, base_steps)
+    rows = []
+    for r in runs:
+        v = r.scalars[VALID_LOSS]
+        final_step, final_loss = int(v.steps[-1]), float(v.values[-1])
+        if r.has(VALID_PPL) and final_step in r.scalars[VALID_PPL].steps:
+            ppl = r.scalars[VALID_PPL].value_at(final_step)
+        else:
+            ppl = math.exp(min(final_loss, 50.0))
+        last_step = max(int(s.steps[-1]) for s in r.scalars.values() if s.steps.size)
+        reached = steps_to_reach(r, target)
+        total = seconds_at(r, last_step)
+        sec_to_target = seconds_at(r, reached) if reached is not None else None
+        rows.append(Comparison(
+            run=r.name, last_step=last_step, final_valid_loss=final_loss, final_valid_ppl=ppl,
+            target_loss=target, steps_to_target=reached,
+            step_speedup=_ratio(base_steps, reached),
+            train_seconds=total, wallclock_ratio=_ratio(total, base_total),
+            seconds_to_target=sec_to_target,
+            wallclock_speedup=_ratio(base_sec_to_target, sec_to_target),
+        ))
+    return rows
+
+
+def _fmt(value, spec: str, none: str = "n/a") -> str:
+    return none if value is None else format(value, spec)
+
+
+def to_markdown(rows: Sequence[Comparison], baseline: str) -> str:
+    head = ["run", "steps", "final valid loss", "final valid ppl", "steps to baseline's final loss",
+            "speed-up (steps)", "train time (s)", "wall-clock ratio", "time to target (s)",
+            "speed-up (wall-clock)"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for c in rows:
+        reached = c.steps_to_target is not None
+        cells = [
+            c.run + (" (baseline)" if c.run == baseline else ""), str(c.last_step),
+            f"{c.final_valid_loss:.4f}", f"{c.final_valid_ppl:.2f}",
+            str(c.steps_to_target) if reached else "not reached",
+            _fmt(c.step_speedup, ".2f") + ("x" if c.step_speedup is not None else ""),
+            _fmt(c.train_seconds, ".1f"), _fmt(c.wallclock_ratio, ".3f"),
+            _fmt(c.seconds_to_target, ".1f", "not reached" if not reached else "n/a"),
+            _fmt(c.wallclock_speedup, ".2f") + ("x" if c.wallclock_speedup is not None else ""),
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"target = {baseline}'s final validation loss {rows[0].target_loss:.4f}; "
+                 "speed-up = baseline steps (or seconds) to the target / the run's")
+    return "\n".join(lines) + "\n"
+
+
+def write_outputs(rows: Sequence[Comparison], baseline: str, paths: Sequence[str]) -> None:
+    for path in paths:
+        os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+        ext = os.path.splitext(path)[1].lower()
+        if ext == ".md":
+            with open(path, "w") as fh:
+                fh.write(to_markdown(rows, baseline))
+        elif ext == ".csv":
+            with open(path, "w", newline="") as fh:
+                w = csv.DictWriter(fh, fieldnames=list(asdict(rows[0])))
+                w.writeheader()
+                for c in rows:
+                    w.writerow({k: ("" if v is None else v) for k, v in asdict(c).items()})
+        else:
+            with open(path, "w") as fh:
+                json.dump({"baseline": baseline, "runs": [asdict(c) for c in rows]}, fh, indent=2)
+        print(f"[compare_runs] wrote {path}", flush=True)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--runs", nargs="+", required=True, metavar="NAME=PATH")
+    p.add_argument("--baseline", help="name of the reference run (default: 'baseline' if present, "
+                                      "else the first run)")
+    p.add_argument("--out", nargs="+", default=[], help="files to write: .md, .csv and/or .json")
+    return p
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    a = build_parser().parse_args(argv)
+    try:
+        bad = [p for p in a.out if os.path.splitext(p)[1].lower() not in OUT_FORMATS]
+        if bad:
+            raise ValueError(f"--out {bad}: use a .md, .csv or .json file name")
+        runs = load_runs(a.runs)
+        names = [r.name for r in runs]
+        baseline = a.baseline or ("baseline" if "baseline" in names else names[0])
+        rows = compare(runs, baseline)
+    except (ValueError, FileNotFoundError) as err:
+        print(f"compare_runs.py: error: {err}", file=sys.stderr)
+        return 2
+    print(to_markdown(rows, baseline), end="", flush=True)
+    write_outputs(rows, baseline, a.out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
