@@ -163,3 +163,36 @@ def test_vocab_mismatch_is_a_clear_error(tmp_path):
     proc = run_pretrain(LET + ["--train-iters", "2", "--teacher-path", str(tmp_path)], check=False)
     assert proc.returncode == 2
     assert "200" in proc.stderr and "300" in proc.stderr
+
+
+@pytest.mark.parametrize("loss", ["cosine", "logsum", "cca"])
+def test_alignment_losses_match_independent_formulas(loss):
+    """hidden_loss returns λ·Σ over valid tokens (cca: λ·n_valid·loss) of the documented formula."""
+    import numpy as np
+
+    torch.manual_seed(1)
+    h = torch.randn(7, 3, 10, dtype=torch.float64)  # [s, b, d_M]
+    t = torch.randn(7, 3, 6, dtype=torch.float64)  # [s, b, d_T]
+    mask = (torch.rand(7, 3) > 0.3).double()
+    obj = LETObjective(LETObjective.Config(lambda0=0.5, stop_step=10, loss=loss, logsum_alpha=3.0,
+                                           kernel="reference"), None)
+    got, metrics = obj.hidden_loss(h, t, mask, step=0)
+
+    hn, tn, mn = h.numpy().reshape(-1, 10), t.numpy().reshape(-1, 6), mask.numpy().reshape(-1)
+    grid = np.linspace(0, 9, 6)  # endpoints aligned
+    x = np.stack([np.interp(grid, np.arange(10), row) for row in hn])
+    valid = mn > 0
+    if loss == "cosine":
+        per = -(x * tn).sum(1) / (np.linalg.norm(x, axis=1) * np.linalg.norm(tn, axis=1))
+        want = per[valid].sum()
+    elif loss == "logsum":
+        xu = x / np.linalg.norm(x, axis=1, keepdims=True)
+        yu = tn / np.linalg.norm(tn, axis=1, keepdims=True)
+        want = np.log((np.abs(xu - yu) ** 3).sum(1) + 1e-12)[valid].sum()
+    else:
+        xs, ys = x[valid], tn[valid]
+        corr = [np.corrcoef(xs[:, j], ys[:, j])[0, 1] for j in range(6)]
+        want = -np.mean(corr) * valid.sum()
+    assert float(got) == pytest.approx(0.5 * want, rel=1e-5)
+    assert float(metrics["align loss"][0]) == pytest.approx(want, rel=1e-5)
+    assert float(metrics["align loss"][1]) == valid.sum()
