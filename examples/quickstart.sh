@@ -78,7 +78,12 @@ finish_stage() {
 
 # ------------------------------------------------------------------------------------------------
 stage 1 "environment"
-env_ok() { [[ -x "${PY}" ]] && "${PY}" -c "import megatron_let, megatron.core, transformers, tensorboard, matplotlib" 2>/dev/null; }
+env_ok() {  # every package the stages use is importable (found without importing: fast)
+    [[ -x "${PY}" ]] && "${PY}" -c '
+import importlib.util, sys
+need = ("megatron_let", "megatron.core", "torch", "transformers", "tensorboard", "matplotlib", "gguf", "accelerate")
+sys.exit(any(importlib.util.find_spec(m) is None for m in need))' 2>/dev/null
+}
 if [[ "${INSTALL}" == "always" ]] || { [[ "${INSTALL}" == "auto" ]] && ! env_ok; }; then
     bash "${ROOT}/scripts/install.sh"
 elif ! env_ok; then

@@ -128,7 +128,7 @@ def to_markdown(rows: Sequence[Comparison], baseline: str) -> str:
     for c in rows:
         reached = c.steps_to_target is not None
         cells = [
-            c.run + (" (baseline)" if c.run == baseline else ""), str(c.last_step),
+            c.run + (" (reference)" if c.run == baseline else ""), str(c.last_step),
             f"{c.final_valid_loss:.4f}", f"{c.final_valid_ppl:.2f}",
             str(c.steps_to_target) if reached else "not reached",
             _fmt(c.step_speedup, ".2f") + ("x" if c.step_speedup is not None else ""),
