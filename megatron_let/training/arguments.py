@@ -75,6 +75,9 @@ class LoggingConfig:
     eval_iters: int = 10
     tensorboard_dir: Optional[str] = None
     metrics_jsonl: Optional[str] = None
+    eval_downstream_interval: Optional[int] = None
+    eval_downstream_limit: int = 100
+    eval_downstream_tasks: Optional[List[str]] = None
 
 
 @dataclass
@@ -184,6 +187,12 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--eval-iters", type=int, default=10)
     g.add_argument("--tensorboard-dir")
     g.add_argument("--metrics-jsonl", help="append one JSON line of metrics per iteration here")
+    g.add_argument("--eval-downstream-interval", type=int,
+                   help="run a limited one-shot lm-eval of the paper's tasks every N iterations")
+    g.add_argument("--eval-downstream-limit", type=int, default=100,
+                   help="examples per task for the in-training downstream evaluation")
+    g.add_argument("--eval-downstream-tasks", default=None,
+                   help="comma-separated lm-eval tasks (default: the paper's nine)")
 
     g = p.add_argument_group("objective and teacher")
     objectives = registry()
@@ -263,6 +272,12 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         raise FileNotFoundError(f"--tokenizer-model {a.tokenizer_model} does not exist")
     if (a.mock_data or a.tokenizer_type == "NullTokenizer") and not a.vocab_size:
         raise ValueError("--mock-data / NullTokenizer need --vocab-size")
+    if a.eval_downstream_interval is not None and a.eval_downstream_interval <= 0:
+        raise ValueError("--eval-downstream-interval must be > 0")
+    if a.eval_downstream_limit <= 0:
+        raise ValueError("--eval-downstream-limit must be > 0")
+    if a.eval_downstream_interval and a.tokenizer_type in (None, "NullTokenizer"):
+        raise ValueError("--eval-downstream-interval needs a real tokenizer (--tokenizer-type/--tokenizer-model)")
     if a.save_interval is not None and a.save_interval <= 0:
         raise ValueError("--save-interval must be > 0")
     if a.save_interval and not a.save:
@@ -295,8 +310,10 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
                       a.vocab_size, a.data_cache_path, a.kd_data_selection),
         checkpoint=CheckpointConfig(a.save, a.load, a.save_interval, a.exit_signal_handler,
                                     a.no_load_optim, a.no_load_rng),
-        logging=LoggingConfig(a.log_interval, a.eval_interval, a.eval_iters, a.tensorboard_dir,
-                              a.metrics_jsonl),
+        logging=LoggingConfig(
+            a.log_interval, a.eval_interval, a.eval_iters, a.tensorboard_dir, a.metrics_jsonl,
+            a.eval_downstream_interval, a.eval_downstream_limit,
+            a.eval_downstream_tasks.split(",") if a.eval_downstream_tasks else None),
         teacher=TeacherArgs(a.teacher_path, a.teacher_trust_remote_code, a.let_tokenizer_mismatch),
         objective=a.objective, objective_config=objective_config, device=a.device, bf16=a.bf16,
         seed=a.seed, dry_run=a.dry_run, exit_interval=a.exit_interval, raw=a,

@@ -473,6 +473,9 @@ class Trainer:
                 self._console_line(values, per_iter)
             if cfg.logging.eval_interval and self.iteration % cfg.logging.eval_interval == 0:
                 self._run_eval()
+            every = cfg.logging.eval_downstream_interval
+            if every and self.iteration % every == 0:
+                self._run_downstream_eval()
             stop_signal = self.signals.any_rank(self._collective_device())
             save_now = cfg.checkpoint.save and (
                 (cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0)
@@ -514,6 +517,24 @@ class Trainer:
             f" validation at iteration {self.iteration:8d} | lm loss: {ev['lm loss']:.6E} | "
             f"lm loss PPL: {ev['ppl']:.6E}", last_rank=True,
         )
+
+    def _run_downstream_eval(self) -> None:
+        """Limited one-shot lm-eval of the model being trained (paper figures' downstream curves)."""
+        from megatron_let.evaluation.downstream import PAPER_TASKS, run_downstream_eval
+
+        lg = self.cfg.logging
+        t0 = time.time()
+        summary = run_downstream_eval(self.student, self.cfg.model, self.tokenizer,
+                                      tasks=lg.eval_downstream_tasks or PAPER_TASKS,
+                                      limit=lg.eval_downstream_limit,
+                                      micro_batch_size=self.cfg.batch.micro_batch_size)
+        values = {f"{task}/{metric}": value for task, metrics in summary["tasks"].items()
+                  for metric, value in metrics.items()}
+        values["average"] = summary["average"]
+        self.writer.scalars(self.iteration, values, prefix="downstream/")
+        table = " | ".join(f"{t}: {m.get('acc', float('nan')):.3f}" for t, m in summary["tasks"].items())
+        self._log(f" downstream at iteration {self.iteration:8d} | average acc: {summary['average']:.4f}"
+                  f" | {table} ({time.time() - t0:.0f}s)", last_rank=True)
 
     def _console_line(self, v: Dict[str, float], per_iter: float) -> None:
         n = self.cfg.batch.train_iters
