@@ -10,9 +10,9 @@
 #
 # Environment overrides:
 #   OUT_DIR            output folder (default: runs/quickstart; runs/ is git-ignored)
-#   TRAIN_ITERS        training steps of each run (default 250; smoke 6)
+#   TRAIN_ITERS        training steps of each run (default 200; smoke 6)
 #   LET_STOP_STEP      S_stop, where λ reaches 0 and the teacher is freed (default 30% of TRAIN_ITERS)
-#   EVAL_INTERVAL      steps between validations (default 25; smoke 3)
+#   EVAL_INTERVAL      steps between validations (default 20; smoke 3)
 #   QUICKSTART_SMOKE=1 tiny model, few steps, small corpus: every stage in a few minutes (tests)
 #   QUICKSTART_INSTALL auto (default: run scripts/install.sh when the environment is missing or
 #                      incomplete) | always | never
@@ -21,6 +21,10 @@
 #   SOURCES_DIR        download cache of the corpus archives (default: runs/sources)
 #   DEVICE             auto | cpu | cuda (default auto)
 set -euo pipefail
+
+# Everything is inside main(), which bash parses completely before running it: editing this file
+# while a quick start is running cannot change what the running one does.
+main() {
 
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="${VENV:-${ROOT}/.venv}"
@@ -48,7 +52,7 @@ else
     # 4 layers x 256 wide (GQA 8 heads / 4 groups), tied embeddings: ~15.5M parameters, 12.6M of
     # them the 49152-token embedding shared with the teacher's tokenizer.
     model=(--num-layers 4 --hidden-size 256 --ffn-hidden-size 704 --num-attention-heads 8 --num-query-groups 4)
-    SEQ=128 MBS=4 ITERS_DEFAULT=250 EVAL_DEFAULT=25 EVAL_ITERS=8 LOG_INTERVAL=10
+    SEQ=128 MBS=4 ITERS_DEFAULT=200 EVAL_DEFAULT=20 EVAL_ITERS=6 LOG_INTERVAL=10
     corpus_limit=()
 fi
 TRAIN_ITERS="${TRAIN_ITERS:-${ITERS_DEFAULT}}"
@@ -94,8 +98,9 @@ fi
 
 # ------------------------------------------------------------------------------------------------
 stage 2 "corpus"
+# --python-docs auto: without apt (or its package lists) the corpus is Shakespeare only, with a warning
 "${PY}" "${ROOT}/tools/prepare_corpus.py" --out "${OUT_DIR}/corpus" --cache "${SOURCES_DIR}" \
-    "${corpus_limit[@]}"
+    --python-docs auto "${corpus_limit[@]}"
 SPLIT="$("${PY}" -c 'import json, sys; print(json.load(open(sys.argv[1]))["megatron_split"])' \
     "${OUT_DIR}/corpus/manifest.json")"
 
@@ -188,3 +193,6 @@ Quick start finished. Everything is under ${OUT_DIR}:
   timings.txt     seconds per stage
 Teacher: ${TEACHER_DIR}
 EOF
+}
+
+main "$@"

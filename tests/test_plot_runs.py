@@ -22,6 +22,7 @@ def _load(name):
     sys.path.insert(0, TOOLS)  # compare_runs imports plot_runs as a sibling module
     spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
+    sys.modules[name] = mod  # dataclasses look their module up; compare_runs imports plot_runs
     spec.loader.exec_module(mod)
     return mod
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import os
+import shutil
 import sys
 import warnings
 
@@ -32,7 +33,35 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     p.add_argument("--seq-length", type=int, help="training sequence length to record (default: max_position_embeddings)")
     p.add_argument("--make-vocab-size-divisible-by", type=int, default=128)
+    p.add_argument("--tokenizer-type", choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"),
+                   help="record this tokenizer instead of the HF folder's own tokenizer files")
+    p.add_argument("--tokenizer-model", help="sentencepiece .model or HF tokenizer folder for --tokenizer-type")
     return p
+
+
+def _choose_tokenizer(args, vocab_size: int):
+    """(type, source path or None) of the tokenizer to record, validated against the model.
+
+    Explicit --tokenizer-type wins; else the HF folder's tokenizer files; else a NullTokenizer.
+    """
+    from megatron_let.data.tokenizers import build_tokenizer
+    from megatron_let.export.hf_conversion import HF_TOKENIZER_FILES
+
+    if args.tokenizer_type:
+        ttype, source = args.tokenizer_type, args.tokenizer_model
+    elif any(os.path.isfile(os.path.join(args.hf, n)) for n in HF_TOKENIZER_FILES):
+        ttype, source = "HuggingFaceTokenizer", args.hf
+    else:
+        return "NullTokenizer", None
+    if ttype == "NullTokenizer":
+        return ttype, None
+    tok = build_tokenizer(ttype, source)
+    if tok.vocab_size > vocab_size:
+        raise ValueError(f"the tokenizer ({ttype} {source}) has {tok.vocab_size} tokens but the model's "
+                         f"vocab_size is {vocab_size}")
+    if ttype == "SentencePieceTokenizer" and os.path.isdir(source):
+        source = os.path.join(source, "tokenizer.model")
+    return ttype, source
 
 
 def import_hf(args: argparse.Namespace) -> str:
@@ -40,7 +69,7 @@ def import_hf(args: argparse.Namespace) -> str:
 
     from megatron_let.export.checkpoint_io import TOKENIZER_SUBDIR, save_model_checkpoint
     from megatron_let.export.hf_conversion import (
-        HF_TOKENIZER_FILES, copy_hf_tokenizer_files, hf_to_megatron, hf_weight_files,
+        copy_hf_tokenizer_files, hf_to_megatron, hf_weight_files,
         llama_config_from_hf, megatron_key_is_needed, read_hf_config, read_hf_state_dict, shard_for_rank,
     )
     from megatron_let.runtime.device import ParallelConfig, initialize_distributed
@@ -62,7 +91,7 @@ def import_hf(args: argparse.Namespace) -> str:
                          "reshards to any layout on load)")
     if os.path.isfile(args.save):
         raise ValueError(f"--save {args.save!r} is a file")
-    has_tokenizer = any(os.path.isfile(os.path.join(args.hf, n)) for n in HF_TOKENIZER_FILES)
+    tok_type, tok_source = _choose_tokenizer(args, cfg.vocab_size)
     save_root = os.path.abspath(args.save)
 
     initialize_distributed(torch.device("cpu"), parallel, seed=0)
@@ -71,12 +100,18 @@ def import_hf(args: argparse.Namespace) -> str:
     from megatron_let.model.llama import build_student
 
     rank = torch.distributed.get_rank()
-    tokenizer = {"type": "NullTokenizer", "model": None, "vocab_size": cfg.vocab_size}
-    if has_tokenizer:
-        tokenizer = {"type": "HuggingFaceTokenizer", "model": os.path.join(save_root, TOKENIZER_SUBDIR),
-                     "vocab_size": cfg.vocab_size}
+    # The tokenizer is copied into the checkpoint so that the checkpoint is self-contained.
+    tok_dir = os.path.join(save_root, TOKENIZER_SUBDIR)
+    tokenizer = {"type": tok_type, "model": None, "vocab_size": cfg.vocab_size}
+    if tok_type == "HuggingFaceTokenizer":
+        tokenizer["model"] = tok_dir
         if rank == 0:
-            copy_hf_tokenizer_files(args.hf, os.path.join(save_root, TOKENIZER_SUBDIR))
+            copy_hf_tokenizer_files(tok_source, tok_dir)
+    elif tok_type == "SentencePieceTokenizer":
+        tokenizer["model"] = os.path.join(tok_dir, "tokenizer.model")
+        if rank == 0:
+            os.makedirs(tok_dir, exist_ok=True)
+            shutil.copy(tok_source, tokenizer["model"])
     stored = read_hf_state_dict(args.hf)
     dtypes = {str(t.dtype).replace("torch.", "") for t in stored.values()}
     hf_dtype = dtypes.pop() if len(dtypes) == 1 else "float32"

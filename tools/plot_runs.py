@@ -267,7 +267,7 @@ def plot_lines(runs: Sequence[Run], cfg: PlotConfig, tag: str, filename: str, ti
 def plot_schedules(runs: Sequence[Run], cfg: PlotConfig) -> Optional[str]:
     have = [(i, r) for i, r in enumerate(runs) if r.has(LAMBDA) or r.has(KD_WEIGHT)]
     if not have:
-        _skip("schedules", [LAMBDA, KD_WEIGHT])
+        _skip("Teacher-weight schedules", [LAMBDA, KD_WEIGHT])
         return None
     fig, ax = _new_axes("Teacher-weight schedules", "step", "weight")
     for i, r in have:

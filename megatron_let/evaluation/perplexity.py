@@ -74,18 +74,27 @@ class PerplexityResult:
 def window_bytes(tokenizer, tokens: Sequence[int], labels: Sequence[int], loss_mask: Sequence[float]) -> int:
     """UTF-8 bytes of the text that a window's scored targets decode to.
 
-    The targets are decoded together with the token before them (``tokens[0]``), and that token's
-    own text is subtracted, so a leading space or a multi-byte character split at the window edge
-    is counted where it belongs. EOD tokens are document separators and count zero bytes (their
-    loss still counts). Targets with ``loss_mask`` 0 are skipped.
+    The targets are cut at EOD tokens (document separators, zero bytes; their loss still counts)
+    and each piece is decoded on its own, so a document start decodes as it does at the start of a
+    document (sentencepiece drops its dummy-prefix space there). The first piece is decoded after
+    the token that precedes it (``tokens[0]``) and that token's own text is subtracted, so a space
+    or a multi-byte character at the window edge is counted where it belongs. Targets with
+    ``loss_mask`` 0 are skipped.
     """
-    eod = tokenizer.eod
-    kept = [int(t) for t, m in zip(labels, loss_mask) if m > 0 and int(t) != eod]
-    if not kept:
-        return 0
+    eod = int(tokenizer.eod)
+    pieces: List[List[int]] = [[]]
+    for t, m in zip(labels, loss_mask):
+        if int(t) == eod:
+            pieces.append([])
+        elif m > 0:
+            pieces[-1].append(int(t))
+
+    def nbytes(ids: List[int]) -> int:
+        return len(tokenizer.detokenize(ids).encode("utf-8")) if ids else 0
+
     prefix = [] if int(tokens[0]) == eod else [int(tokens[0])]
-    whole = len(tokenizer.detokenize(prefix + kept).encode("utf-8"))
-    return whole - (len(tokenizer.detokenize(prefix).encode("utf-8")) if prefix else 0)
+    total = nbytes(prefix + pieces[0]) - nbytes(prefix) if pieces[0] else 0
+    return total + sum(nbytes(p) for p in pieces[1:])
 
 
 def build_eval_dataset(cfg: PerplexityConfig, seq_length: int, tokenizer, tokenizer_type: str,

@@ -1,0 +1,49 @@
+# shellcheck shell=bash
+# Sizes and hyper-parameters of examples/reproduce/run.sh (sourced). Two profiles:
+#   full   the committed results (docs/results.md): 2 CPU cores, about an hour for the main four
+#   smoke  tiny sizes and few steps: every stage and artefact in about a minute (tests/test_reproduce.py)
+# Any variable may be overridden from the environment (`:=` keeps a value already set).
+
+# The paper (LET, appendix B): 2048 x 1280 tokens per step, 20B tokens => ~7630 steps, S_stop = 1500,
+# i.e. alignment for the first 1500/7630 = 19.7% of training; SALT's n_KD is set to S_stop there.
+PAPER_TOTAL_STEPS=7630
+PAPER_STOP_STEP=1500
+
+if [[ "${REPRO_PROFILE}" == "smoke" ]]; then
+    : "${CORPUS_FLAGS:=--sources shakespeare --max-train-mb 0.4 --max-heldout-docs 2 --heldout-every 10}"
+    : "${MIN_CORPUS_MB:=0}"
+    : "${VOCAB_SIZE:=600}" "${TOKENIZER_SENTENCES:=20000}"
+    # teacher: 1 layer x 32; student: 4 layers x 64 (k = 3 exists; 8x the teacher's non-embedding params)
+    : "${TEACHER_MODEL:=--num-layers 1 --hidden-size 32 --ffn-hidden-size 88 --num-attention-heads 2}"
+    : "${STUDENT_MODEL:=--num-layers 4 --hidden-size 64 --ffn-hidden-size 176 --num-attention-heads 2}"
+    : "${SEQ:=32}" "${MBS:=2}" "${TEACHER_MBS:=2}"
+    : "${TEACHER_ITERS:=6}" "${TRAIN_ITERS:=8}" "${EVAL_INTERVAL:=2}" "${EVAL_ITERS:=1}" "${LOG_INTERVAL:=1}"
+    : "${STUDENT_MID_LAYER:=2}" "${STUDENT_LAST_LAYER:=4}" "${TEACHER_MID_LAYER:=1}"
+    : "${ABLATION_LAMBDAS:=0.01 1}"
+    : "${ABLATION_PAIRS:=L2L M2E}"
+elif [[ "${REPRO_PROFILE}" == "full" ]]; then
+    : "${CORPUS_FLAGS:=}"
+    : "${MIN_CORPUS_MB:=20}"
+    : "${VOCAB_SIZE:=8000}" "${TOKENIZER_SENTENCES:=300000}"
+    # teacher T: 3 layers x 64 (FFN 176): 150K non-embedding parameters
+    # student M: 6 layers x 128 (FFN 352): 1.20M non-embedding parameters = 8.0x T (paper: 10x)
+    : "${TEACHER_MODEL:=--num-layers 3 --hidden-size 64 --ffn-hidden-size 176 --num-attention-heads 4}"
+    : "${STUDENT_MODEL:=--num-layers 6 --hidden-size 128 --ffn-hidden-size 352 --num-attention-heads 4}"
+    : "${SEQ:=128}" "${MBS:=8}" "${TEACHER_MBS:=16}"
+    # the teacher sees ~5x the tokens of one student run: it stands for a "late" (well-trained) model
+    : "${TEACHER_ITERS:=1000}" "${TRAIN_ITERS:=400}" "${EVAL_INTERVAL:=20}" "${EVAL_ITERS:=8}" "${LOG_INTERVAL:=10}"
+    : "${STUDENT_MID_LAYER:=4}" "${STUDENT_LAST_LAYER:=6}" "${TEACHER_MID_LAYER:=2}"
+    : "${ABLATION_LAMBDAS:=0.01 0.3 1 3}"
+    : "${ABLATION_PAIRS:=L2M L2L M2E}"
+else
+    echo "examples/reproduce/config.sh: REPRO_PROFILE must be full or smoke, got '${REPRO_PROFILE}'" >&2
+    return 2
+fi
+
+: "${LR:=2e-3}" "${MIN_LR:=2e-4}" "${TEACHER_LR:=3e-3}" "${SEED:=1234}" "${TEACHER_SEED:=4321}"
+: "${LET_LAMBDA:=0.1}" "${LET_STUDENT_LAYER:=3}"
+# S_stop scaled to this run as in the paper: round(1500/7630 x TRAIN_ITERS), at least 1
+: "${LET_STOP_STEP:=$(( (TRAIN_ITERS * PAPER_STOP_STEP + PAPER_TOTAL_STEPS / 2) / PAPER_TOTAL_STEPS ))}"
+if (( LET_STOP_STEP < 1 )); then LET_STOP_STEP=1; fi
+: "${KD_WEIGHT:=0.667}" "${KD_TEMPERATURE:=0.25}"
+: "${KD_STOP_STEP:=${LET_STOP_STEP}}"   # SALT's n_KD = S_stop, as in the LET paper's comparison
