@@ -28,7 +28,7 @@ def main(argv=None) -> int:
 
         trainer = Trainer(cfg)
         trainer.setup()
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"pretrain_let.py: error: {e}", file=sys.stderr, flush=True)
         return 2
     try:

@@ -289,7 +289,10 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
 
         for _, prefix in parse_data_path(a.data_path):
             validate_indexed_dataset(prefix)  # missing or corrupt .bin/.idx: clear error now
-    world = int(os.environ.get("WORLD_SIZE", "0"))
+    try:
+        world = int(os.environ.get("WORLD_SIZE", "0"))
+    except ValueError:
+        raise ValueError(f"WORLD_SIZE={os.environ['WORLD_SIZE']!r} is not an integer") from None
     if world:  # under torchrun/SLURM the data-parallel size is known before anything starts
         parallel_check = ParallelConfig(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
                                         a.sequence_parallel)
