@@ -433,7 +433,7 @@ def _resolve_vocab(cfg: RunConfig, trainer) -> int:
         raise ValueError(
             "vocabulary size unknown: pass --vocab-size, or --tokenizer-type with --tokenizer-model"
         )
-    return trainer._build_tokenizer().vocab_size
+    return trainer.build_tokenizer().vocab_size
 
 
 def _check_data(cfg: RunConfig) -> DataSummary:
@@ -484,7 +484,7 @@ def plan_run(cfg: RunConfig, world_size: Optional[int] = None) -> DryRunPlan:
     objective.validate(model.num_layers)
     trainer.objective = objective
     try:
-        trainer._validate_teacher_before_compute()
+        trainer.validate_teacher()
     except NotADirectoryError as e:  # an OSError, but it means a bad --teacher-path
         raise FileNotFoundError(str(e)) from e
     data = _check_data(cfg)

@@ -110,7 +110,7 @@ class Trainer:
         if cfg.parallel.use_distributed_optimizer and self.use_cpu:
             # megatron-core 0.16.1's DistributedOptimizer type-checks parameters as CUDA tensors
             raise ValueError("--use-distributed-optimizer needs CUDA; on CPU use the default optimizer")
-        self.tokenizer = self._build_tokenizer()
+        self.tokenizer = self.build_tokenizer()
         if not cfg.model.vocab_size:
             cfg.model.vocab_size = self.tokenizer.vocab_size
         self.objective = build_objective(
@@ -119,7 +119,7 @@ class Trainer:
                              student_num_layers=cfg.model.num_layers),
         )
         self.objective.validate(cfg.model.num_layers)
-        self._validate_teacher_before_compute()
+        self.validate_teacher()
 
         initialize_distributed(self.device, cfg.parallel, cfg.seed)
         self.rank = torch.distributed.get_rank()
@@ -142,7 +142,7 @@ class Trainer:
         self._update_teacher(self.iteration)
         self.signals = _SignalFlag(cfg.checkpoint.exit_signal_handler)
 
-    def _build_tokenizer(self):
+    def build_tokenizer(self):
         from megatron_let.data.tokenizers import build_tokenizer
 
         d = self.cfg.data
@@ -150,7 +150,7 @@ class Trainer:
             return build_tokenizer("NullTokenizer", None, vocab_size=d.vocab_size)
         return build_tokenizer(d.tokenizer_type, d.tokenizer_model, vocab_size=d.vocab_size)
 
-    def _validate_teacher_before_compute(self) -> None:
+    def validate_teacher(self) -> None:
         """Teacher path, layer range and vocabulary are checked before any weight is loaded."""
         cfg = self.cfg
         needs = self.objective.needs(0)
