@@ -151,6 +151,48 @@ def test_tp2_trained_checkpoint_exports_with_matching_logits(megatron_single_pro
     assert (ours - theirs).abs().max() <= 1e-4
 
 
+def _tiny_bpe(folder, texts):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(texts, trainers.BpeTrainer(vocab_size=300, special_tokens=["<eos>"],
+                                                       initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<eos>").save_pretrained(str(folder))
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece", "huggingface"])
+def test_export_writes_a_loadable_equivalent_tokenizer(megatron_single_process, tmp_path, kind):
+    from transformers import AutoTokenizer
+
+    from megatron_let.data.tokenizers import build_tokenizer, train_sentencepiece
+    from megatron_let.export.hf_conversion import TOKENIZER_PROBES
+
+    texts = [f"Sentence number {i}: the quick brown fox, über café — 東京 {i * 7}." for i in range(200)]
+    (tmp_path / "corpus.txt").write_text("\n".join(texts), encoding="utf-8")
+    if kind == "sentencepiece":
+        model = train_sentencepiece([str(tmp_path / "corpus.txt")], str(tmp_path / "sp"), vocab_size=300)
+        ours = build_tokenizer("SentencePieceTokenizer", model)
+        args = ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model", model]
+        save_tiny_hf(tmp_path / "hf", tied=True, vocab=300)
+    else:
+        save_tiny_hf(tmp_path / "hf", tied=True, vocab=300)
+        _tiny_bpe(tmp_path / "hf", texts)  # the HF folder carries its own tokenizer
+        ours = build_tokenizer("HuggingFaceTokenizer", str(tmp_path / "hf"))
+        args = []
+    _import(tmp_path / "hf", tmp_path / "ckpt", *args)
+    report = _export(tmp_path / "ckpt", tmp_path / "out")
+    assert report["tokenizer"]["probe_mismatches"] == []
+    hf_tok = AutoTokenizer.from_pretrained(str(tmp_path / "out"), local_files_only=True)
+    for text in (*TOKENIZER_PROBES, *texts[:5]):
+        assert hf_tok.encode(text, add_special_tokens=False) == ours.tokenize(text), text
+        assert hf_tok.decode(ours.tokenize(text)) == ours.detokenize(ours.tokenize(text))
+    config = json.load(open(tmp_path / "out" / "config.json"))
+    assert config["eos_token_id"] == ours.eod == hf_tok.eos_token_id
+
+
 def test_bad_inputs_raise_clear_errors(megatron_single_process, tmp_path):
     from megatron_let.export.hf_conversion import llama_config_from_hf
 

@@ -130,3 +130,20 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(ValueError, match="--sources"):
         build(BuildConfig(out=tmp_path / "c", cache=tmp_path, sources=("wikipedia",)))
+
+
+def test_results_page_is_rendered_from_the_tables(smoke: Path, tmp_path: Path) -> None:
+    from render_results import render
+
+    template = (ROOT / "examples" / "reproduce" / "results_template.md").read_text()
+    page = render(template, smoke / "report")
+    assert "{{" not in page
+    for group in ("main", "lambda", "layers"):
+        assert (smoke / "report" / f"{group}.md").read_text().rstrip() in page
+    assert (smoke / "report" / "setup.md").read_text().rstrip() in page
+    # a group that did not run is reported as such, not silently dropped
+    (smoke / "report" / "layers.md").rename(tmp_path / "layers.md")
+    try:
+        assert "Not run: `layers.md`" in render(template, smoke / "report")
+    finally:
+        (tmp_path / "layers.md").rename(smoke / "report" / "layers.md")

@@ -134,7 +134,9 @@ def run_downstream(args) -> dict:
     if args.hf:
         if int(os.environ.get("WORLD_SIZE", "1")) != 1:
             raise ValueError("--hf runs lm-eval's hf model in a single process; do not use torchrun")
-        summary = evaluate_hf(args.hf, dcfg, dtype=args.hf_dtype)
+        from megatron_let.runtime.device import resolve_device
+
+        summary = evaluate_hf(args.hf, dcfg, dtype=args.hf_dtype, device=str(resolve_device(args.device)))
     else:
         model, cfg, tokenizer, _ = _load(args)
         summary = evaluate_megatron(model, cfg, tokenizer, dcfg, micro_batch_size=args.micro_batch_size)

@@ -24,13 +24,21 @@ from typing import List, Optional
 MARKER = re.compile(r"\{\{(table:[A-Za-z0-9_]+|setup|generated)\}\}")
 
 
+def _shown(path: Path) -> str:
+    """``path`` relative to the repository root when inside it (no machine-specific prefix)."""
+    try:
+        return str(path.resolve().relative_to(Path(__file__).resolve().parents[2]))
+    except ValueError:
+        return str(path)
+
+
 def render(template: str, report: Path) -> str:
     """Replace every marker of ``template`` with the matching artefact of ``report``."""
 
     def sub(m: "re.Match[str]") -> str:
         key = m.group(1)
         if key == "generated":
-            return f"_Generated from `{report}` at {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC._"
+            return f"_Generated from `{_shown(report)}` at {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC._"
         path = report / ("setup.md" if key == "setup" else key.split(":", 1)[1] + ".md")
         if not path.is_file():
             print(f"render_results: {path} missing: marked as not run", file=sys.stderr)

@@ -50,7 +50,7 @@ export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=
 
 mkdir -p "${OUT_DIR}" "${SOURCES_DIR}"
 OUT_DIR="$(cd "${OUT_DIR}" && pwd)"
-TIMINGS="${OUT_DIR}/timings.txt"
+TIMINGS="${OUT_DIR}/timings.txt"  # stages of every invocation (reused stages take ~0 s)
 T_ALL=${SECONDS}
 stage_t=0 stage_name=""
 stage() {
@@ -68,7 +68,7 @@ is_done() { local dir=$1; shift; [[ -f "${dir}/.done" && "$(cat "${dir}/.done")"
 mark_done() { local dir=$1; shift; printf '%s' "$*" > "${dir}/.done"; }
 
 { echo "profile ${REPRO_PROFILE} started $(date -u '+%F %T') UTC on $(hostname), $(nproc --all) cores";
-  grep -m1 "model name" /proc/cpuinfo || true; } > "${TIMINGS}"
+  grep -m1 "model name" /proc/cpuinfo || true; } >> "${TIMINGS}"  # appended: one block per invocation
 
 # ------------------------------------------------------------------------------------------------
 stage corpus

@@ -93,6 +93,11 @@ class MegatronLetLM(_template_lm_base()):
     def __init__(self, model, cfg: LlamaConfig, tokenizer, batch_size: int = 8,
                  micro_batch_size: Optional[int] = None, max_length: Optional[int] = None) -> None:
         super().__init__()
+        from megatron_let.data.tokenizers import NullTokenizer
+
+        if isinstance(tokenizer, NullTokenizer):
+            raise ValueError("downstream evaluation needs the run's real tokenizer (text -> ids); the "
+                             "checkpoint/run uses a NullTokenizer (mock data)")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size}")
         self.model = model
