@@ -4,7 +4,6 @@ References are independent of our conversion code: Hugging Face's own ``LlamaFor
 and the source safetensors files.
 """
 
-import argparse
 import importlib.util
 import json
 import os

@@ -49,12 +49,12 @@ def models(megatron_single_process, tmp_path_factory):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from megatron_let.export.checkpoint_io import load_student, tokenizer_info_from_extra, read_checkpoint_extra
-    from megatron_let.export.checkpoint_io import build_tokenizer_from_info
+    from megatron_let.export.checkpoint_io import build_tokenizer_from_info, load_student, tokenizer_info_from_extra
     from megatron_let.runtime.device import ParallelConfig
 
     d = tmp_path_factory.mktemp("lm_eval")
-    os.environ["MEGATRON_LET_EVAL_CACHE"] = str(d / "cache")
+    env = pytest.MonkeyPatch()  # generated task YAMLs go to a private cache (inherited by subprocesses)
+    env.setenv("MEGATRON_LET_EVAL_CACHE", str(d / "cache"))
     bpe = Tokenizer(models.BPE())
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
@@ -73,7 +73,8 @@ def models(megatron_single_process, tmp_path_factory):
     tool.import_hf(tool.build_parser().parse_args(["--hf", str(d / "hf"), "--save", str(d / "ckpt")]))
     model, cfg, extra = load_student(str(d / "ckpt"), ParallelConfig())
     tokenizer = build_tokenizer_from_info(tokenizer_info_from_extra(extra, str(d / "ckpt")))
-    return dict(dir=d, model=model, cfg=cfg, tokenizer=tokenizer)
+    yield dict(dir=d, model=model, cfg=cfg, tokenizer=tokenizer)
+    env.undo()
 
 
 def _assert_same(ours, ref, tasks):
@@ -160,3 +161,26 @@ def test_offline_task_definitions(models):
     doc = next(iter(lambada.eval_docs))
     assert lambada.doc_to_text(doc).startswith("In my palm is a clear stone")
     assert lambada.doc_to_target(doc) == " signs"
+
+
+def test_in_training_downstream_eval_matches_hf_model(models, hf_reference, tmp_path):
+    """--eval-downstream-interval: with lr 0 the weights stay the imported ones, so the accuracy the
+    trainer logs equals lm-eval's own hf model on the same folder."""
+    from launch import read_metrics, run_pretrain
+
+    metrics = str(tmp_path / "m.jsonl")
+    d = models["dir"]
+    run_pretrain([
+        "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
+        "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "64",
+        "--max-position-embeddings", "512",
+        "--mock-data", "--vocab-size", str(models["tokenizer"].vocab_size),
+        "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(d / "hf"),
+        "--objective", "baseline", "--micro-batch-size", "2", "--train-iters", "2", "--lr", "0",
+        "--device", "cpu", "--load", str(d / "ckpt"), "--no-load-optim", "--no-load-rng",
+        "--eval-downstream-interval", "2", "--eval-downstream-limit", "20",
+        "--eval-downstream-tasks", "piqa", "--metrics-jsonl", metrics])
+    logged = read_metrics(metrics, split="downstream")
+    assert sorted(logged) == [2]
+    assert logged[2]["piqa/acc"] == hf_reference["tasks"]["piqa"]["acc"]
+    assert logged[2]["average"] == logged[2]["piqa/acc"]

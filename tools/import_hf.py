@@ -45,11 +45,10 @@ def _choose_tokenizer(args, vocab_size: int):
     Explicit --tokenizer-type wins; else the HF folder's tokenizer files; else a NullTokenizer.
     """
     from megatron_let.data.tokenizers import build_tokenizer
-    from megatron_let.export.hf_conversion import HF_TOKENIZER_FILES
 
     if args.tokenizer_type:
         ttype, source = args.tokenizer_type, args.tokenizer_model
-    elif any(os.path.isfile(os.path.join(args.hf, n)) for n in HF_TOKENIZER_FILES):
+    elif any(os.path.isfile(os.path.join(args.hf, n)) for n in ("tokenizer.json", "tokenizer_config.json")):
         ttype, source = "HuggingFaceTokenizer", args.hf
     else:
         return "NullTokenizer", None

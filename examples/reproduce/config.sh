@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Sizes and hyper-parameters of examples/reproduce/run.sh (sourced). Two profiles:
-#   full   the committed results (docs/results.md): 2 CPU cores, about an hour for the main four
+#   full   the committed results (docs/results.md): ~45 min on a busy shared 2-core CPU (main four: ~12 min)
 #   smoke  tiny sizes and few steps: every stage and artefact in about a minute (tests/test_reproduce.py)
 # Any variable may be overridden from the environment (`:=` keeps a value already set).
 

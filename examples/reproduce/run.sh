@@ -21,8 +21,8 @@
 #                 from examples/reproduce/results_template.md (render_results.py)
 #
 # Environment: REPRO_PROFILE full|smoke (default full); OUT_DIR (default runs/reproduce/<profile>);
-# SOURCES_DIR (archive cache, default runs/reproduce/sources); ABLATIONS 0|1 (default 1 for full,
-# 1 for smoke); PARALLEL_RUNS (student runs at once, default 4, so the four methods share the machine alike; each uses OMP_NUM_THREADS=1);
+# SOURCES_DIR (archive cache, default runs/reproduce/sources); ABLATIONS 0|1 (default 1:
+# run them); PARALLEL_RUNS (student runs at once, default 4, so the four methods share the machine alike; each uses OMP_NUM_THREADS=1);
 # PUBLISH 0|1 (default 0); any variable of examples/reproduce/config.sh.
 set -euo pipefail
 

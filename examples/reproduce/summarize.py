@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shlex
 import sys
 from dataclasses import dataclass
@@ -97,6 +98,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     if t_formula != t_exported:
         raise ValueError(f"teacher non-embedding parameters: formula {t_formula} != exported {t_exported}")
     s_params = student.non_embedding_params()
+    t_metrics = out / "teacher" / "train" / "metrics.jsonl"
+    t_valid = [r for r in map(json.loads, t_metrics.read_text().splitlines()) if r.get("split") == "valid"] \
+        if t_metrics.is_file() else []
     idx = out / "data" / "corpus_text_document.idx"
     lines = ["## Setup (computed from the run's artefacts)", ""]
     lines.append(f"- corpus: {manifest['total_mb']} MB of text, `--split {manifest['megatron_split']}` "
@@ -113,6 +117,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         lines.append(f"- tokens (sentencepiece, all splits): {int(ds.sequence_lengths.sum()):,}")
     lines.append(f"- teacher T: {teacher.layers} layers x {teacher.hidden} (FFN {teacher.ffn}, {teacher.heads} heads), "
                  f"{t_exported:,} non-embedding parameters (counted in the exported HF folder)")
+    if t_valid:
+        last = t_valid[-1]
+        lines.append(f"  - after {last['iteration']} steps: validation loss {last['lm loss']:.4f} "
+                     f"(ppl {math.exp(last['lm loss']):.1f}) on the same held-out documents as the students")
     lines.append(f"- student M: {student.layers} layers x {student.hidden} (FFN {student.ffn}, {student.heads} heads), "
                  f"{s_params:,} non-embedding parameters = {s_params / t_exported:.1f}x T")
     runs = out / "runs"

@@ -18,7 +18,8 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 
 from megatron_let.model.llama import LlamaConfig
-from megatron_let.training.checkpointing import TRACKER, checkpoint_dir, read_latest_iteration
+from megatron_let.training.checkpointing import (MODEL_PREFIX, TRACKER, checkpoint_dir,
+                                               read_latest_iteration)
 
 TOKENIZER_SUBDIR = "tokenizer"
 """Folder inside a checkpoint root where import_hf copies the Hugging Face tokenizer files."""
@@ -136,7 +137,7 @@ def save_model_checkpoint(root: str, iteration: int, model, extra: Dict[str, Any
             shutil.rmtree(tmp)
         os.makedirs(tmp)
     torch.distributed.barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict(prefix="model."), "extra": extra}, tmp)
+    dist_checkpointing.save({"model": model.sharded_state_dict(prefix=MODEL_PREFIX), "extra": extra}, tmp)
     torch.distributed.barrier()
     if rank == 0:
         if os.path.isdir(final):

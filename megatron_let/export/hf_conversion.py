@@ -162,7 +162,6 @@ def hf_config_dict(cfg: LlamaConfig, dtype: str = "float32", bos_token_id: Optio
     d["rope_theta"] = float(cfg.rotary_base)
     d["torch_dtype"] = dtype
     d["dtype"] = dtype
-    d.pop("transformers_version", None)
     d["transformers_version"] = transformers.__version__
     return d
 

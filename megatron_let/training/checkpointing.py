@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 TRACKER = "latest_checkpointed_iteration.txt"
+MODEL_PREFIX = "model."  # key prefix of the model's tensors inside a checkpoint
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
@@ -69,7 +70,7 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
 
 
 def _sharded_state_dict(model, optimizer, is_loading: bool, with_optimizer: bool):
-    model_sd = model.sharded_state_dict(prefix="model.")
+    model_sd = model.sharded_state_dict(prefix=MODEL_PREFIX)
     state = {"model": model_sd}
     if with_optimizer:
         state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
@@ -137,7 +138,9 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
     state["extra"] = None
     with torch.no_grad():
         loaded = dist_checkpointing.load(state, path)
-    model.load_state_dict(loaded["model"], strict=False)
+    # dist_checkpointing fills the tensors in place; load_state_dict (strict) also restores
+    # non-tensor extra state and proves the checkpoint matches this architecture.
+    model.load_state_dict({k[len(MODEL_PREFIX):]: v for k, v in loaded["model"].items()}, strict=True)
     if load_optim:
         optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
