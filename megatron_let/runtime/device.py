@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 from dataclasses import dataclass
 
 import torch
@@ -50,12 +49,6 @@ def world_size_from_env() -> int:
     return int(os.environ.get("WORLD_SIZE", "1"))
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def initialize_distributed(device: torch.device, parallel: ParallelConfig, seed: int,
                            timeout_minutes: int = 30) -> None:
     """Start torch.distributed (env:// under torchrun, a private 1-rank group otherwise), megatron's
@@ -72,14 +65,16 @@ def initialize_distributed(device: torch.device, parallel: ParallelConfig, seed:
         torch.cuda.set_device(device)
 
     if not torch.distributed.is_initialized():
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         if "RANK" not in os.environ:
-            os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
-            os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-        torch.distributed.init_process_group(
-            backend="nccl" if device.type == "cuda" else "gloo",
-            timeout=datetime.timedelta(minutes=timeout_minutes),
-        )
+            # A plain `python pretrain_let.py`: a private 1-rank group on an in-memory store, so
+            # concurrent single-process runs never race for a TCP port. (The environment is left
+            # alone: in-process users such as tests must not see a WORLD_SIZE afterwards.)
+            torch.distributed.init_process_group(backend=backend, store=torch.distributed.HashStore(),
+                                                 rank=0, world_size=1, timeout=timeout)
+        else:
+            torch.distributed.init_process_group(backend=backend, timeout=timeout)
     parallel.validate(torch.distributed.get_world_size())
     if not parallel_state.model_parallel_is_initialized():
         parallel_state.initialize_model_parallel(
