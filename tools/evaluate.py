@@ -158,8 +158,11 @@ def _print(msg: str) -> None:
 
 
 def main(argv=None) -> int:
+    from megatron_let.runtime.cli import run_tool
+
     args = build_parser().parse_args(argv)
-    try:
+
+    def body():
         if args.output and os.path.isdir(args.output):
             raise ValueError(f"--output {args.output!r} is a folder")
         out = run_ppl(args) if args.task == "ppl" else run_downstream(args)
@@ -167,14 +170,8 @@ def main(argv=None) -> int:
             os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
             with open(args.output, "w") as f:
                 json.dump(out, f, indent=2)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"evaluate.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        from megatron_let.runtime.device import destroy_distributed
 
-        destroy_distributed()
-    return 0
+    return run_tool("evaluate.py", body)
 
 
 if __name__ == "__main__":

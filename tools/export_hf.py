@@ -106,17 +106,10 @@ def verify(model, cfg, out_dir: str) -> float:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        export(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"export_hf.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        from megatron_let.runtime.device import destroy_distributed
+    from megatron_let.runtime.cli import run_tool
 
-        destroy_distributed()
-    return 0
+    args = build_parser().parse_args(argv)
+    return run_tool("export_hf.py", lambda: export(args))
 
 
 if __name__ == "__main__":  # guarded: dist_checkpointing workers may re-import this file

@@ -145,17 +145,10 @@ def import_hf(args: argparse.Namespace) -> str:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        import_hf(args)
-    except (ValueError, FileNotFoundError) as e:
-        print(f"import_hf.py: error: {e}", file=sys.stderr, flush=True)
-        return 2
-    finally:
-        from megatron_let.runtime.device import destroy_distributed
+    from megatron_let.runtime.cli import run_tool
 
-        destroy_distributed()
-    return 0
+    args = build_parser().parse_args(argv)
+    return run_tool("import_hf.py", lambda: import_hf(args))
 
 
 if __name__ == "__main__":  # guarded: dist_checkpointing workers may re-import this file

@@ -53,7 +53,7 @@ def initialize_distributed(device: torch.device, parallel: ParallelConfig, seed:
                            timeout_minutes: int = 30) -> None:
     """Start torch.distributed (env:// under torchrun, a private 1-rank group otherwise), megatron's
     model-parallel groups and its RNG tracker. On CPU, installs the megatron-core compatibility layer."""
-    from megatron.core import parallel_state, tensor_parallel
+    from megatron.core import parallel_state
 
     if device.type == "cpu":
         from megatron_let.runtime.cpu_compat import apply_cpu_compat

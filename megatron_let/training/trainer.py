@@ -14,7 +14,7 @@ import os
 import signal
 import time
 from functools import partial
-from typing import Dict, Iterator, List, Optional
+from typing import Dict, Iterator, Optional
 
 import torch
 
@@ -314,7 +314,6 @@ class Trainer:
             self._log(f"teacher released at iteration {step}", all_ranks=False)
 
     def _install_capture(self, student_layer: int) -> None:
-        from megatron.core import parallel_state
         from megatron_let.training.layer_capture import LayerCapture, find_local_layer
 
         layer = find_local_layer(self.student, student_layer)
@@ -333,8 +332,6 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _forward_step(self, data_iterator, model):
-        from megatron.core import parallel_state
-
         batch = next(data_iterator)
         tokens = batch["tokens"].to(self.device)
         position_ids = batch["position_ids"].to(self.device)
