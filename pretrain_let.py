@@ -6,7 +6,6 @@
 See README.md for the flags; ``--dry-run`` validates them and prints the layout without starting.
 """
 
-import os
 import sys
 import warnings
 
