@@ -154,9 +154,8 @@ class Trainer:
         """Teacher path, layer range and vocabulary are checked before any weight is loaded."""
         cfg = self.cfg
         needs = self.objective.needs(0)
-        self.needs_teacher_ever = any(
-            self.objective.needs(s).teacher for s in (0, cfg.batch.train_iters - 1)
-        ) or needs.teacher
+        # schedules only switch the teacher off (objectives/base.py), so step 0 decides
+        self.needs_teacher_ever = needs.teacher
         if not self.needs_teacher_ever:
             return
         if not cfg.teacher.path:
