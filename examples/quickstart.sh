@@ -6,7 +6,7 @@
 # Stages: environment -> corpus (Shakespeare + Python docs, with held-out splits) -> SmolLM2-135M
 # teacher -> tokenize with the teacher's tokenizer -> LET run -> baseline run -> comparison table
 # (tools/compare_runs.py) -> PNG plots (tools/plot_runs.py). Everything lands under OUT_DIR.
-# Sized for about 15 minutes on an idle 2-core machine (see docs/quickstart.md).
+# Measured: 9.5 minutes on a fresh idle 2-core machine, install included (docs/quickstart.md).
 #
 # Environment overrides:
 #   OUT_DIR            output folder (default: runs/quickstart; runs/ is git-ignored)

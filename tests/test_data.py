@@ -496,6 +496,39 @@ def test_gpt_samples_are_slices_of_document_stream(gpt_datasets, corpus, sp_refe
             assert torch.equal(sample["position_ids"], torch.arange(SEQ))
 
 
+def test_pad_equal_to_eos_masks_nothing_and_stays_quiet(work, corpus, hf_folder):
+    """SmolLM2/Llama-3 reuse EOS as pad: documents are packed, so no EOS label leaves the loss,
+    and megatron-core's collision warning (it resets the pad id itself) is not shown."""
+    import warnings
+
+    from transformers import AutoTokenizer
+
+    path, docs = corpus
+    folder = work / "hf_tok_pad_eos"
+    hf = AutoTokenizer.from_pretrained(str(hf_folder))
+    hf.pad_token = hf.eos_token
+    hf.save_pretrained(str(folder))
+    tok = build_tokenizer("HuggingFaceTokenizer", str(folder))
+    assert tok.pad == tok.eod
+    prefix = work / "pp_pad_eos" / "c"
+    _load_tool("preprocess_data").main(
+        ["--input", str(path), "--output-prefix", str(prefix), "--tokenizer-type", "HuggingFaceTokenizer",
+         "--tokenizer-model", str(folder), "--append-eod"]
+    )
+    cfg = DataConfig(data_path=[str(prefix) + "_text_document"], split="1,0,0", seq_length=SEQ,
+                     seed=3, data_cache_path=str(work / "cache_pad_eos"))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train, _, _ = build_datasets(cfg, tok, 40, 0, 0)
+    assert not [w for w in caught if "pad token" in str(w.message)], [str(w.message) for w in caught]
+    eos_labels = 0
+    for i in range(40):
+        sample = train[i]
+        eos_labels += int((sample["labels"] == tok.eod).sum())
+        assert torch.equal(sample["loss_mask"], torch.ones(SEQ))
+    assert eos_labels > 0  # the check above covered EOS labels
+
+
 def test_build_datasets_blend_mock_and_errors(preprocessed, sp_tok, work):
     cache = str(work / "cache")
     cfg = DataConfig(data_path=["0.3", preprocessed[1], "0.7", preprocessed[2]], split="90,10,0",

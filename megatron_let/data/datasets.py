@@ -19,6 +19,7 @@ from ``consumed_samples`` reproduces an uninterrupted run exactly.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Iterator, Sequence
 
@@ -206,7 +207,12 @@ def build_datasets(
 
     cls = MockGPTDataset if cfg.mock_data else GPTDataset
     builder = _builder_class()(cls, sizes, is_built_on_rank or (lambda: True), config)
-    datasets = builder.build()
+    with warnings.catch_warnings():
+        # Tokenizers that reuse EOS as pad (SmolLM2, Llama-3): megatron-core then resets the pad
+        # id to -1 so no real token is masked, and warns. Documents are packed, never padded,
+        # so that reset is exactly right and the warning is noise.
+        warnings.filterwarnings("ignore", message="The pad token id in the tokenizer collides")
+        datasets = builder.build()
 
     for name, ds, n in zip(_SPLIT_NAMES, datasets, sizes):
         if n > 0 and ds is not None and len(ds) < n:

@@ -178,6 +178,9 @@ def build_transformer_config(cfg: LlamaConfig, parallel, bf16: bool, use_cpu: bo
         masked_softmax_fusion=False,
         bias_dropout_fusion=False,
         apply_rope_fusion=False,
+        # megatron-core 0.16.1 defaults to the deprecated "full" and then warns about its own
+        # default; [] is what "full" is converted to (whole layer, only used with CUDA graphs).
+        cuda_graph_scope=[],
         gradient_accumulation_fusion=False,
         persist_layer_norm=False,
         # batch_p2p_sync calls torch.cuda.synchronize(); only needed on GPU.

@@ -6,6 +6,7 @@ import json
 import os
 import time
 from collections import OrderedDict
+from contextlib import contextmanager
 from typing import Dict, Optional, Tuple
 
 import torch
@@ -59,6 +60,30 @@ def peak_memory_mb() -> float:
     import resource
 
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+
+
+class IntervalTimer:
+    """Seconds per iteration over the current log interval, as Megatron-LM's console reports it:
+    the interval restarts at every log line, and time inside ``paused()`` (evaluation,
+    checkpointing) is left out."""
+
+    def __init__(self, iteration: int, clock=time.monotonic):
+        self._clock = clock
+        self.restart(iteration)
+
+    def restart(self, iteration: int) -> None:
+        self._t0, self._iter0, self._paused = self._clock(), iteration, 0.0
+
+    @contextmanager
+    def paused(self):
+        t = self._clock()
+        try:
+            yield
+        finally:
+            self._paused += self._clock() - t
+
+    def per_iteration(self, iteration: int) -> float:
+        return (self._clock() - self._t0 - self._paused) / max(1, iteration - self._iter0)
 
 
 def format_eta(seconds: float) -> str:

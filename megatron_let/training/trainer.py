@@ -20,7 +20,13 @@ import torch
 
 from megatron_let.objectives.base import Needs, ObjectiveContext, build_objective
 from megatron_let.training.arguments import RunConfig
-from megatron_let.training.metrics import MetricAccumulator, MetricsWriter, format_eta, peak_memory_mb
+from megatron_let.training.metrics import (
+    IntervalTimer,
+    MetricAccumulator,
+    MetricsWriter,
+    format_eta,
+    peak_memory_mb,
+)
 
 
 def load_selection(path: str, dataset_size: int):
@@ -417,8 +423,7 @@ class Trainer:
         iterator, on_selection = None, None
         self.model.train()
         tokens_per_step = self.global_batch_size * cfg.model.seq_length
-        start_iter = self.iteration
-        t_start = time.time()
+        interval = IntervalTimer(self.iteration)
         last: Dict[str, float] = {}
         metric_names = ["lm loss", "output loss term", "hidden loss term",
                         *self.objective.metric_names]
@@ -464,21 +469,22 @@ class Trainer:
             self.writer.scalars(self.iteration, values)
             last = values
             if self.iteration % cfg.logging.log_interval == 0 or self.iteration == cfg.batch.train_iters:
-                elapsed = time.time() - t_start
-                per_iter = elapsed / max(1, self.iteration - start_iter)
-                self._console_line(values, per_iter)
-            if cfg.logging.eval_interval and self.iteration % cfg.logging.eval_interval == 0:
-                self._run_eval()
-            every = cfg.logging.eval_downstream_interval
-            if every and self.iteration % every == 0:
-                self._run_downstream_eval()
+                self._console_line(values, interval.per_iteration(self.iteration))
+                interval.restart(self.iteration)
+            with interval.paused():
+                if cfg.logging.eval_interval and self.iteration % cfg.logging.eval_interval == 0:
+                    self._run_eval()
+                every = cfg.logging.eval_downstream_interval
+                if every and self.iteration % every == 0:
+                    self._run_downstream_eval()
             stop_signal = self.signals.any_rank(self._collective_device())
             save_now = cfg.checkpoint.save and (
                 (cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0)
                 or stop_signal
             )
             if save_now:
-                self.save()
+                with interval.paused():
+                    self.save()
             if stop_signal:
                 self._log(f"exit signal received: checkpoint saved at iteration {self.iteration}, exiting")
                 return last
