@@ -7,10 +7,10 @@ See README.md for the flags; ``--dry-run`` validates them and prints the layout 
 """
 
 import sys
-import warnings
 
-# megatron-core warns at import about missing apex/TE; the runtime already reports the backend.
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+from megatron_let.runtime.cli import quiet_backend_warnings
+
+quiet_backend_warnings()
 
 
 def main(argv=None) -> int:

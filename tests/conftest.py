@@ -1,6 +1,5 @@
 import os
 import sys
-import warnings
 
 import pytest
 
@@ -18,7 +17,9 @@ except ImportError:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+from megatron_let.runtime.cli import quiet_backend_warnings
+
+quiet_backend_warnings()
 
 
 @pytest.fixture(scope="session")
@@ -46,12 +47,14 @@ def smollm2_teacher():
     sys.path.insert(0, os.path.join(ROOT, "tools"))
     import prepare_teacher
 
+    from megatron_let.runtime.files import sha256_file
+
     cache = Path(os.environ.get("MEGATRON_LET_CACHE", Path.home() / ".cache" / "megatron_let"))
     out = cache / "teachers" / "smollm2-135m-instruct"
     gguf = prepare_teacher._module_dir(prepare_teacher.SMOLLM2_MODULE) / prepare_teacher.SMOLLM2_GGUF
     record = out / prepare_teacher.PROVENANCE_FILE
     fresh = not record.is_file() or json.loads(record.read_text()).get(
-        "gguf_sha256") != prepare_teacher.sha256_file(gguf)
+        "gguf_sha256") != sha256_file(gguf)
     if fresh:
         shutil.rmtree(out, ignore_errors=True)
         out.parent.mkdir(parents=True, exist_ok=True)

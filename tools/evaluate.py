@@ -22,9 +22,10 @@ import argparse
 import json
 import os
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+from megatron_let.runtime.cli import quiet_backend_warnings
+
+quiet_backend_warnings()
 # Set before anything imports datasets/transformers/huggingface_hub.
 for _k in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE"):
     os.environ[_k] = "1"

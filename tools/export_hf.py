@@ -15,9 +15,10 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+from megatron_let.runtime.cli import quiet_backend_warnings
+
+quiet_backend_warnings()
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,9 +19,10 @@ import dataclasses
 import os
 import shutil
 import sys
-import warnings
 
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+from megatron_let.runtime.cli import quiet_backend_warnings
+
+quiet_backend_warnings()
 
 
 def build_parser() -> argparse.ArgumentParser:

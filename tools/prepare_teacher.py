@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import copy
 import datetime as _dt
-import hashlib
 import importlib.metadata
 import importlib.util
 import json
@@ -34,6 +33,8 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Sequence
+
+from megatron_let.runtime.files import sha256_file
 
 PROVENANCE_FILE = "megatron_let_teacher.json"
 SANITY_PROMPT = "The capital of Germany is"
@@ -248,14 +249,6 @@ def greedy_continuation(model, tokenizer, prompt: str = SANITY_PROMPT, max_new_t
             pad_token_id=tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id,
         )
     return tokenizer.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for block in iter(lambda: fh.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------------------------

@@ -14,10 +14,10 @@ from __future__ import annotations
 
 import argparse
 import sys
-import warnings
 
-# megatron-core warns at import about missing apex/TE, which tokenizing never uses.
-warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
+from megatron_let.runtime.cli import quiet_backend_warnings
+
+quiet_backend_warnings()
 
 from megatron_let.data.indexed import preprocess_jsonl
 from megatron_let.data.tokenizers import TOKENIZER_TYPES

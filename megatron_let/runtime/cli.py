@@ -3,9 +3,16 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from typing import Callable
 
 USER_ERRORS = (ValueError, FileNotFoundError, NotADirectoryError)
+
+
+def quiet_backend_warnings() -> None:
+    """Hide megatron-core's import-time warnings that apex / Transformer Engine are missing: the
+    runtime reports the backend it uses itself. Entry points call this before importing megatron."""
+    warnings.filterwarnings("ignore", message=".*(Apex|Transformer Engine).*")
 
 
 def run_tool(prog: str, body: Callable[[], object]) -> int:
