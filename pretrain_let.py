@@ -14,8 +14,10 @@ quiet_backend_warnings()
 
 
 def main(argv=None) -> int:
+    from megatron_let.runtime.lifeline import exit_with_agent
     from megatron_let.training.arguments import parse_args
 
+    exit_with_agent()  # under torchrun: no orphan keeps training if the agent dies
     try:
         cfg = parse_args(argv)
         if cfg.dry_run:

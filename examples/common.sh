@@ -217,23 +217,15 @@ run_pretrain() {
             "${PRETRAIN_ARGS[@]}"
     fi
     mkdir -p "${CHECKPOINT_DIR}"
-    _show_command torchrun "${DISTRIBUTED_ARGS[@]}" pretrain_let.py "${PRETRAIN_ARGS[@]}"
-    # Graceful stop (docs/launching.md): torchrun starts each trainer in its own session, so a
-    # signal sent to this launcher or its process group never reaches them. The launcher stays
-    # in front and forwards SIGUSR1/SIGTERM to the trainers, which (--exit-signal-handler) save
-    # a checkpoint at the next step boundary and exit 0; torchrun then exits 0 as well. torchrun
-    # itself ignores SIGUSR1, whose default action would kill it when SLURM signals every
-    # process of the job step.
-    TORCHRUN_PID=""
-    trap '_forward_to_trainers USR1' USR1
-    trap '_forward_to_trainers TERM' TERM
-    ( trap '' USR1; exec "${TORCHRUN:-torchrun}" "${DISTRIBUTED_ARGS[@]}" "${script}" \
-        "${PRETRAIN_ARGS[@]}" ) &
-    TORCHRUN_PID=$!
-    # `wait` returns early whenever a trapped signal arrives: wait until torchrun is gone, then
-    # return its exit status (bash remembers it).
-    while kill -0 "${TORCHRUN_PID}" 2>/dev/null; do wait "${TORCHRUN_PID}" || true; done
-    wait "${TORCHRUN_PID}"
+    # megatron_let.runtime.torchrun is torchrun whose agent passes SIGUSR1/SIGTERM on to the
+    # trainers (torchrun's own dies of SIGUSR1 and never forwards it; docs/launching.md). `exec`:
+    # this launcher's pid becomes the agent's, so `kill -USR1 <launcher pid>`, `docker stop` and
+    # SLURM reach it directly and no shell is left in between to die of the signal.
+    local -a torchrun=("${PYTHON:-python}" -m megatron_let.runtime.torchrun)
+    if [[ -n ${TORCHRUN:-} ]]; then torchrun=("${TORCHRUN}"); fi
+    _show_command "${torchrun[@]}" "${DISTRIBUTED_ARGS[@]}" pretrain_let.py "${PRETRAIN_ARGS[@]}"
+    PYTHONPATH="${REPO_ROOT}${PYTHONPATH:+:${PYTHONPATH}}" exec "${torchrun[@]}" \
+        "${DISTRIBUTED_ARGS[@]}" "${script}" "${PRETRAIN_ARGS[@]}"
 }
 
 # The command about to run, one line, shell-quoted (copy-pasteable; tests parse it).
@@ -241,10 +233,4 @@ _show_command() {
     local line
     printf -v line '%q ' "$@"
     echo "+ ${line% }"
-}
-
-_forward_to_trainers() {
-    if [[ -z ${TORCHRUN_PID} ]]; then return 0; fi  # not started yet: nothing to stop
-    echo "examples: forwarding SIG$1 to the trainer processes of torchrun ${TORCHRUN_PID}" >&2
-    pkill "-$1" -P "${TORCHRUN_PID}" || true
 }

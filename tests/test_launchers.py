@@ -101,9 +101,17 @@ def shown_command(stdout: str, program: str) -> list[str]:
     for line in stdout.splitlines():
         if line.startswith("+ "):
             words = shlex.split(line[2:])
-            if program in words[:2]:
+            if program in words[:3]:
                 return words
     raise AssertionError(f"no '+ {program}' line in launcher output:\n{stdout[-3000:]}")
+
+
+AGENT = "megatron_let.runtime.torchrun"  # what the launchers run: `python -m` it
+
+
+def torchrun_args(words: list[str]) -> list[str]:
+    """The torchrun arguments in a shown command (between the agent and the script)."""
+    return words[words.index(AGENT) + 1:words.index("pretrain_let.py")]
 
 
 def pretrain_args(words: list[str]) -> list[str]:
@@ -228,7 +236,7 @@ def test_sbatch_directives():
 
 
 # ---------------------------------------------------------------------------------------------
-# argument building (no training: PYTHON/TORCHRUN replaced by `true`)
+# argument building (no training: PYTHON replaced by `true`)
 # ---------------------------------------------------------------------------------------------
 
 # Paper recipes (SPEC §3, LET paper appendix B, SALT paper §4), written out independently.
@@ -306,12 +314,13 @@ def test_environment_and_extra_arguments_override(tmp_path, smollm2_135m):
 
 
 def test_torchrun_arguments_static_and_rendezvous(tmp_path, smollm2_135m):
-    base = dict(TORCHRUN="true", TOKENIZER_MODEL=smollm2_135m, CHECKPOINT_DIR=tmp_path / "ck",
+    base = dict(PYTHON="true", TOKENIZER_MODEL=smollm2_135m, CHECKPOINT_DIR=tmp_path / "ck",
                 DATA_PATH="0.3 /data/a_text_document 0.7 /data/b_text_document")
     out = run_launcher(LAUNCHERS["1b", "baseline"], launcher_env(
         **base, GPUS_PER_NODE=4, NNODES=2, NODE_RANK=1, MASTER_ADDR="node7", MASTER_PORT=1234)).stdout
-    words = shown_command(out, "torchrun")
-    assert words[1:words.index("pretrain_let.py")] == [
+    words = shown_command(out, AGENT)
+    assert words[:3] == ["true", "-m", AGENT]
+    assert torchrun_args(words) == [
         "--nproc_per_node", "4", "--nnodes", "2", "--node_rank", "1", "--master_addr", "node7",
         "--master_port", "1234"]
     i = words.index("--data-path")  # a weighted blend becomes separate arguments
@@ -319,14 +328,14 @@ def test_torchrun_arguments_static_and_rendezvous(tmp_path, smollm2_135m):
                                   "--tokenizer-type"]
     out = run_launcher(LAUNCHERS["1b", "baseline"], launcher_env(
         **base, NNODES=4, RDZV_ENDPOINT="node0:29500", RDZV_ID=77)).stdout
-    words = shown_command(out, "torchrun")
-    assert words[1:words.index("pretrain_let.py")] == [
+    words = shown_command(out, AGENT)
+    assert torchrun_args(words) == [
         "--nproc_per_node", "8", "--nnodes", "4", "--rdzv_backend", "c10d",
         "--rdzv_endpoint", "node0:29500", "--rdzv_id", "77"]
 
 
 def test_missing_data_path_is_a_clear_error(tmp_path):
-    env = launcher_env(TORCHRUN="true", CHECKPOINT_DIR=tmp_path / "ck")
+    env = launcher_env(PYTHON="true", CHECKPOINT_DIR=tmp_path / "ck")
     proc = run_launcher(LAUNCHERS["1b", "let"], env, check=False)
     assert proc.returncode == 2
     assert "set DATA_PATH" in proc.stderr
@@ -350,8 +359,8 @@ def test_launcher_trains_two_iterations_on_cpu(objective, tiny_teacher, tmp_path
     for rec in recs.values():
         assert math.isfinite(rec["lm loss"]) and 0 < rec["lm loss"] < 20
 
-    words = shown_command(out, "torchrun")
-    assert words[1:5] == ["--nproc_per_node", "2", "--nnodes", "1"]
+    words = shown_command(out, AGENT)
+    assert torchrun_args(words)[:4] == ["--nproc_per_node", "2", "--nnodes", "1"]
     cfg = parse_args(pretrain_args(words))
     assert cfg.objective == objective and cfg.device == "cpu" and not cfg.bf16
     # what each schedule must give at steps 0 and 1 (iterations 1 and 2)

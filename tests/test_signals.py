@@ -1,26 +1,28 @@
-"""Graceful stop and resume through the launchers and the SLURM script, on CPU.
+"""Graceful stop and resume through the real process chain, on CPU.
 
 A run started with ``--exit-signal-handler`` (the launchers always pass it) that receives SIGUSR1
-or SIGTERM mid-run must save a complete checkpoint at the next step boundary and exit 0; resuming
-(``--load`` = ``--save``) must reproduce the uninterrupted run's per-iteration loss.
+or SIGTERM mid-run must save a complete checkpoint at the next step boundary and exit 0 without a
+traceback; resuming (``--load`` = ``--save``) must reproduce the uninterrupted run's losses.
 
-* SIGTERM goes to the launcher's pid, as ``kill``/``docker stop`` do; the launcher forwards it to
-  the trainers, which torchrun runs in sessions of their own.
-* SIGUSR1 goes to the batch shell of ``examples/slurm/pretrain_let.sbatch``, as
-  ``#SBATCH --signal=B:USR1@120`` does. ``srun`` and ``scontrol`` are stand-ins on PATH: ``srun``
-  drops its options and runs the task in place, ``scontrol`` answers ``show hostnames`` and records
-  ``requeue``. The script then really runs torchrun with c10d rendezvous on this machine, and a
-  second submission (what the requeue does) resumes from the checkpoint.
+* SIGTERM to the launcher's pid, as ``kill``/``docker stop`` do, and SIGUSR1 to the torchrun agent
+  (the parent of the trainer processes), as SLURM signals every process of a job step: the agent
+  (megatron_let.runtime.torchrun) passes them to the trainers, which run in sessions of their own.
+* SIGKILL to the agent alone: its trainers die within seconds and write nothing.
+* A real one-node SLURM (tests/slurm_cluster.py; Debian's slurm-wlm, installed with apt-get when
+  running as root, which CI does): ``examples/slurm/pretrain_let.sbatch`` is submitted with the tiny
+  CPU override, ``scancel --signal=USR1 --batch`` delivers what ``#SBATCH --signal=B:USR1@120``
+  delivers, and the job checkpoints, requeues itself and resumes within the same job id.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
-import stat
 import subprocess
 import time
 
+import psutil
 import pytest
 
 from launch import ROOT, free_port, read_metrics
@@ -62,25 +64,60 @@ def _wait_for_iterations(metrics_path: str, proc: subprocess.Popen, n: int, log:
     raise AssertionError(f"no {n} iterations in {timeout}s:\n" + open(log).read()[-4000:])
 
 
-def _interrupt(cmd, env, metrics_path, sig, log) -> tuple[int, str]:
-    """Start ``cmd``, send ``sig`` to it once 2 iterations are logged, return (rc, output)."""
+def _trainers(proc: subprocess.Popen) -> list[psutil.Process]:
+    """The pretrain_let.py processes started under ``proc`` (torchrun's workers)."""
+    try:
+        kids = psutil.Process(proc.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+    found = []
+    for p in kids:
+        try:
+            if any(a.endswith("pretrain_let.py") for a in p.cmdline()):
+                found.append(p)
+        except psutil.Error:
+            pass
+    return found
+
+
+def _agent(proc: subprocess.Popen) -> int:
+    """The torchrun agent: the parent of the trainer processes."""
+    parents = {p.ppid() for p in _trainers(proc)}
+    assert len(parents) == 1, parents
+    return parents.pop()
+
+
+def _kill_tree(proc: subprocess.Popen, extra=()) -> None:
+    """Never leave a run behind: the trainers run in sessions of their own."""
+    for p in [*_trainers(proc), *extra]:
+        try:
+            p.kill()
+        except psutil.Error:
+            pass
+    if proc.poll() is None:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+def _interrupt(cmd, env, metrics_path, sig, log, target=lambda proc: proc.pid) -> tuple[int, str]:
+    """Start ``cmd``, send ``sig`` to ``target(proc)`` once 2 iterations are logged, return
+    (rc, output)."""
     with open(log, "w") as out:  # a file, not a pipe: nobody reads while the run goes on
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, stdout=out, stderr=subprocess.STDOUT,
                                 start_new_session=True)
     try:
         _wait_for_iterations(metrics_path, proc, 2, log)
-        os.kill(proc.pid, sig)
+        os.kill(target(proc), sig)
         proc.wait(timeout=300)
     finally:
-        if proc.poll() is None:  # never leave a run behind
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
+        _kill_tree(proc)
     return proc.returncode, open(log).read()
 
 
 def _check_stop_and_resume(ck: str, rc: int, out: str, reference, resume) -> None:
     assert rc == 0, out[-4000:]
     assert "exit signal received: checkpoint saved" in out, out[-4000:]
+    assert "Traceback" not in out and "ChildFailedError" not in out, out[-4000:]
     stopped = int(tracker(ck))  # the tracker names the checkpoint written at the signal
     assert 2 <= stopped < TRAIN_ITERS, f"stopped at {stopped}"
     assert os.path.isdir(os.path.join(ck, f"iter_{stopped:07d}"))
@@ -90,6 +127,10 @@ def _check_stop_and_resume(ck: str, rc: int, out: str, reference, resume) -> Non
     out = resume()
     assert f"resumed from {ck} at iteration {stopped}" in out
     assert tracker(ck) == str(TRAIN_ITERS)
+    _check_losses(ck, reference)
+
+
+def _check_losses(ck: str, reference) -> None:
     recs = read_metrics(os.path.join(ck, "metrics.jsonl"))  # both runs append; last write wins
     assert sorted(recs) == sorted(reference)
     for it in reference:
@@ -97,72 +138,105 @@ def _check_stop_and_resume(ck: str, rc: int, out: str, reference, resume) -> Non
         assert recs[it]["lambda"] == pytest.approx(reference[it]["lambda"], abs=1e-12), it
 
 
-def test_sigterm_to_launcher_checkpoints_and_resumes(tmp_path, tiny_teacher, reference):
+@pytest.mark.parametrize("sig,to", [(signal.SIGTERM, "launcher"), (signal.SIGUSR1, "agent")])
+def test_signal_checkpoints_and_resumes(sig, to, tmp_path, tiny_teacher, reference):
     ck = str(tmp_path / "ck")
     env = tiny_env(ck, tiny_teacher, TRAIN_ITERS=TRAIN_ITERS)
     slow = dict(env, MEGATRON_LET_TEST_STEP_SLEEP=STEP_SLEEP)
     path = LAUNCHERS["1b", "let"]
-    rc, out = _interrupt(["bash", path], slow, os.path.join(ck, "metrics.jsonl"), signal.SIGTERM,
-                         str(tmp_path / "run.log"))
-    assert "forwarding SIGTERM" in out
+    rc, out = _interrupt(["bash", path], slow, os.path.join(ck, "metrics.jsonl"), sig,
+                         str(tmp_path / "run.log"),
+                         target=(lambda proc: proc.pid) if to == "launcher" else _agent)
+    assert f"forwarded {sig.name} to worker(s)" in out, out[-4000:]
     _check_stop_and_resume(
         ck, rc, out, reference,
         resume=lambda: run_launcher(path, dict(env, MASTER_PORT=str(free_port()))).stdout)
 
 
-def _fake_slurm(bin_dir, requeue_log) -> None:
-    os.makedirs(bin_dir, exist_ok=True)
-    scripts = {
-        # srun: drop srun's own options, run the task in place (one node)
-        "srun": """#!/bin/bash
-while [[ $# -gt 0 && $1 == -* ]]; do
-    case $1 in
-        --nodes|--ntasks-per-node|--container-image|--container-mounts|--container-workdir) shift 2 ;;
-        *) shift ;;
-    esac
-done
-exec "$@"
-""",
-        "scontrol": f"""#!/bin/bash
-case $1 in
-    show) echo localhost ;;
-    requeue) echo "$2" >> {requeue_log} ;;
-    *) echo "scontrol stand-in: unexpected $*" >&2; exit 1 ;;
-esac
-""",
-    }
-    for name, text in scripts.items():
-        path = os.path.join(bin_dir, name)
-        with open(path, "w") as f:
-            f.write(text)
-        os.chmod(path, os.stat(path).st_mode | stat.S_IXUSR)
-
-
-def test_sbatch_usr1_checkpoints_requeues_and_resumes(tmp_path, tiny_teacher, reference):
+def test_sigkill_on_agent_takes_the_trainers_down(tmp_path, tiny_teacher):
     ck = str(tmp_path / "ck")
-    bin_dir, requeue_log = str(tmp_path / "bin"), str(tmp_path / "requeued")
-    _fake_slurm(bin_dir, requeue_log)
+    env = tiny_env(ck, tiny_teacher, TRAIN_ITERS=TRAIN_ITERS, MEGATRON_LET_TEST_STEP_SLEEP="1",
+                   SAVE_INTERVAL=2)
+    log = str(tmp_path / "run.log")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(["bash", LAUNCHERS["1b", "let"]], env=env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    trainers = []
+    try:
+        _wait_for_iterations(os.path.join(ck, "metrics.jsonl"), proc, 1, log)
+        trainers = _trainers(proc)
+        assert len(trainers) == 2
+        os.kill(_agent(proc), signal.SIGKILL)
+        t0 = time.time()
+        gone, alive = psutil.wait_procs(trainers, timeout=5)
+        assert not alive, f"trainers {[p.pid for p in alive]} outlived their agent by 5 s"
+        print(f"trainers gone {time.time() - t0:.2f}s after the agent's SIGKILL")
+        time.sleep(3)  # an orphan would have reached its iteration-2 checkpoint by now
+        assert not os.path.exists(os.path.join(ck, "latest_checkpointed_iteration.txt")), \
+            open(log).read()[-3000:]
+        assert not [n for n in os.listdir(ck) if n.startswith("iter_") and not n.endswith(".tmp")]
+    finally:
+        _kill_tree(proc, extra=trainers)
 
-    def sbatch_env(**extra):
-        env = tiny_env(ck, tiny_teacher, TRAIN_ITERS=TRAIN_ITERS,
-                       LAUNCHER=os.path.relpath(LAUNCHERS["1b", "let"], ROOT),
-                       SLURM_JOB_ID="4242", SLURM_JOB_NUM_NODES=1, SLURM_JOB_NODELIST="localhost",
-                       SLURM_SUBMIT_DIR=ROOT, RDZV_PORT=free_port(), **extra)
-        env["PATH"] = bin_dir + os.pathsep + env["PATH"]
-        return env
 
-    env = sbatch_env(MEGATRON_LET_TEST_STEP_SLEEP=STEP_SLEEP)
-    rc, out = _interrupt(["bash", SBATCH], env, os.path.join(ck, "metrics.jsonl"), signal.SIGUSR1,
-                         str(tmp_path / "job.log"))
-    assert "rendezvous localhost:" in out
-    assert "--rdzv_backend c10d" in out
-    assert open(requeue_log).read().split() == ["4242"]  # the job asked to be requeued
+# ---------------------------------------------------------------------------------------------
+# a real SLURM
+# ---------------------------------------------------------------------------------------------
 
-    def resubmit():  # what the requeue does: the same job script again
-        proc = subprocess.run(["bash", SBATCH], env=sbatch_env(), cwd=ROOT, capture_output=True,
-                              text=True, timeout=600)
-        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-        assert open(requeue_log).read().split() == ["4242"]  # a finished job does not requeue
-        return proc.stdout + proc.stderr
 
-    _check_stop_and_resume(ck, rc, out, reference, resume=resubmit)
+@pytest.fixture(scope="module")
+def slurm(tmp_path_factory):
+    from slurm_cluster import SlurmCluster, ensure_installed
+
+    reason = ensure_installed()
+    if reason:
+        pytest.skip(reason)
+    cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))
+    try:
+        cluster.start()
+        yield cluster
+    finally:
+        cluster.stop()
+
+
+def test_real_slurm_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path, tiny_teacher, reference):
+    ck = str(tmp_path / "ck")
+    env = tiny_env(ck, tiny_teacher, TRAIN_ITERS=TRAIN_ITERS, MEGATRON_LET_TEST_STEP_SLEEP=STEP_SLEEP,
+                   LAUNCHER=os.path.relpath(LAUNCHERS["1b", "let"], ROOT), RDZV_PORT=free_port())
+    log = str(tmp_path / "job.out")
+    # the script's own directives ask for 4 nodes x 8 GPUs: a one-node CPU cluster overrides them
+    job = slurm.sbatch("--nodes", "1", "--gpus-per-node", "0", "--output", log, SBATCH,
+                       env=env, cwd=ROOT)
+    try:
+        deadline = time.time() + 300
+        metrics = os.path.join(ck, "metrics.jsonl")
+        while not (os.path.isfile(metrics) and len(read_metrics(metrics)) >= 2):
+            state = slurm.job(job).get("JobState")
+            assert state in ("PENDING", "RUNNING") and time.time() < deadline, \
+                f"job {job} {state} before 2 iterations:\n" + (open(log).read() if os.path.exists(log) else "")
+            time.sleep(0.2)
+        # what `#SBATCH --signal=B:USR1@120` does 120 s before the time limit
+        proc = slurm.run("scancel", "--signal=USR1", "--batch", job)
+        assert proc.returncode == 0, proc.stderr
+        while True:
+            info = slurm.job(job)
+            if info.get("JobState") in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"):
+                break
+            assert time.time() < deadline, f"job {job} still {info.get('JobState')}:\n" + open(log).read()
+            time.sleep(0.5)
+        out = open(log).read()
+        assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, out[-4000:], slurm.logs())
+        assert info["Restarts"] == "1", info  # requeued once, by the script's USR1 trap
+        assert "pretrain_let.sbatch: requeueing job" in out
+        assert f"job {job} (restart 1)" in out
+        first, second = out.split(f"job {job} (restart 1)")
+        assert "Traceback" not in out and "ChildFailedError" not in out, out[-4000:]
+        stopped = int(re.search(r"exit signal received: checkpoint saved at iteration (\d+)",
+                                first).group(1))
+        assert 2 <= stopped < TRAIN_ITERS, first[-3000:]
+        assert f"resumed from {ck} at iteration {stopped}" in second, second[-3000:]
+        assert os.path.isdir(os.path.join(ck, f"iter_{stopped:07d}"))
+        assert tracker(ck) == str(TRAIN_ITERS)
+        _check_losses(ck, reference)
+    finally:
+        slurm.run("scancel", job)

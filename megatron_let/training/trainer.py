@@ -109,6 +109,9 @@ class Trainer:
         from megatron_let.runtime.device import initialize_distributed, resolve_device
 
         cfg = self.cfg
+        # first: a stop signal that arrives during set-up is kept for the first step boundary
+        # (SIGUSR1's default action would kill the worker)
+        self.signals = _SignalFlag(cfg.checkpoint.exit_signal_handler)
         self.device = resolve_device(cfg.device)
         self.use_cpu = self.device.type == "cpu"
         if cfg.bf16 and self.use_cpu:
@@ -146,7 +149,6 @@ class Trainer:
         self._build_data()
         self._load_checkpoint()
         self._update_teacher(self.iteration)
-        self.signals = _SignalFlag(cfg.checkpoint.exit_signal_handler)
 
     def build_tokenizer(self):
         from megatron_let.data.tokenizers import build_tokenizer
