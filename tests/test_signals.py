@@ -114,7 +114,9 @@ def _interrupt(cmd, env, metrics_path, sig, log, target=lambda proc: proc.pid) -
     return proc.returncode, open(log).read()
 
 
-def _check_stop_and_resume(ck: str, rc: int, out: str, reference, resume) -> None:
+def _check_stop(ck: str, rc: int, out: str) -> int:
+    """The run stopped early with exit code 0, no traceback, and a complete checkpoint named by the
+    tracker; returns its iteration."""
     assert rc == 0, out[-4000:]
     assert "exit signal received: checkpoint saved" in out, out[-4000:]
     assert "Traceback" not in out and "ChildFailedError" not in out, out[-4000:]
@@ -123,7 +125,11 @@ def _check_stop_and_resume(ck: str, rc: int, out: str, reference, resume) -> Non
     assert os.path.isdir(os.path.join(ck, f"iter_{stopped:07d}"))
     assert not [n for n in os.listdir(ck) if n.endswith(".tmp")], "unfinished checkpoint left"
     assert max(read_metrics(os.path.join(ck, "metrics.jsonl"))) == stopped
+    return stopped
 
+
+def _check_stop_and_resume(ck: str, rc: int, out: str, reference, resume) -> None:
+    stopped = _check_stop(ck, rc, out)
     out = resume()
     assert f"resumed from {ck} at iteration {stopped}" in out
     assert tracker(ck) == str(TRAIN_ITERS)
@@ -148,6 +154,9 @@ def test_signal_checkpoints_and_resumes(sig, to, tmp_path, tiny_teacher, referen
                          str(tmp_path / "run.log"),
                          target=(lambda proc: proc.pid) if to == "launcher" else _agent)
     assert f"forwarded {sig.name} to worker(s)" in out, out[-4000:]
+    if sig == signal.SIGUSR1:  # the stop is the point here; the resume is the same as SIGTERM's
+        _check_stop(ck, rc, out)
+        return
     _check_stop_and_resume(
         ck, rc, out, reference,
         resume=lambda: run_launcher(path, dict(env, MASTER_PORT=str(free_port()))).stdout)
@@ -240,3 +249,75 @@ def test_real_slurm_usr1_checkpoints_requeues_and_resumes(slurm, tmp_path, tiny_
         _check_losses(ck, reference)
     finally:
         slurm.run("scancel", job)
+
+
+# ---------------------------------------------------------------------------------------------
+# the two mechanisms on their own (no torch): fast
+# ---------------------------------------------------------------------------------------------
+
+_LATE_HANDLER = """
+import signal, sys, time
+time.sleep(1.5)  # still 'importing': a SIGUSR1 now would kill it (default action)
+got = []
+signal.signal(signal.SIGUSR1, lambda *a: got.append(1))
+t = time.time()
+while not got and time.time() - t < 20:
+    time.sleep(0.02)
+sys.exit(0 if got else 3)
+"""
+
+
+def test_forwarder_waits_until_the_worker_catches_the_signal():
+    import sys
+
+    from megatron_let.runtime.torchrun import StopForwarder
+
+    child = subprocess.Popen([sys.executable, "-c", _LATE_HANDLER])
+    try:
+        forwarder = StopForwarder(workers=lambda: [child.pid])
+        forwarder.request(signal.SIGUSR1)  # at once, long before the child's handler exists
+        assert child.wait(timeout=30) == 0  # -10 had it been signalled before it was ready
+        assert forwarder.delivered == {(child.pid, signal.SIGUSR1)}
+    finally:
+        if child.poll() is None:
+            child.kill()
+
+
+_FAKE_AGENT = """
+import os, subprocess, sys, time
+env = dict(os.environ)
+if sys.argv[1] == "torchrun":
+    env["TORCHELASTIC_RUN_ID"] = "test"
+worker = subprocess.Popen([sys.executable, "-c",
+    "from megatron_let.runtime.lifeline import exit_with_agent; import sys, time;"
+    "print(exit_with_agent(), flush=True); time.sleep(60)"], env=env, start_new_session=True)
+print(worker.pid, flush=True)
+time.sleep(60)
+"""
+
+
+@pytest.mark.parametrize("launched_by", ["torchrun", "shell"])
+def test_worker_dies_with_its_agent_only_under_torchrun(launched_by):
+    import sys
+
+    from launch import base_env
+
+    agent = subprocess.Popen([sys.executable, "-c", _FAKE_AGENT, launched_by], env=base_env(),
+                             stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    worker = None
+    try:
+        worker = psutil.Process(int(agent.stdout.readline()))
+        assert agent.stdout.readline().strip() == str(launched_by == "torchrun")  # armed?
+        agent.kill()
+        agent.wait()
+        if launched_by == "torchrun":
+            _, alive = psutil.wait_procs([worker], timeout=5)
+            assert not alive, "the worker outlived its agent"
+        else:  # a plain run's parent (a shell, nohup) may go away: the run goes on
+            time.sleep(1)
+            assert worker.is_running()
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+        if worker is not None and worker.is_running():
+            worker.kill()

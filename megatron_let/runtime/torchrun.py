@@ -110,16 +110,10 @@ class StopForwarder:
                      f"{', '.join(map(str, sent))}: they checkpoint at the next step boundary and exit")
 
 
-def _uses_exit_signal_handler(argv: list[str]) -> bool:
-    from torch.distributed.run import parse_args
-
-    return "--exit-signal-handler" in parse_args(argv).training_script_args
-
-
-def install(argv: list[str]) -> Optional[StopForwarder]:
-    """Set up the agent's signal handling for a torchrun command line ``argv``."""
+def install(args) -> Optional[StopForwarder]:
+    """Set up the agent's signal handling for torchrun's parsed arguments ``args`` (adjusted)."""
     os.environ[AGENT_PID_ENV] = str(os.getpid())  # inherited by the workers
-    if not _uses_exit_signal_handler(argv):
+    if "--exit-signal-handler" not in args.training_script_args:
         def ignore_usr1(signum, _frame):
             _say("SIGUSR1 ignored: the workers run without --exit-signal-handler")
 
@@ -128,9 +122,11 @@ def install(argv: list[str]) -> Optional[StopForwarder]:
 
     from torch.distributed.elastic.multiprocessing.api import _terminate_process_handler
 
-    # torchrun re-registers its handlers each time it starts workers, for the signals named here:
-    # leave SIGTERM to us (SIGUSR1 is not in its default list).
-    os.environ["TORCHELASTIC_SIGNALS_TO_HANDLE"] = "SIGINT,SIGHUP,SIGQUIT"
+    # torchrun (re-)registers its handler, which shuts the workers down, for the signals of
+    # --signals-to-handle each time it starts workers: leave SIGTERM and SIGUSR1 to us.
+    args.signals_to_handle = ",".join(
+        name for name in (n.strip() for n in args.signals_to_handle.split(","))
+        if name and name not in ("SIGTERM", "SIGUSR1"))
     forwarder = StopForwarder()
 
     def on_signal(signum, frame):
@@ -147,11 +143,12 @@ def install(argv: list[str]) -> Optional[StopForwarder]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    argv = sys.argv[1:] if argv is None else argv
-    install(argv)
-    from torch.distributed.run import main as torchrun_main
+    from torch.distributed.elastic.multiprocessing.errors import record
+    from torch.distributed.run import parse_args, run
 
-    torchrun_main(argv)
+    args = parse_args(sys.argv[1:] if argv is None else argv)
+    install(args)
+    record(run)(args)  # what torchrun's main does after parsing
 
 
 if __name__ == "__main__":
