@@ -25,9 +25,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def ensure_installed() -> str | None:
-    """None when slurmctld/slurmd/munged are there (installing them with apt-get when root);
-    otherwise the reason they cannot be."""
+def ensure_installed(say=print) -> str | None:
+    """None when slurmctld/slurmd/munged are there (installing them with apt-get when root, which
+    ``say`` announces); otherwise the reason they cannot be."""
     needed = ("slurmctld", "slurmd", "munged", "sbatch", "scontrol", "scancel")
     if all(shutil.which(t) or os.path.exists(f"/usr/sbin/{t}") for t in needed):
         return None
@@ -35,8 +35,8 @@ def ensure_installed() -> str | None:
         return "slurm-wlm/munge are not installed and installing them needs root (apt-get install slurm-wlm munge)"
     if not shutil.which("apt-get"):
         return "slurm-wlm/munge are not installed and there is no apt-get"
-    print(f"slurm_cluster: running as root: apt-get install -y {' '.join(PACKAGES)} (system-wide)",
-          flush=True)
+    say(f"tests/slurm_cluster.py: running as root, installing {' '.join(PACKAGES)} system-wide "
+        "with apt-get (Debian packages, for the real-SLURM test)")
     env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
     proc = subprocess.run(["apt-get", "install", "-y", "--no-install-recommends", *PACKAGES],
                           env=env, capture_output=True, text=True, timeout=600)

@@ -194,10 +194,15 @@ def test_sigkill_on_agent_takes_the_trainers_down(tmp_path, tiny_teacher):
 
 
 @pytest.fixture(scope="module")
-def slurm(tmp_path_factory):
+def slurm(tmp_path_factory, request):
     from slurm_cluster import SlurmCluster, ensure_installed
 
-    reason = ensure_installed()
+    def say(msg: str) -> None:  # past pytest's capture: installing system packages is announced
+        capture = request.config.pluginmanager.getplugin("capturemanager")
+        with capture.global_and_fixture_disabled():
+            print(f"\n{msg}", flush=True)
+
+    reason = ensure_installed(say)
     if reason:
         pytest.skip(reason)
     cluster = SlurmCluster(str(tmp_path_factory.mktemp("slurm")))

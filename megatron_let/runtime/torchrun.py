@@ -25,7 +25,6 @@ import os
 import signal
 import sys
 import threading
-import time
 from typing import Callable, Iterable, Optional
 
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
@@ -35,7 +34,8 @@ PROG = "megatron_let.runtime.torchrun"
 
 
 def _say(msg: str) -> None:
-    print(f"{PROG}: {msg}", file=sys.stderr, flush=True)
+    # os.write, not print: this runs in signal handlers, where a buffered stream may be mid-write
+    os.write(2, f"{PROG}: {msg}\n".encode())
 
 
 def child_pids(pid: int) -> list[int]:
@@ -104,9 +104,10 @@ class StopForwarder:
         while True:
             self._wake.wait(POLL_S)
             self._wake.clear()
+            sig = self.pending
             sent = self.forward_once()
             if sent:
-                _say(f"forwarded {signal.Signals(self.pending).name} to worker(s) "
+                _say(f"forwarded {signal.Signals(sig).name} to worker(s) "
                      f"{', '.join(map(str, sent))}: they checkpoint at the next step boundary and exit")
 
 
