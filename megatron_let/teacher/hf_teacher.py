@@ -205,15 +205,16 @@ def teacher_tokenizer_size(path: Union[str, os.PathLike]) -> Optional[int]:
     return len(tokenizer)
 
 
-def _meta_model(config: Any, trust_remote_code: bool) -> Optional[nn.Module]:
-    """The teacher built on the meta device (no memory, no weights), or None if it cannot be."""
+def _count_parameters_meta(config: Any, trust_remote_code: bool) -> Optional[int]:
+    """Exact parameter count by building the model on the meta device (no memory, no weights)."""
     from transformers import AutoModelForCausalLM
 
     try:
         with torch.device("meta"):
-            return AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
-    except Exception:  # an exotic architecture that cannot be built on meta: checks are optional
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    except Exception:  # an exotic architecture that cannot be built on meta: count is optional
         return None
+    return sum(p.numel() for p in model.parameters())
 
 
 # Config fields holding the longest sequence a model was built for (Llama-likes, GPT-2, others).
@@ -258,19 +259,19 @@ def check_causal_lm(config: Any, folder: str, trust_remote_code: bool = False) -
                          "the teacher must be a causal (decoder-only) LM")
 
 
-def _weight_keys(path: str) -> set[str]:
-    """Tensor names stored in one weight file, read without loading the tensors (safetensors:
-    header only; .bin: memory-mapped). Unreadable files are a ValueError naming the file."""
+def _check_weight_file(path: str) -> None:
+    """Read one weight file's index without loading its tensors (safetensors: the header; .bin:
+    memory-mapped); an unreadable file is a ValueError naming it."""
     try:
         if path.endswith(".safetensors"):
             from safetensors import safe_open
 
             with safe_open(path, framework="pt") as f:
-                return set(f.keys())
+                f.keys()
+            return
         state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
         if not isinstance(state, dict):
             raise ValueError(f"holds a {type(state).__name__}, not a state dict")
-        return set(state)
     except Exception as err:
         raise ValueError(f"teacher weight file {path} is unreadable (corrupt or not a weight file): "
                          f"{type(err).__name__}: {err}") from None
@@ -282,34 +283,33 @@ def _format_missing(folder: str, missing: list[str], total: int) -> str:
             f"({shown}): transformers would initialise them randomly; the folder is incomplete")
 
 
-def check_weights_present(folder: str, model: nn.Module, weights: list[str]) -> None:
-    """Every parameter of the meta-built ``model`` must be in the weight files (a tied group needs
-    one of its names). Keys are matched with and without the base-model prefix, as transformers
-    loads them; when no key matches at all the naming is one we do not know and the load-time check
-    (transformers' loading info) decides."""
-    import re
+def check_weights_present(folder: str, weights: list[str], trust_remote_code: bool = False
+                          ) -> Optional[int]:
+    """Every weight tensor of the teacher is stored, and every weight file is readable.
 
-    stored: set[str] = set()
+    The model is "loaded" onto the meta device (no tensor is read or allocated), so transformers'
+    own key matching (base-model prefixes, legacy names, tied weights) decides what is missing.
+    Returns the parameter count, or None when the architecture cannot be built on meta."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
     for w in weights:
-        stored |= _weight_keys(w)
-    prefix = getattr(model, "base_model_prefix", "") or ""
-    ignore = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_missing", None) or [])]
-
-    def present(name: str) -> bool:
-        if name in stored or (prefix and f"{prefix}.{name}" in stored):
-            return True
-        return bool(prefix) and name.startswith(prefix + ".") and name[len(prefix) + 1:] in stored
-
-    groups: dict[int, list[str]] = {}
-    for name, param in model.named_parameters(remove_duplicate=False):
-        groups.setdefault(id(param), []).append(name)
-    found = [any(present(n) for n in names) for names in groups.values()]
-    if not any(found):
-        return
-    missing = [names[0] for names, ok in zip(groups.values(), found)
-               if not ok and not any(p.search(n) for p in ignore for n in names)]
+        _check_weight_file(w)
+    previous = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its load report is replaced by our error below
+    try:
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            folder, device_map="meta", output_loading_info=True, local_files_only=True,
+            trust_remote_code=trust_remote_code)
+    except Exception:  # every file is readable: an architecture meta loading does not support
+        return None
+    finally:
+        hf_logging.set_verbosity(previous)
+    missing = sorted(loading.get("missing_keys") or [])
+    total = len({id(p) for p in model.parameters()})
     if missing:
-        raise ValueError(_format_missing(folder, sorted(missing), len(groups)))
+        raise ValueError(_format_missing(folder, missing, total))
+    return sum(p.numel() for p in model.parameters())
 
 
 def inspect_teacher(
@@ -349,12 +349,9 @@ def inspect_teacher(
             f"({positions[0]} in config.json) but --seq-length is {seq_length}"
         )
     weights, _ = find_weight_files(folder)
-    meta = _meta_model(config, trust_remote_code)
-    if meta is not None:
-        check_weights_present(str(folder), meta, weights)
-    else:
-        for w in weights:
-            _weight_keys(w)  # at least readable
+    num_parameters = check_weights_present(str(folder), weights, trust_remote_code)
+    if num_parameters is None:
+        num_parameters = _count_parameters_meta(config, trust_remote_code)
     return TeacherInfo(
         path=str(folder),
         model_type=str(getattr(config, "model_type", "")),
@@ -362,7 +359,7 @@ def inspect_teacher(
         hidden_size=_hidden_size(config, final=resolved == num_layers),
         num_layers=num_layers,
         vocab_size=_vocab_size(config),
-        num_parameters=None if meta is None else sum(p.numel() for p in meta.parameters()),
+        num_parameters=num_parameters,
         weight_files=[os.path.basename(w) for w in weights],
         tokenizer_size=teacher_tokenizer_size(folder) if read_tokenizer else None,
         layer=resolved,

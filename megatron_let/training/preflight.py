@@ -297,7 +297,15 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
     gbs = cfg.batch.micro_batch_size * dp * num_microbatches
     fractions = parse_split(cfg.data.split)
 
-    tokenizer = trainer.build_tokenizer()
+    if cfg.data.tokenizer_type or cfg.data.mock_data:
+        tokenizer = trainer.build_tokenizer()
+    else:  # a dry run without data: the vocabulary must be given
+        if not cfg.model.vocab_size:
+            raise ValueError("vocabulary size unknown: pass --vocab-size, or --tokenizer-type with "
+                             "--tokenizer-model")
+        from megatron_let.data.tokenizers import build_tokenizer
+
+        tokenizer = build_tokenizer("NullTokenizer", None, vocab_size=cfg.model.vocab_size)
     tok_type = cfg.data.tokenizer_type or "NullTokenizer"
     if cfg.model.vocab_size:
         if tok_type != "NullTokenizer" and cfg.model.vocab_size < tokenizer.vocab_size:
