@@ -295,8 +295,9 @@ def check_weights_present(folder: str, weights: list[str], trust_remote_code: bo
 
     for w in weights:
         _check_weight_file(w)
-    previous = hf_logging.get_verbosity()
+    previous, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
     hf_logging.set_verbosity_error()  # its load report is replaced by our error below
+    hf_logging.disable_progress_bar()
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(
             folder, device_map="meta", output_loading_info=True, local_files_only=True,
@@ -305,6 +306,8 @@ def check_weights_present(folder: str, weights: list[str], trust_remote_code: bo
         return None
     finally:
         hf_logging.set_verbosity(previous)
+        if bar:
+            hf_logging.enable_progress_bar()
     missing = sorted(loading.get("missing_keys") or [])
     total = len({id(p) for p in model.parameters()})
     if missing:
