@@ -228,7 +228,8 @@ def teacher_max_positions(config: Any) -> Optional[tuple[str, int]]:
     for name in _POSITION_FIELDS:
         value = getattr(text, name, None)
         if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-            return name, value
+            # the name config.json uses (GPT-2 aliases max_position_embeddings to n_positions)
+            return (getattr(text, "attribute_map", None) or {}).get(name, name), value
     return None
 
 
