@@ -90,6 +90,10 @@ BAD_INPUT_CASES: List[BadInput] = [
              BASE + MOCK + ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
                             "{assets}/garbage_hf_tokenizer"],
              r"tokenizer folder .*garbage_hf_tokenizer .*cannot be loaded"),
+    BadInput("vocab-size-below-tokenizer", "--vocab-size smaller than the tokenizer's vocabulary",
+             BASE + MOCK + ["--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model",
+                            "{assets}/hf_tokenizer_300"],
+             r"--vocab-size 200 is smaller than the 300 ids of --tokenizer-model .*hf_tokenizer_300"),
     BadInput("sentencepiece-garbage", "a garbage sentencepiece model",
              BASE + MOCK + ["--tokenizer-type", "SentencePieceTokenizer", "--tokenizer-model",
                             "{assets}/garbage.model"],
@@ -223,7 +227,20 @@ def assets(tmp_path_factory):
     with open(os.path.join(root, "a_file"), "w") as f:
         f.write("x")
     _teacher_variants(root)
+    _hf_tokenizer(os.path.join(root, "hf_tokenizer_300"), 300)
     return root
+
+
+def _hf_tokenizer(folder, size):
+    """A word-level Hugging Face tokenizer of ``size`` ids (the last one is EOS)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {f"w{i}": i for i in range(size - 1)}
+    vocab["<eos>"] = size - 1
+    raw = Tokenizer(models.WordLevel(vocab, unk_token="w0"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    PreTrainedTokenizerFast(tokenizer_object=raw, eos_token="<eos>").save_pretrained(folder)
 
 
 def _argv(case: BadInput, assets: str) -> List[str]:
@@ -355,6 +372,20 @@ def test_checkpoint_size_estimate_against_a_saved_checkpoint(megatron_single_pro
     estimate = checkpoint_bytes(cfg.model, 1, bf16=False)
     assert 0.8 * saved <= estimate <= 1.2 * saved, (estimate, saved)
     assert trainer.preflight.checkpoint_bytes == estimate
+
+
+def test_teacher_load_refuses_missing_tensors_from_transformers_loading_info(assets, monkeypatch):
+    """Behind the preflight's meta-device check, HFTeacher.load reads transformers' own loading
+    info: with the preflight check unable to decide (an architecture meta loading cannot build),
+    a missing tensor is still an error, not a random initialisation."""
+    import megatron_let.teacher.hf_teacher as hf
+
+    monkeypatch.setattr(hf, "check_weights_present", lambda *a, **k: None)
+    with pytest.raises(ValueError, match=r"lacks 1 of its \d+ weight tensors "
+                                         r"\(model\.layers\.1\.mlp\.up_proj\.weight\)"):
+        hf.HFTeacher.load(hf.TeacherConfig(path=os.path.join(assets, "teacher_missing")))
+    teacher = hf.HFTeacher.load(hf.TeacherConfig(path=os.path.join(assets, "teacher")))
+    assert teacher.num_layers == 3  # the complete folder loads
 
 
 def test_sampled_scan_is_bounded_and_exact_when_the_file_fits(tmp_path):

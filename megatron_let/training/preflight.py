@@ -176,11 +176,10 @@ def planned_checkpoints(cfg) -> int:
 
 
 def check_dataset_ids(prefix: str, weight, vocab_size: int, padded_vocab: int, tokenizer_desc: str,
-                      warnings: List[str]) -> DatasetCheck:
+                      warnings: List[str], scan_bytes: int) -> DatasetCheck:
     """Token ids of one prefix against the student vocabulary, from its .meta.json when there is a
-    current one, else from a bounded sampled scan of the .bin."""
+    current one, else from a sampled scan of at most ``scan_bytes`` of the .bin."""
     from megatron_let.data.indexed import (
-        SAMPLED_SCAN_BYTES,
         meta_path,
         read_dataset_meta,
         sampled_token_range,
@@ -198,9 +197,9 @@ def check_dataset_ids(prefix: str, weight, vocab_size: int, padded_vocab: int, t
     if meta is not None:
         lo, hi, source = meta["min_token_id"], meta["max_token_id"], f"recorded in {meta_path(prefix)}"
     else:
-        lo, hi, exact = sampled_token_range(prefix, summary=summary)
+        lo, hi, exact = sampled_token_range(prefix, budget_bytes=scan_bytes, summary=summary)
         source = "full scan of the .bin" if exact else \
-            f"sampled scan of {SAMPLED_SCAN_BYTES >> 20} MiB of the .bin"
+            f"sampled scan of {scan_bytes / 2**20:.0f} MiB of the .bin"
     made_with = ""
     if meta is not None:
         made_with = (f"; it was tokenized with {meta.get('tokenizer_type')} "
@@ -345,8 +344,14 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
     train_samples, valid_samples = sample_counts(cfg, gbs)
     datasets: List[DatasetCheck] = []
     if cfg.data.data_path and not cfg.data.mock_data:
-        for weight, prefix in parse_data_path(cfg.data.data_path):
-            datasets.append(check_dataset_ids(prefix, weight, vocab, padded, tokenizer_desc, warnings))
+        from megatron_let.data.indexed import SAMPLED_SCAN_BYTES
+
+        entries = parse_data_path(cfg.data.data_path)
+        # every rank checks (an error must stop them all); the scan budget is shared by the prefixes
+        scan_bytes = max(1 << 20, SAMPLED_SCAN_BYTES // len(entries))
+        for weight, prefix in entries:
+            datasets.append(check_dataset_ids(prefix, weight, vocab, padded, tokenizer_desc, warnings,
+                                              scan_bytes))
         _check_splits_nonempty([d.summary for d in datasets], fractions,
                                [train_samples, valid_samples, 0], cfg.data.split)
         w = repetition_warning(datasets, fractions[0], train_samples, cfg.model.seq_length)
