@@ -432,3 +432,24 @@ def test_preprocess_names_file_and_line(tmp_path):
             preprocess_jsonl(str(path), str(tmp_path / "out"), "NullTokenizer", None, vocab_size=200,
                              log_stream=None)
         assert not list(tmp_path.glob("out_*"))  # partial outputs removed
+
+
+def test_stale_or_foreign_dataset_metadata_warns(tmp_path):
+    from megatron_let.training.preflight import check_dataset_ids
+
+    result = _preprocess(str(tmp_path), "d", 300, [[1, 2, 3], [4, 5, 150]])
+    prefix = result.output_prefixes["text"]
+    warnings = []
+    check = check_dataset_ids(prefix, None, 200, 256, "--vocab-size 200", warnings, 1 << 20)
+    assert (check.max_id, check.id_source) == (150, f"recorded in {prefix}.meta.json")
+    assert warnings == [f"--data-path {prefix!r} was tokenized with a vocabulary of 300 ids "
+                        "(NullTokenizer) but the run's is 200 (--vocab-size 200)"]
+    with open(prefix + ".meta.json") as f:
+        meta = json.load(f)
+    meta.update(num_tokens=99, max_token_id=0)  # no longer describes the .bin
+    with open(prefix + ".meta.json", "w") as f:
+        json.dump(meta, f)
+    warnings = []
+    check = check_dataset_ids(prefix, None, 300, 384, "--vocab-size 300", warnings, 1 << 20)
+    assert (check.max_id, check.id_source) == (150, "full scan of the .bin")  # the real maximum
+    assert len(warnings) == 1 and "describes 99 tokens but" in warnings[0] and "stale" in warnings[0]
