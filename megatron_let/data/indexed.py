@@ -421,8 +421,12 @@ def preprocess_jsonl(
     of the key's tokens (+ EOD with ``append_eod``). Documents with zero tokens are skipped and
     counted. Token dtype is ``DType.optimal_dtype(vocab_size)`` (uint16 below 65500 ids, else int32).
 
-    Raises FileNotFoundError (input/tokenizer) or ValueError (bad arguments, a non-JSON line, a
-    missing key -- naming the line) before or while reading; on error the partial outputs are removed.
+    Beside each ``.bin``/``.idx`` a ``.meta.json`` records the tokenizer, its vocabulary size and
+    the id range (read by the training preflight to check ids against the run's vocabulary).
+
+    Raises FileNotFoundError (input/tokenizer) or ValueError (bad arguments, a non-JSON or non-UTF-8
+    line, a missing key, an id outside the tokenizer's vocabulary -- naming file and line) before or
+    while reading; on error the partial outputs are removed.
     """
     import multiprocessing as mp
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
