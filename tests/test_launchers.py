@@ -48,16 +48,32 @@ SMOLLM2 = {
 
 
 def save_config_only_teacher(path, size: str) -> str:
-    """A SmolLM2-shaped teacher folder whose weight file is a placeholder: enough for everything
-    that never loads weights (dry runs, argument checks)."""
+    """A SmolLM2-shaped teacher folder whose weight file is sparse: a valid safetensors header
+    naming every tensor with its shape, and no data written (the file's holes read as zeros).
+    Enough for everything that never loads weights (dry runs, argument checks, the preflight's
+    weights-present check), at no disk cost."""
+    import json
+    import struct
+
     import torch
-    from safetensors.torch import save_file
-    from transformers import LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig
 
     os.makedirs(path, exist_ok=True)
-    LlamaConfig(vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
-                **SMOLLM2[size]).save_pretrained(str(path))
-    save_file({"placeholder": torch.zeros(1)}, os.path.join(str(path), "model.safetensors"))
+    config = LlamaConfig(vocab_size=49152, max_position_embeddings=8192, tie_word_embeddings=True,
+                         **SMOLLM2[size])
+    config.save_pretrained(str(path))
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config)
+    header, offset = {"__metadata__": {"format": "pt"}}, 0
+    for name, p in model.named_parameters():  # tied weights once
+        nbytes = p.numel() * 2
+        header[name] = {"dtype": "BF16", "shape": list(p.shape), "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    blob = json.dumps(header).encode()
+    blob += b" " * (-len(blob) % 8)
+    with open(os.path.join(str(path), "model.safetensors"), "wb") as f:
+        f.write(struct.pack("<Q", len(blob)) + blob)
+        f.truncate(8 + len(blob) + offset)
     return str(path)
 
 

@@ -25,6 +25,9 @@ _EXPORTS = {
         "parse_data_path",
         "preprocess_jsonl",
         "PreprocessResult",
+        "read_dataset_meta",
+        "write_dataset_meta",
+        "sampled_token_range",
     ),
     "datasets": (
         "DataConfig",

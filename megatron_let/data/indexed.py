@@ -45,6 +45,12 @@ _DTYPE_CODES = {
 }
 # Chunk size (tokens) when scanning .bin for out-of-vocabulary ids.
 _SCAN_CHUNK = 1 << 24
+# Written by tools/preprocess_data.py beside the .bin/.idx: tokenizer, its vocabulary, the id range.
+META_SUFFIX = ".meta.json"
+META_FORMAT = 1
+# Datasets without a .meta.json: bytes of .bin read (spread over the file) to estimate the id range.
+SAMPLED_SCAN_BYTES = 16 << 20
+_SAMPLED_SCAN_WINDOWS = 64
 
 
 @dataclass(frozen=True)
@@ -196,6 +202,73 @@ def _token_range(bin_path: str, dtype: np.dtype, num_tokens: int) -> tuple[int, 
     return lo, hi
 
 
+def meta_path(prefix: str) -> str:
+    return prefix + META_SUFFIX
+
+
+def write_dataset_meta(prefix: str, meta: dict) -> str:
+    """Record what a dataset was made with (``<prefix>.meta.json``), written atomically."""
+    import json
+
+    path = meta_path(prefix)
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump({"format": META_FORMAT, **meta}, f, indent=2, sort_keys=True)
+        f.write("\n")
+    os.replace(tmp, path)
+    return path
+
+
+def read_dataset_meta(prefix: str) -> dict | None:
+    """The ``<prefix>.meta.json`` record, or None for datasets made before it existed.
+
+    Raises ValueError naming the file when it is not the JSON object preprocess_data.py writes."""
+    import json
+
+    path = meta_path(prefix)
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path) as f:
+            meta = json.load(f)
+    except (OSError, ValueError) as err:
+        raise ValueError(f"dataset metadata {path} (beside --data-path {prefix!r}) is unreadable: {err}") from None
+    required = ("max_token_id", "min_token_id", "vocab_size", "num_tokens", "num_documents")
+    if not isinstance(meta, dict) or any(not isinstance(meta.get(k), int) for k in required):
+        raise ValueError(
+            f"dataset metadata {path} (beside --data-path {prefix!r}) lacks integer fields {list(required)}; "
+            "re-create it with tools/preprocess_data.py or delete it"
+        )
+    return meta
+
+
+def sampled_token_range(
+    prefix: str, budget_bytes: int = SAMPLED_SCAN_BYTES, windows: int = _SAMPLED_SCAN_WINDOWS,
+    summary: IndexedDatasetSummary | None = None,
+) -> tuple[int, int, bool]:
+    """(min id, max id, exact) of ``prefix.bin`` from at most ``budget_bytes`` read in ``windows``
+    evenly spaced windows (the whole file when it fits: then ``exact`` is True).
+
+    For datasets without ``.meta.json``: bounded time however large the corpus is, at the price of
+    possibly missing a rare out-of-range id."""
+    summary = validate_indexed_dataset(prefix) if summary is None else summary
+    dtype = np.dtype(summary.dtype)
+    n = summary.num_tokens
+    if n == 0:
+        return 0, 0, True
+    data = np.memmap(prefix + ".bin", dtype=dtype, mode="r", shape=(n,))
+    per_window = max(1, budget_bytes // dtype.itemsize // windows)
+    if per_window * windows >= n:
+        return int(data.min()), int(data.max()), True
+    starts = np.linspace(0, n - per_window, windows).astype(np.int64)
+    lo, hi = None, None
+    for start in starts:
+        chunk = np.asarray(data[start:start + per_window])
+        lo = int(chunk.min()) if lo is None else min(lo, int(chunk.min()))
+        hi = int(chunk.max()) if hi is None else max(hi, int(chunk.max()))
+    return lo, hi, False
+
+
 def _as_weight(token: str) -> float | None:
     try:
         return float(token)
@@ -282,17 +355,37 @@ def _encode_line(item: tuple[int, str]) -> tuple[int, dict[str, np.ndarray], int
     tok = _WORKER_STATE["tokenizer"]
     out: dict[str, np.ndarray] = {}
     for key in _WORKER_STATE["json_keys"]:
-        text = _json_field(line, key, _WORKER_STATE["input_path"], line_no)
-        ids = tok.tokenize(text)
+        path = _WORKER_STATE["input_path"]
+        text = _json_field(line, key, path, line_no)
+        try:
+            ids = tok.tokenize(text)
+        except ValueError as err:  # e.g. NullTokenizer: an id outside its vocabulary
+            raise ValueError(f"{path} line {line_no}: field {key!r}: {err}") from None
         if _WORKER_STATE["append_eod"]:
             ids = list(ids) + [tok.eod]
-        out[key] = np.asarray(ids, dtype=np.int64)
+        arr = np.asarray(ids, dtype=np.int64)
+        # the .bin dtype is sized for the vocabulary: a larger id would wrap around silently
+        if arr.size and (arr.min() < 0 or arr.max() >= tok.vocab_size):
+            bad = int(arr[(arr < 0) | (arr >= tok.vocab_size)][0])
+            raise ValueError(
+                f"{path} line {line_no}: field {key!r} tokenizes to id {bad}, outside the "
+                f"tokenizer's vocabulary [0, {tok.vocab_size})"
+            )
+        out[key] = arr
     return line_no, out, len(line.encode("utf-8"))
 
 
 def _nonblank_lines(path: str) -> Iterator[tuple[int, str]]:
-    with open(path, encoding="utf-8") as f:
-        for line_no, line in enumerate(f, start=1):
+    # bytes, decoded line by line, so that invalid UTF-8 is reported with its line
+    with open(path, "rb") as f:
+        for line_no, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise ValueError(
+                    f"{path} line {line_no}: not valid UTF-8 (byte 0x{raw[err.start]:02x} at byte "
+                    f"{err.start} of the line); re-encode the file as UTF-8"
+                ) from None
             if line.strip():
                 yield line_no, line
 
@@ -306,6 +399,8 @@ class PreprocessResult:
     num_empty_skipped: dict[str, int]
     num_tokens: dict[str, int]
     seconds: float
+    max_token_id: dict[str, int] | None = None
+    meta_paths: dict[str, str] | None = None
 
 
 def preprocess_jsonl(
@@ -326,8 +421,12 @@ def preprocess_jsonl(
     of the key's tokens (+ EOD with ``append_eod``). Documents with zero tokens are skipped and
     counted. Token dtype is ``DType.optimal_dtype(vocab_size)`` (uint16 below 65500 ids, else int32).
 
-    Raises FileNotFoundError (input/tokenizer) or ValueError (bad arguments, a non-JSON line, a
-    missing key -- naming the line) before or while reading; on error the partial outputs are removed.
+    Beside each ``.bin``/``.idx`` a ``.meta.json`` records the tokenizer, its vocabulary size and
+    the id range (read by the training preflight to check ids against the run's vocabulary).
+
+    Raises FileNotFoundError (input/tokenizer) or ValueError (bad arguments, a non-JSON or non-UTF-8
+    line, a missing key, an id outside the tokenizer's vocabulary -- naming file and line) before or
+    while reading; on error the partial outputs are removed.
     """
     import multiprocessing as mp
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
@@ -358,6 +457,8 @@ def preprocess_jsonl(
     pool = None
     empty = {key: 0 for key in json_keys}
     tokens = {key: 0 for key in json_keys}
+    lo = {key: None for key in json_keys}
+    hi = {key: None for key in json_keys}
     num_docs = 0
     total_bytes = 0
     t0 = time.time()
@@ -382,6 +483,9 @@ def preprocess_jsonl(
                     continue
                 builders[key].add_document(ids, [int(ids.size)])
                 tokens[key] += int(ids.size)
+                d_lo, d_hi = int(ids.min()), int(ids.max())
+                lo[key] = d_lo if lo[key] is None else min(lo[key], d_lo)
+                hi[key] = d_hi if hi[key] is None else max(hi[key], d_hi)
             if num_docs % log_interval == 0 and log_stream is not None:
                 elapsed = max(time.time() - t0, 1e-9)
                 print(
@@ -392,12 +496,27 @@ def preprocess_jsonl(
                 )
         if num_docs == 0:
             raise ValueError(f"input file {input_path!r} (from --input) contains no documents")
+        meta_paths = {}
         for key in json_keys:
             builders[key].finalize(prefixes[key] + ".idx")
+            # read at training start to check the ids against the run's vocabulary
+            meta_paths[key] = write_dataset_meta(prefixes[key], {
+                "tokenizer_type": tokenizer_type,
+                "tokenizer_model": os.path.abspath(tokenizer_model) if tokenizer_model else None,
+                "vocab_size": int(tokenizer.vocab_size),
+                "min_token_id": -1 if lo[key] is None else lo[key],
+                "max_token_id": -1 if hi[key] is None else hi[key],
+                "num_documents": num_docs - empty[key],
+                "num_tokens": tokens[key],
+                "dtype": np.dtype(dtype).name,
+                "json_key": key,
+                "append_eod": bool(append_eod),
+                "input": os.path.abspath(input_path),
+            })
     except BaseException:
         for key in json_keys:
             builders[key].data_file.close()
-            for ext in (".bin", ".idx"):
+            for ext in (".bin", ".idx", META_SUFFIX):
                 if os.path.exists(prefixes[key] + ext):
                     os.remove(prefixes[key] + ext)
         raise
@@ -421,4 +540,6 @@ def preprocess_jsonl(
         num_empty_skipped=empty,
         num_tokens=tokens,
         seconds=seconds,
+        max_token_id={key: -1 if hi[key] is None else hi[key] for key in json_keys},
+        meta_paths=meta_paths,
     )

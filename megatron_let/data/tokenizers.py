@@ -112,7 +112,12 @@ class SentencePieceTokenizer(_TokenizerBase):
 
         super().__init__(model_path)
         self._model_path = model_path
-        self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        try:
+            self._sp = sentencepiece.SentencePieceProcessor(model_file=model_path)
+        except (RuntimeError, OSError) as err:  # sentencepiece: "could not parse ModelProto"
+            raise ValueError(
+                f"--tokenizer-model {model_path} is not a readable sentencepiece model: {err}"
+            ) from None
         self._eod = int(self._sp.eos_id())
         if self._eod < 0:
             raise ValueError(
@@ -191,7 +196,13 @@ class HuggingFaceTokenizer(_TokenizerBase):
 
         super().__init__(folder)
         self._folder = folder
-        self._tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        try:
+            self._tok = AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+        except Exception as err:  # transformers raises anything from JSONDecodeError to OSError
+            raise ValueError(
+                f"Hugging Face tokenizer folder {folder} (from --tokenizer-model) cannot be loaded: "
+                f"{type(err).__name__}: {err}"
+            ) from None
         if self._tok.eos_token_id is None:
             raise ValueError(
                 f"Hugging Face tokenizer in {folder} (from --tokenizer-model) defines no eos_token, "

@@ -36,6 +36,8 @@ __all__ = [
     "find_weight_files",
     "teacher_tokenizer_size",
     "check_vocab_compatible",
+    "check_causal_lm",
+    "teacher_max_positions",
 ]
 
 _DTYPE_NAMES = {
@@ -215,27 +217,145 @@ def _count_parameters_meta(config: Any, trust_remote_code: bool) -> Optional[int
     return sum(p.numel() for p in model.parameters())
 
 
+# Config fields holding the longest sequence a model was built for (Llama-likes, GPT-2, others).
+_POSITION_FIELDS = ("max_position_embeddings", "n_positions", "n_ctx", "max_sequence_length",
+                    "seq_length")
+
+
+def teacher_max_positions(config: Any) -> Optional[tuple[str, int]]:
+    """(config field, value) of the teacher's maximum sequence length, or None if it declares none."""
+    text = _text_config(config)
+    for name in _POSITION_FIELDS:
+        value = getattr(text, name, None)
+        if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+            # the name config.json uses (GPT-2 aliases max_position_embeddings to n_positions)
+            return (getattr(text, "attribute_map", None) or {}).get(name, name), value
+    return None
+
+
+def check_causal_lm(config: Any, folder: str, trust_remote_code: bool = False) -> None:
+    """Refuse teachers that are not causal (left-to-right) language models.
+
+    transformers maps some encoders (BERT, RoBERTa, ...) to a causal-LM class that is only causal
+    with ``is_decoder=True``; loaded otherwise they attend bidirectionally and the alignment target
+    would see future tokens."""
+    from transformers.models.auto.modeling_auto import (
+        MODEL_FOR_CAUSAL_LM_MAPPING_NAMES,
+        MODEL_FOR_MASKED_LM_MAPPING_NAMES,
+    )
+
+    model_type = str(getattr(config, "model_type", ""))
+    archs = list(getattr(config, "architectures", None) or [])
+    what = f"teacher {folder!r} (--teacher-path) is a {model_type or 'unknown'} model"
+    if archs:
+        what += f" ({', '.join(archs)})"
+    if getattr(config, "is_encoder_decoder", False):
+        raise ValueError(f"{what}, an encoder-decoder: the teacher must be a causal (decoder-only) LM")
+    remote = trust_remote_code and "AutoModelForCausalLM" in (getattr(config, "auto_map", None) or {})
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and not remote:
+        raise ValueError(f"{what}, which transformers has no causal-LM class for: the teacher must "
+                         "be a causal (decoder-only) LM")
+    if model_type in MODEL_FOR_MASKED_LM_MAPPING_NAMES and not getattr(config, "is_decoder", False):
+        raise ValueError(f"{what}, an encoder with bidirectional attention (is_decoder is not set): "
+                         "the teacher must be a causal (decoder-only) LM")
+
+
+def _check_weight_file(path: str) -> None:
+    """Read one weight file's index without loading its tensors (safetensors: the header; .bin:
+    memory-mapped); an unreadable file is a ValueError naming it."""
+    try:
+        if path.endswith(".safetensors"):
+            from safetensors import safe_open
+
+            with safe_open(path, framework="pt") as f:
+                f.keys()
+            return
+        state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        if not isinstance(state, dict):
+            raise ValueError(f"holds a {type(state).__name__}, not a state dict")
+    except Exception as err:
+        raise ValueError(f"teacher weight file {path} is unreadable (corrupt or not a weight file): "
+                         f"{type(err).__name__}: {err}") from None
+
+
+def _format_missing(folder: str, missing: list[str], total: int) -> str:
+    shown = ", ".join(missing[:5]) + (", ..." if len(missing) > 5 else "")
+    return (f"teacher {folder!r} (--teacher-path) lacks {len(missing)} of its {total} weight tensors "
+            f"({shown}): transformers would initialise them randomly; the folder is incomplete")
+
+
+def check_weights_present(folder: str, weights: list[str], trust_remote_code: bool = False
+                          ) -> Optional[int]:
+    """Every weight tensor of the teacher is stored, and every weight file is readable.
+
+    The model is "loaded" onto the meta device (no tensor is read or allocated), so transformers'
+    own key matching (base-model prefixes, legacy names, tied weights) decides what is missing.
+    Returns the parameter count, or None when the architecture cannot be built on meta."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    for w in weights:
+        _check_weight_file(w)
+    previous, bar = hf_logging.get_verbosity(), hf_logging.is_progress_bar_enabled()
+    hf_logging.set_verbosity_error()  # its load report is replaced by our error below
+    hf_logging.disable_progress_bar()
+    try:
+        model, loading = AutoModelForCausalLM.from_pretrained(
+            folder, device_map="meta", output_loading_info=True, local_files_only=True,
+            trust_remote_code=trust_remote_code)
+    except Exception:  # every file is readable: an architecture meta loading does not support
+        return None
+    finally:
+        hf_logging.set_verbosity(previous)
+        if bar:
+            hf_logging.enable_progress_bar()
+    missing = sorted(loading.get("missing_keys") or [])
+    total = len({id(p) for p in model.parameters()})
+    if missing:
+        raise ValueError(_format_missing(folder, missing, total))
+    return sum(p.numel() for p in model.parameters())
+
+
 def inspect_teacher(
     path: Union[str, os.PathLike],
     layer: int = -1,
     trust_remote_code: bool = False,
     read_tokenizer: bool = True,
+    seq_length: Optional[int] = None,
 ) -> TeacherInfo:
-    """Describe a teacher folder without loading its weights (used by dry runs).
+    """Describe and validate a teacher folder without loading its weights (run preflight, dry runs).
+
+    Checked: a causal LM (no encoder), ``layer`` within its depth, its maximum positions against
+    ``seq_length`` (when given), and every weight tensor present in readable weight files (file
+    headers only).
 
     Raises:
         FileNotFoundError: folder, config.json or weight files missing.
-        ValueError: ``layer`` outside the teacher's depth.
+        ValueError: not a causal LM, ``layer`` outside the teacher's depth, too few positions,
+            missing tensors, or an unreadable config/weight file (naming it).
     """
     folder = _check_folder(path)
     from transformers import AutoConfig
 
-    config = AutoConfig.from_pretrained(
-        str(folder), local_files_only=True, trust_remote_code=trust_remote_code
-    )
+    try:
+        config = AutoConfig.from_pretrained(
+            str(folder), local_files_only=True, trust_remote_code=trust_remote_code
+        )
+    except (OSError, ValueError) as err:  # garbage JSON, unknown model_type
+        raise ValueError(f"teacher config {folder / 'config.json'} is unreadable: {err}") from None
+    check_causal_lm(config, str(folder), trust_remote_code)
     num_layers = _num_layers(config)
     resolved = resolve_layer(layer, num_layers)
+    positions = teacher_max_positions(config)
+    if seq_length is not None and positions is not None and positions[1] < seq_length:
+        raise ValueError(
+            f"teacher {str(folder)!r} (--teacher-path) handles at most {positions[1]} positions "
+            f"({positions[0]} in config.json) but --seq-length is {seq_length}"
+        )
     weights, _ = find_weight_files(folder)
+    num_parameters = check_weights_present(str(folder), weights, trust_remote_code)
+    if num_parameters is None:
+        num_parameters = _count_parameters_meta(config, trust_remote_code)
     return TeacherInfo(
         path=str(folder),
         model_type=str(getattr(config, "model_type", "")),
@@ -243,7 +363,7 @@ def inspect_teacher(
         hidden_size=_hidden_size(config, final=resolved == num_layers),
         num_layers=num_layers,
         vocab_size=_vocab_size(config),
-        num_parameters=_count_parameters_meta(config, trust_remote_code),
+        num_parameters=num_parameters,
         weight_files=[os.path.basename(w) for w in weights],
         tokenizer_size=teacher_tokenizer_size(folder) if read_tokenizer else None,
         layer=resolved,
@@ -393,7 +513,18 @@ class HFTeacher:
             kwargs["weights_only"] = True
         # transformers 5 renamed torch_dtype to dtype (the old name still works with a warning).
         kwargs["dtype" if _transformers_major() >= 5 else "torch_dtype"] = dtype
-        model = AutoModelForCausalLM.from_pretrained(info.path, **kwargs)
+        try:
+            model, loading = AutoModelForCausalLM.from_pretrained(
+                info.path, output_loading_info=True, **kwargs)
+        except Exception as err:  # e.g. SafetensorError, which names no file
+            raise ValueError(f"teacher weights in {info.path} ({', '.join(info.weight_files)}) "
+                             f"could not be loaded: {type(err).__name__}: {err}") from err
+        # the authoritative check behind inspect_teacher's header comparison: transformers
+        # initialises missing tensors randomly and only prints a report
+        missing = sorted(loading.get("missing_keys") or [])
+        if missing:
+            total = len({id(p) for p in model.parameters()})
+            raise ValueError(_format_missing(info.path, missing, total))
         model.to(device)
         return cls(model, cfg)
 

@@ -239,7 +239,9 @@ def parse_args(argv: Optional[List[str]] = None,
 
 def config_from_namespace(a: argparse.Namespace) -> RunConfig:
     from megatron_let.objectives import registry
+    from megatron_let.training.preflight import check_sizes
 
+    check_sizes(a)  # zero/negative sizes: a clear error before anything divides by them
     if a.sequence_parallel and a.tensor_model_parallel_size == 1:
         a.sequence_parallel = False  # as Megatron-LM: SP is meaningless without TP
     model = _model_config(a, vocab_size=a.vocab_size or 0)

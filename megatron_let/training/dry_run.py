@@ -4,13 +4,13 @@ No process group is created and no weight is loaded, so a launcher can be checke
 (CPU only) for any cluster size. The world size is read from ``WORLD_SIZE`` (set by torchrun, SLURM
 wrappers or the example launchers) and defaults to TP × PP (a single data-parallel replica).
 
-What is checked, in the order a real run would hit it: parallel sizes against the world size, the
-global batch against micro-batch × data-parallel size, the vocabulary (``--vocab-size`` or the
-tokenizer), the objective's own settings (e.g. LET's layer k within the student's depth), the
-teacher folder (config, weights, layer range, shared vocabulary; read with ``inspect_teacher``,
-no weights loaded), the ``--data-path`` prefixes (``.idx`` headers only) and the SALT data
-selection file. Every problem is a ``ValueError``/``FileNotFoundError`` naming the flag, which
-``pretrain_let.py`` reports on stderr with exit code 2.
+What is checked is the run's own preflight (:mod:`megatron_let.training.preflight`, the function
+``Trainer.setup`` calls before any compute): parallel sizes against the world size, the global
+batch, ``--split``, the tokenizer and vocabulary, the objective's own settings, the teacher folder
+(causal LM, layer range, positions, weights present; no weights loaded), the SALT data selection,
+the ``--data-path`` prefixes (token ids against the vocabulary, empty splits, data repetition) and
+``--save`` (writable, free space). Every problem is a ``ValueError``/``FileNotFoundError`` naming
+the flag, which ``pretrain_let.py`` reports on stderr with exit code 2.
 
 Estimates (formulas, with the assumptions, in ``docs/launching.md``):
 
@@ -34,6 +34,7 @@ from typing import Iterable, List, Optional, Set, Tuple
 
 from megatron_let.model.llama import LlamaConfig
 from megatron_let.training.arguments import RunConfig
+from megatron_let.training.preflight import PreflightResult, preflight, world_size_from_env  # noqa: F401
 
 GIB = 2**30
 # Print every rank up to this world size; beyond it, the first and last ranks of the table.
@@ -119,20 +120,6 @@ class ParallelLayout:
                 output_layer=pp_rank == self.pp - 1, teacher=pp_rank in stages,
             ))
         return out
-
-
-def world_size_from_env(cfg: RunConfig) -> int:
-    """``WORLD_SIZE`` from the environment (torchrun/SLURM/launchers), else TP × PP."""
-    text = os.environ.get("WORLD_SIZE")
-    if text is None or text == "":
-        return cfg.parallel.tensor_model_parallel_size * cfg.parallel.pipeline_model_parallel_size
-    try:
-        value = int(text)
-    except ValueError:
-        raise ValueError(f"environment variable WORLD_SIZE={text!r} is not an integer") from None
-    if value < 1:
-        raise ValueError(f"environment variable WORLD_SIZE={value} must be >= 1")
-    return value
 
 
 # ---------------------------------------------------------------------------------------------
@@ -420,33 +407,16 @@ class DryRunPlan:
     flops: FlopEstimate
     data: DataSummary
     gpus_per_node: Optional[int]
+    preflight: Optional[PreflightResult] = None
 
     @property
     def tokens_per_step(self) -> int:
         return self.global_batch_size * self.model.seq_length
 
 
-def _resolve_vocab(cfg: RunConfig, trainer) -> int:
-    if cfg.model.vocab_size:
-        return cfg.model.vocab_size
-    if not cfg.data.tokenizer_type:
-        raise ValueError(
-            "vocabulary size unknown: pass --vocab-size, or --tokenizer-type with --tokenizer-model"
-        )
-    return trainer.build_tokenizer().vocab_size
-
-
-def _check_data(cfg: RunConfig) -> DataSummary:
-    from megatron_let.data.indexed import parse_data_path, validate_indexed_dataset
-
-    summary = DataSummary()
-    if cfg.data.data_path:
-        summary.prefixes = parse_data_path(cfg.data.data_path)
-        for _, prefix in summary.prefixes:
-            summary.num_tokens += validate_indexed_dataset(prefix).num_tokens  # headers only
-    if cfg.data.kd_data_selection and not os.path.isfile(cfg.data.kd_data_selection):
-        raise FileNotFoundError(f"--kd-data-selection {cfg.data.kd_data_selection} does not exist")
-    return summary
+def _data_summary(pre: PreflightResult) -> DataSummary:
+    return DataSummary(prefixes=[(d.weight, d.prefix) for d in pre.datasets],
+                       num_tokens=pre.num_tokens)
 
 
 def _gpus_per_node() -> Optional[int]:
@@ -457,37 +427,22 @@ def _gpus_per_node() -> Optional[int]:
 def plan_run(cfg: RunConfig, world_size: Optional[int] = None) -> DryRunPlan:
     """Validate ``cfg`` as the trainer would, without any process group or weights, and compute the
     layout and estimates. Raises ValueError/FileNotFoundError naming the offending flag."""
-    from megatron_let.objectives.base import ObjectiveContext, build_objective
     from megatron_let.training.trainer import Trainer
 
     cfg = copy.deepcopy(cfg)  # the vocabulary is filled in below; the caller's config is kept
     if cfg.bf16 and cfg.device == "cpu":
         raise ValueError("--bf16 needs a CUDA device (CPU runs are fp32)")
-    world = world_size if world_size is not None else world_size_from_env(cfg)
-    par = cfg.parallel
-    par.validate(world)
-    layout = ParallelLayout(world, par.tensor_model_parallel_size,
-                            par.pipeline_model_parallel_size, cfg.model.num_layers)
-    num_microbatches = cfg.batch.num_microbatches(layout.dp)
-    gbs = cfg.batch.micro_batch_size * layout.dp * num_microbatches
-
-    # The trainer's own checks (tokenizer, teacher folder and vocabulary), on a trainer that is
-    # never set up: the dry run then fails exactly where a real run would.
+    # The run's own preflight, on a trainer that is never set up: the dry run then fails exactly
+    # where, and with the message, a real run would.
     trainer = Trainer(cfg)
-    cfg.model.vocab_size = _resolve_vocab(cfg, trainer)
+    pre = preflight(cfg, trainer, world_size)
+    par = cfg.parallel
+    layout = ParallelLayout(pre.world_size, par.tensor_model_parallel_size,
+                            par.pipeline_model_parallel_size, cfg.model.num_layers)
+    num_microbatches, gbs = pre.num_microbatches, pre.global_batch_size
     model = cfg.model
-    objective = build_objective(
-        cfg.objective, cfg.objective_config,
-        ObjectiveContext(train_iters=cfg.batch.train_iters, vocab_size=model.vocab_size,
-                         student_num_layers=model.num_layers),
-    )
-    objective.validate(model.num_layers)
-    trainer.objective = objective
-    try:
-        trainer.validate_teacher()
-    except NotADirectoryError as e:  # an OSError, but it means a bad --teacher-path
-        raise FileNotFoundError(str(e)) from e
-    data = _check_data(cfg)
+    objective = pre.objective
+    data = _data_summary(pre)
 
     teacher, use = None, None
     info = getattr(trainer, "teacher_info", None)
@@ -509,7 +464,7 @@ def plan_run(cfg: RunConfig, world_size: Optional[int] = None) -> DryRunPlan:
     flops = estimate_flops(model, gbs * model.seq_length, cfg.batch.train_iters, layout, teacher,
                            use)
     return DryRunPlan(cfg, model, layout, num_microbatches, gbs, objective, teacher, use, memory,
-                      flops, data, _gpus_per_node())
+                      flops, data, _gpus_per_node(), pre)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -570,6 +525,16 @@ def format_plan(plan: DryRunPlan) -> str:
         epochs = tokens * iters / plan.data.num_tokens if plan.data.num_tokens else float("inf")
         out.append(f"  data: {len(plan.data.prefixes)} prefix(es), {plan.data.num_tokens:,} tokens; "
                    f"the run reads {epochs:.2f} epoch(s)")
+    pre = plan.preflight
+    if pre is not None:
+        for d in pre.datasets:
+            out.append(f"    {d.prefix}: token ids {d.min_id}..{d.max_id} ({d.id_source})")
+        if pre.planned_checkpoints:
+            out.append(f"  checkpoints: about {pre.checkpoint_bytes / GIB:.2f} GiB each x "
+                       f"{pre.planned_checkpoints} planned; {pre.save_free_bytes / GIB:.2f} GiB free "
+                       f"under --save {cfg.checkpoint.save}")
+        for w in pre.warnings:
+            out.append(f"  WARNING: {w}")
 
     # Layout.
     out += ["", f"parallel layout: world {layout.world_size} = TP {layout.tp} x DP {layout.dp} x "

@@ -18,7 +18,7 @@ from typing import Dict, Iterator, Optional
 
 import torch
 
-from megatron_let.objectives.base import Needs, ObjectiveContext, build_objective
+from megatron_let.objectives.base import Needs
 from megatron_let.training.arguments import RunConfig
 from megatron_let.training.metrics import (
     IntervalTimer,
@@ -30,24 +30,18 @@ from megatron_let.training.metrics import (
 
 
 def load_selection(path: str, dataset_size: int):
-    """A SALT_DS selection: a 1-D .npy of training-sample indices written by tools/select_data.py."""
-    import numpy as np
+    """A SALT_DS selection: a 1-D .npy of training-sample indices written by tools/select_data.py.
+    Its format is checked by the preflight; its range needs the built dataset."""
+    from megatron_let.training.preflight import read_selection
 
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"--kd-data-selection {path} does not exist")
-    try:
-        sel = np.load(path, allow_pickle=False)
-    except Exception as e:
-        raise ValueError(f"--kd-data-selection {path} is not a readable .npy file: {e}") from e
-    if sel.ndim != 1 or sel.size == 0 or not np.issubdtype(sel.dtype, np.integer):
-        raise ValueError(f"--kd-data-selection {path} must be a non-empty 1-D integer array")
-    if sel.min() < 0 or sel.max() >= dataset_size:
+    sel = read_selection(path)
+    if sel.max() >= dataset_size:
         raise ValueError(
             f"--kd-data-selection {path} indexes sample {int(sel.max())} but the training dataset "
             f"has {dataset_size} samples: was it made with the same --data-path/--split/"
             "--seq-length/--train-iters/--global-batch-size?"
         )
-    return sel.astype(np.int64)
+    return sel
 
 
 def build_run_datasets(cfg: RunConfig, tokenizer, global_batch_size: int):
@@ -62,11 +56,9 @@ def build_run_datasets(cfg: RunConfig, tokenizer, global_batch_size: int):
         tokenizer_type=d.tokenizer_type or "NullTokenizer", tokenizer_model=d.tokenizer_model,
         vocab_size=d.vocab_size,
     )
-    eval_runs = 0
-    if cfg.logging.eval_interval:
-        eval_runs = cfg.batch.train_iters // cfg.logging.eval_interval + 1
-    train_samples = max(1, cfg.batch.train_iters) * global_batch_size
-    valid_samples = eval_runs * cfg.logging.eval_iters * global_batch_size
+    from megatron_let.training.preflight import sample_counts
+
+    train_samples, valid_samples = sample_counts(cfg, global_batch_size)
     # no test split: megatron-core would refuse an empty one even when it is never read
     train_ds, valid_ds, _ = build_datasets(data_config, tokenizer, train_samples, valid_samples, 0)
     return train_ds, valid_ds
@@ -119,16 +111,10 @@ class Trainer:
         if cfg.parallel.use_distributed_optimizer and self.use_cpu:
             # megatron-core 0.16.1's DistributedOptimizer type-checks parameters as CUDA tensors
             raise ValueError("--use-distributed-optimizer needs CUDA; on CPU use the default optimizer")
-        self.tokenizer = self.build_tokenizer()
-        if not cfg.model.vocab_size:
-            cfg.model.vocab_size = self.tokenizer.vocab_size
-        self.objective = build_objective(
-            cfg.objective, cfg.objective_config,
-            ObjectiveContext(train_iters=cfg.batch.train_iters, vocab_size=cfg.model.vocab_size,
-                             student_num_layers=cfg.model.num_layers),
-        )
-        self.objective.validate(cfg.model.num_layers)
-        self.validate_teacher()
+        from megatron_let.training.preflight import preflight
+
+        # everything --dry-run checks, before any compute: sets self.tokenizer and self.objective
+        self.preflight = preflight(cfg, self)
 
         initialize_distributed(self.device, cfg.parallel, cfg.seed)
         self.rank = torch.distributed.get_rank()
@@ -171,7 +157,9 @@ class Trainer:
         from megatron_let.teacher.hf_teacher import check_vocab_compatible, inspect_teacher
 
         layer = needs.teacher_hidden_layer if needs.teacher_hidden_layer is not None else -1
-        self.teacher_info = inspect_teacher(cfg.teacher.path, layer=layer)
+        self.teacher_info = inspect_teacher(cfg.teacher.path, layer=layer,
+                                            trust_remote_code=cfg.teacher.trust_remote_code,
+                                            seq_length=cfg.model.seq_length)
         if cfg.teacher.tokenizer_mismatch:
             if needs.teacher_logits:
                 raise ValueError("--let-tokenizer-mismatch aligns hidden states only; logit "
@@ -244,13 +232,8 @@ class Trainer:
             data_parallel_rank=self.dp_rank, data_parallel_size=self.dp_size, seed=cfg.seed,
         )
         self.selection = None
-        if d.kd_data_selection:
+        if d.kd_data_selection:  # objective and format: checked by the preflight
             self.selection = load_selection(d.kd_data_selection, len(self.train_ds))
-            if not self.objective.needs(0).kd_data_selection:
-                raise ValueError(
-                    f"--kd-data-selection is only used by an objective with a KD data phase "
-                    f"(--objective salt), not --objective {cfg.objective}"
-                )
 
     # ------------------------------------------------------------------ checkpoints
     def _load_checkpoint(self) -> None:
