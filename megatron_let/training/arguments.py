@@ -24,6 +24,9 @@ class OptimConfig:
     adam_beta2: float = 0.999
     adam_eps: float = 1e-8
     clip_grad: float = 1.0
+    # resuming: the flags' schedule wins / the checkpoint's wins / neither: they must agree
+    override_opt_param_scheduler: bool = False
+    use_checkpoint_opt_param_scheduler: bool = False
 
     def resolved_min_lr(self) -> float:
         return 0.1 * self.lr if self.min_lr is None else self.min_lr
@@ -153,10 +156,14 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--adam-beta2", type=float, default=0.999)
     g.add_argument("--adam-eps", type=float, default=1e-8)
     g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--override-opt_param-scheduler", action="store_true",
+                   help="on resume, take the LR/WD schedule from the flags, not the checkpoint")
+    g.add_argument("--use-checkpoint-opt_param-scheduler", action="store_true",
+                   help="on resume, keep the checkpoint's LR/WD schedule whatever the flags say")
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--exit-interval", type=int, help="exit after this many iterations (testing)")
+    g.add_argument("--exit-interval", type=int, help="save (with --save) and exit once the iteration is a multiple of N")
     g.add_argument("--dry-run", action="store_true",
                    help="validate flags and print the layout without initialising anything")
 
@@ -280,6 +287,11 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         raise ValueError("--eval-downstream-limit must be > 0")
     if a.eval_downstream_interval and a.tokenizer_type in (None, "NullTokenizer"):
         raise ValueError("--eval-downstream-interval needs a real tokenizer (--tokenizer-type/--tokenizer-model)")
+    if a.override_opt_param_scheduler and a.use_checkpoint_opt_param_scheduler:
+        raise ValueError("--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler "
+                         "are mutually exclusive")
+    if a.exit_interval is not None and a.exit_interval <= 0:
+        raise ValueError("--exit-interval must be > 0")
     if a.save_interval is not None and a.save_interval <= 0:
         raise ValueError("--save-interval must be > 0")
     if a.save_interval and not a.save:
@@ -310,7 +322,8 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         model=model, parallel=parallel,
         batch=BatchConfig(a.micro_batch_size, a.global_batch_size, a.train_iters),
         optim=OptimConfig(a.lr, a.min_lr, a.lr_warmup_fraction, a.lr_decay_style, a.weight_decay,
-                          a.adam_beta1, a.adam_beta2, a.adam_eps, a.clip_grad),
+                          a.adam_beta1, a.adam_beta2, a.adam_eps, a.clip_grad,
+                          a.override_opt_param_scheduler, a.use_checkpoint_opt_param_scheduler),
         data=DataArgs(a.data_path, a.split, a.mock_data, a.tokenizer_type, a.tokenizer_model,
                       a.vocab_size, a.data_cache_path, a.kd_data_selection),
         checkpoint=CheckpointConfig(a.save, a.load, a.save_interval, a.exit_signal_handler,

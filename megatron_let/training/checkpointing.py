@@ -21,6 +21,8 @@ from typing import Any, Dict, Optional
 import numpy as np
 import torch
 
+from megatron_let.training.optimizer_checkpoint import OPTIMIZER_METADATA, check_optimizer_format
+
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_PREFIX = "model."  # key prefix of the model's tensors inside a checkpoint
 
@@ -73,7 +75,8 @@ def _sharded_state_dict(model, optimizer, is_loading: bool, with_optimizer: bool
     model_sd = model.sharded_state_dict(prefix=MODEL_PREFIX)
     state = {"model": model_sd}
     if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading)
+        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
+                                                          metadata=OPTIMIZER_METADATA)
     return state
 
 
@@ -130,6 +133,7 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
         return None
     path = checkpoint_dir(root, iteration)
     if load_optim:
+        check_optimizer_format(path, optimizer)
         # torch's AdamW creates its state lazily; materialise it so the sharded keys exist.
         optimizer.init_state_fn(optimizer.optimizer, optimizer.config) if hasattr(
             optimizer, "init_state_fn") and optimizer.init_state_fn else None
@@ -142,7 +146,8 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
     # non-tensor extra state and proves the checkpoint matches this architecture.
     model.load_state_dict({k[len(MODEL_PREFIX):]: v for k, v in loaded["model"].items()}, strict=True)
     if load_optim:
-        optimizer.load_state_dict(loaded["optimizer"])
+        with torch.no_grad():  # the distributed optimizer's fp32 shards are views of leaf params
+            optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
     rng_file = os.path.join(path, "rng", f"rank_{torch.distributed.get_rank():05d}.pt")
     if load_rng and os.path.isfile(rng_file):

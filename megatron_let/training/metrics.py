@@ -86,6 +86,31 @@ class IntervalTimer:
         return (self._clock() - self._t0 - self._paused) / max(1, iteration - self._iter0)
 
 
+class IntervalAverage:
+    """Losses as Megatron-LM's console prints them: the mean over the iterations of the current log
+    interval, not the last iteration's value. Iterations whose update was skipped are left out, as
+    Megatron-LM leaves them out of its ``advanced_iters``. :meth:`pop` returns the means and starts
+    the next interval."""
+
+    def __init__(self, keys) -> None:
+        self.keys = tuple(keys)
+        self._sums: Dict[str, list] = {}
+
+    def add(self, values: Dict[str, float], skipped: bool = False) -> None:
+        if skipped:
+            return
+        for key in self.keys:
+            if key in values:
+                slot = self._sums.setdefault(key, [0.0, 0])
+                slot[0] += float(values[key])
+                slot[1] += 1
+
+    def pop(self) -> Dict[str, float]:
+        out = {k: total / count for k, (total, count) in self._sums.items() if count}
+        self._sums.clear()
+        return out
+
+
 def format_eta(seconds: float) -> str:
     seconds = int(max(0, seconds))
     h, rem = divmod(seconds, 3600)

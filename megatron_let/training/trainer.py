@@ -21,6 +21,7 @@ import torch
 from megatron_let.objectives.base import Needs
 from megatron_let.training.arguments import RunConfig
 from megatron_let.training.metrics import (
+    IntervalAverage,
     IntervalTimer,
     MetricAccumulator,
     MetricsWriter,
@@ -83,6 +84,9 @@ class _SignalFlag:
 
 
 class Trainer:
+    # printed on the console as their mean over the log interval
+    CONSOLE_LOSSES = ("lm loss", "total loss", "align loss", "cosine similarity", "kd loss")
+
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
         self.iteration = 0
@@ -106,11 +110,6 @@ class Trainer:
         self.signals = _SignalFlag(cfg.checkpoint.exit_signal_handler)
         self.device = resolve_device(cfg.device)
         self.use_cpu = self.device.type == "cpu"
-        if cfg.bf16 and self.use_cpu:
-            raise ValueError("--bf16 needs a CUDA device (CPU runs are fp32)")
-        if cfg.parallel.use_distributed_optimizer and self.use_cpu:
-            # megatron-core 0.16.1's DistributedOptimizer type-checks parameters as CUDA tensors
-            raise ValueError("--use-distributed-optimizer needs CUDA; on CPU use the default optimizer")
         from megatron_let.training.preflight import preflight
 
         # everything --dry-run checks, before any compute: sets self.tokenizer and self.objective
@@ -180,10 +179,11 @@ class Trainer:
         from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
         from megatron.core.transformer.module import Float16Module
 
         from megatron_let.model.llama import build_student
+        from megatron_let.runtime.cpu_compat import apply_torch_adam_fallback_fixes
+        from megatron_let.training.lr_schedule import build_scheduler
 
         cfg = self.cfg
         self.student = build_student(cfg.model, cfg.parallel, bf16=cfg.bf16, use_cpu=self.use_cpu)
@@ -203,6 +203,8 @@ class Trainer:
         tconfig.grad_scale_func = None
 
         o = cfg.optim
+        if cfg.parallel.use_distributed_optimizer:
+            apply_torch_adam_fallback_fixes()  # no-op when apex/TE provide the optimizer
         self.optimizer = get_megatron_optimizer(
             OptimizerConfig(
                 optimizer="adam", lr=o.lr, min_lr=o.resolved_min_lr(), weight_decay=o.weight_decay,
@@ -213,13 +215,7 @@ class Trainer:
             ),
             [self.model],
         )
-        iters = max(1, cfg.batch.train_iters)
-        self.scheduler = OptimizerParamScheduler(
-            self.optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.resolved_min_lr(),
-            lr_warmup_steps=int(o.lr_warmup_fraction * iters), lr_decay_steps=iters,
-            lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-            wd_incr_steps=iters, wd_incr_style="constant",
-        )
+        self.scheduler = build_scheduler(self.optimizer, o, cfg.batch.train_iters)
 
     def _build_data(self) -> None:
         from megatron_let.data.datasets import build_data_iterator
@@ -247,6 +243,10 @@ class Trainer:
         if extra is None:
             self._log(f"no checkpoint under {ck.load}; starting from scratch")
             return
+        if ck.no_load_optim:
+            # As Megatron-LM: without the optimizer state, the mixed-precision optimizers' fp32
+            # main params (copied from the random init at construction) must follow the loaded model.
+            self.optimizer.reload_model_params()
         self.iteration = int(extra["iteration"])
         self.consumed_train_samples = int(extra["consumed_train_samples"])
         self.consumed_selection_samples = int(extra.get("consumed_selection_samples", 0))
@@ -409,6 +409,7 @@ class Trainer:
         self.model.train()
         tokens_per_step = self.global_batch_size * cfg.model.seq_length
         interval = IntervalTimer(self.iteration)
+        averages = IntervalAverage(self.CONSOLE_LOSSES)
         last: Dict[str, float] = {}
         metric_names = ["lm loss", "output loss term", "hidden loss term",
                         *self.objective.metric_names]
@@ -453,8 +454,10 @@ class Trainer:
             values["teacher time share"] = self._teacher_share(step_time)
             self.writer.scalars(self.iteration, values)
             last = values
+            averages.add(values, skipped=bool(step_stats["skipped"]))
             if self.iteration % cfg.logging.log_interval == 0 or self.iteration == cfg.batch.train_iters:
-                self._console_line(values, interval.per_iteration(self.iteration))
+                # losses: the interval's mean, as Megatron-LM prints them; the rest: this iteration
+                self._console_line({**values, **averages.pop()}, interval.per_iteration(self.iteration))
                 interval.restart(self.iteration)
             with interval.paused():
                 if cfg.logging.eval_interval and self.iteration % cfg.logging.eval_interval == 0:
@@ -474,6 +477,9 @@ class Trainer:
                 self._log(f"exit signal received: checkpoint saved at iteration {self.iteration}, exiting")
                 return last
             if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
+                if cfg.checkpoint.save and not save_now:  # as Megatron-LM: save, then exit
+                    with interval.paused():
+                        self.save()
                 self._log(f"--exit-interval {cfg.exit_interval} reached at iteration {self.iteration}")
                 return last
         if cfg.logging.eval_interval and self.iteration % cfg.logging.eval_interval != 0:
@@ -532,7 +538,7 @@ class Trainer:
             f"learning rate: {v['lr']:.6E}",
             f"global batch size: {self.global_batch_size:5d}",
         ]
-        for key in ("lm loss", "total loss", "align loss", "cosine similarity", "kd loss"):
+        for key in self.CONSOLE_LOSSES:
             if key in v:
                 parts.append(f"{key}: {v[key]:.6E}")
         for key in ("lambda", "kd weight"):
