@@ -82,3 +82,61 @@ def test_default_causal_mask_on_cpu():
     m = get_default_causal_mask(4)
     assert m.device.type == "cpu"
     assert torch.equal(m, torch.ones(4, 4).triu(1).bool())
+
+
+def test_optimizer_constructors_see_cuda_type_names():
+    for dotted in cpu_compat.CUDA_TYPE_CHECKED_CONSTRUCTORS:
+        assert hasattr(cpu_compat._resolve(dotted).__init__, "__wrapped__"), dotted
+
+    def inside():
+        t = torch.zeros(2, dtype=torch.bfloat16)
+        return t.type(), torch.zeros(1).type(), t.type(torch.float64).dtype
+
+    assert cpu_compat._with_cuda_type_names(inside)() == (
+        "torch.cuda.BFloat16Tensor", "torch.cuda.FloatTensor", torch.float64)
+    # scoped to the call: afterwards torch reports the real type again
+    assert "type" not in torch.Tensor.__dict__
+    assert torch.zeros(1, dtype=torch.bfloat16).type() == "torch.BFloat16Tensor"
+
+
+def test_bf16_optimizer_keeps_fp32_main_params_on_cpu():
+    """megatron-core's mixed-precision optimizer on CPU bf16 params: fp32 main copies, and
+    reload_model_params() re-copies them from the model (what --no-load-optim relies on)."""
+    from megatron.core.optimizer import OptimizerConfig
+    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
+
+    torch.manual_seed(0)
+    p = torch.nn.Parameter(torch.randn(4, 3).bfloat16())
+    opt = Float16OptimizerWithFloat16Params(
+        torch.optim.AdamW([p], lr=0.1), OptimizerConfig(bf16=True, lr=0.1), None, lambda *a: None)
+    main = opt.fp32_from_float16_groups[0][0]
+    assert main.dtype == torch.float32 and torch.equal(main, p.detach().float())
+    with torch.no_grad():
+        p.copy_(torch.randn(4, 3).bfloat16())  # a checkpoint loaded into the model
+    assert not torch.equal(main, p.detach().float())
+    opt.reload_model_params()
+    assert torch.equal(opt.fp32_from_float16_groups[0][0], p.detach().float())
+
+
+def test_torch_adam_fallback_fixes_installed():
+    from megatron.core.optimizer import distrib_optimizer
+
+    assert not distrib_optimizer.HAVE_APEX_OR_TE  # the CPU environment has neither apex nor TE
+    assert cpu_compat.apply_torch_adam_fallback_fixes()
+    for name in cpu_compat.TORCH_ADAM_FALLBACK_FIXES:
+        assert hasattr(getattr(distrib_optimizer.DistributedOptimizer, name), "__wrapped__"), name
+
+
+def test_eager_adam_state_equals_torch_lazy_state():
+    torch.manual_seed(1)
+    a = torch.nn.Parameter(torch.randn(5))
+    b = torch.nn.Parameter(a.detach().clone())
+    lazy, eager = torch.optim.AdamW([a], lr=0.01), torch.optim.AdamW([b], lr=0.01)
+    cpu_compat._fill_fresh_adam_state(eager)
+    assert float(eager.state[b]["step"]) == 0.0
+    for _ in range(3):
+        g = torch.randn(5)
+        a.grad, b.grad = g.clone(), g.clone()
+        lazy.step()
+        eager.step()
+    assert torch.equal(a, b) and float(eager.state[b]["step"]) == 3.0
