@@ -57,7 +57,9 @@ _shared_defaults() {
     : "${MIN_LR:=}"                               # empty: 10% of LR (the paper's cosine floor)
     : "${LR_WARMUP_FRACTION:=0.1}" "${LR_DECAY_STYLE:=cosine}"
     : "${WEIGHT_DECAY:=0.01}" "${ADAM_BETA1:=0.9}" "${ADAM_BETA2:=0.999}" "${CLIP_GRAD:=1.0}"
-    : "${BF16:=1}" "${DEVICE:=auto}" "${SEED:=1234}"
+    : "${DEVICE:=auto}" "${SEED:=1234}"
+    # bf16 by default; CPU smoke runs (DEVICE=cpu) default to fp32, BF16=1 runs them in bf16 too
+    if [[ ${DEVICE} == cpu ]]; then : "${BF16:=0}"; else : "${BF16:=1}"; fi
     # data: the student uses the teacher's tokenizer, as in the paper
     : "${MOCK_DATA:=0}" "${DATA_PATH:=}" "${SPLIT:=969,30,1}" "${DATA_CACHE_PATH:=}"
     : "${TOKENIZER_TYPE:=HuggingFaceTokenizer}" "${TOKENIZER_MODEL:=${TEACHER_PATH}}"
@@ -138,8 +140,7 @@ build_args() {
         --device "${DEVICE}"
     )
     if [[ -n ${MIN_LR} ]]; then TRAINING_ARGS+=(--min-lr "${MIN_LR}"); fi
-    # CPU runs (DEVICE=cpu, for tests) are fp32: the trainer refuses --bf16 there.
-    if [[ ${BF16} == 1 && ${DEVICE} != cpu ]]; then TRAINING_ARGS+=(--bf16); fi
+    if [[ ${BF16} == 1 ]]; then TRAINING_ARGS+=(--bf16); fi
     if [[ ${USE_DISTRIBUTED_OPTIMIZER} == 1 ]]; then TRAINING_ARGS+=(--use-distributed-optimizer); fi
 
     DATA_ARGS=(--split "${SPLIT}")

@@ -291,8 +291,11 @@ ERRORS = [
      "49152"),
     ("vocab-unknown", [a for a in PAPER_1B if a not in ("--vocab-size", "49152")] +
      ["--objective", "baseline"], None, "vocabulary size unknown: pass --vocab-size"),
-    ("bf16-on-cpu", PAPER_1B + ["--objective", "baseline", "--device", "cpu"], None,
-     "--bf16 needs a CUDA device"),
+    ("scheduler-flags", PAPER_1B + ["--objective", "baseline", "--override-opt_param-scheduler",
+                                    "--use-checkpoint-opt_param-scheduler"], None,
+     "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually exclusive"),
+    ("exit-interval", PAPER_1B + ["--objective", "baseline", "--exit-interval", "0"], None,
+     "--exit-interval must be > 0"),
 ]
 
 

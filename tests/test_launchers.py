@@ -96,7 +96,7 @@ def tiny_env(checkpoint_dir, teacher_path, **overrides) -> dict:
         TEACHER_PATH=teacher_path, GPUS_PER_NODE=2, TRAIN_ITERS=2, SEQ_LENGTH=32,
         MICRO_BATCH_SIZE=2, GLOBAL_BATCH_SIZE=4, LOG_INTERVAL=1, EVAL_ITERS=1,
         CHECKPOINT_DIR=checkpoint_dir, MASTER_PORT=free_port(),
-        # megatron-core's distributed optimizer needs CUDA tensors (type check in 0.16.1)
+        # off to keep the smoke run short (tests/test_gpu_path_on_cpu.py covers it on CPU)
         USE_DISTRIBUTED_OPTIMIZER=0,
     )
     values.update(overrides)

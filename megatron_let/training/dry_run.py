@@ -430,8 +430,6 @@ def plan_run(cfg: RunConfig, world_size: Optional[int] = None) -> DryRunPlan:
     from megatron_let.training.trainer import Trainer
 
     cfg = copy.deepcopy(cfg)  # the vocabulary is filled in below; the caller's config is kept
-    if cfg.bf16 and cfg.device == "cpu":
-        raise ValueError("--bf16 needs a CUDA device (CPU runs are fp32)")
     # The run's own preflight, on a trainer that is never set up: the dry run then fails exactly
     # where, and with the message, a real run would.
     trainer = Trainer(cfg)
