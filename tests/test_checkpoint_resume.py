@@ -55,8 +55,9 @@ def test_killed_during_save_keeps_previous_checkpoint(tmp_path):
     run_pretrain(ARGS + ["--train-iters", "2", "--save", save])
     os.makedirs(os.path.join(save, "iter_0000004.tmp"))  # what a kill mid-save leaves behind
     metrics = str(tmp_path / "m.jsonl")
-    out = run_pretrain(ARGS + ["--train-iters", "3", "--save", save, "--load", save,
-                               "--metrics-jsonl", metrics])
+    # a longer run than the checkpoint's: its schedule follows the new --train-iters
+    out = run_pretrain(ARGS + ["--train-iters", "3", "--override-opt_param-scheduler", "--save", save,
+                               "--load", save, "--metrics-jsonl", metrics])
     assert "resumed from" in out.stdout and "iteration 2" in out.stdout
     assert sorted(read_metrics(metrics)) == [3]
     assert not os.path.exists(os.path.join(save, "iter_0000004.tmp"))
