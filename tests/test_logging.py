@@ -54,3 +54,15 @@ def test_interval_timer_reports_the_last_interval_without_pauses():
         now[0] += 50.0  # ... and an evaluation that is not a training step
     now[0] += 6.0   # 6 more fast steps
     assert timer.per_iteration(25) == pytest.approx(1.0)  # not (30 + 60) / 20, not 6.0
+
+
+def test_interval_average_is_the_mean_of_the_interval_without_skipped_steps():
+    from megatron_let.training.metrics import IntervalAverage
+
+    avg = IntervalAverage(["lm loss", "kd loss"])
+    avg.add({"lm loss": 4.0, "kd loss": 1.0, "lr": 9.0})
+    avg.add({"lm loss": 100.0}, skipped=True)  # a skipped update is left out, as in Megatron-LM
+    avg.add({"lm loss": 2.0})
+    assert avg.pop() == {"lm loss": 3.0, "kd loss": 1.0}
+    avg.add({"lm loss": 5.0})
+    assert avg.pop() == {"lm loss": 5.0}  # pop started a new interval
