@@ -270,3 +270,28 @@ def test_use_checkpoint_opt_param_scheduler_keeps_the_checkpoints(megatron_singl
     assert it == 8
     assert lr == pytest.approx(fp32_ref[0][9]["lr"], rel=1e-12)  # what the uninterrupted run used
     assert lr == pytest.approx(cosine_lr(8, ITERS), rel=1e-9)
+
+
+@pytest.mark.parametrize("common,distributed,error", [
+    ({"optimizer": {"param_state_sharding_type": "dp_reshardable"}}, True, None),
+    ({"optimizer": {"param_groups": []}}, False, None),
+    ({"optimizer": {"param_state_sharding_type": "dp_reshardable"}}, False,
+     "saved with --use-distributed-optimizer but this run is without it"),
+    ({"optimizer": {"param_groups": []}}, True,
+     "saved without --use-distributed-optimizer but this run is with it"),
+    ({"model": {}}, False, "holds no optimizer state .*--no-load-optim"),
+])
+def test_optimizer_layout_check(monkeypatch, common, distributed, error):
+    from megatron.core import dist_checkpointing
+    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
+    from megatron_let.training import optimizer_checkpoint
+
+    monkeypatch.setattr(dist_checkpointing, "load_common_state_dict", lambda path: common)
+    inner = DistributedOptimizer.__new__(DistributedOptimizer) if distributed else object()
+    chained = type("Chained", (), {"chained_optimizers": [inner]})()
+    if error is None:
+        optimizer_checkpoint.check_optimizer_format("ck/iter_0000003", chained)
+    else:
+        with pytest.raises(ValueError, match=error):
+            optimizer_checkpoint.check_optimizer_format("ck/iter_0000003", chained)

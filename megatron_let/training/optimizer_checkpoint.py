@@ -21,18 +21,27 @@ def is_distributed_optimizer(optimizer) -> bool:
     return any(isinstance(o, DistributedOptimizer) for o in inner)
 
 
-def saved_by_distributed_optimizer(checkpoint_path: str) -> bool:
-    """Whether the optimizer state under ``checkpoint_path`` (one iter_XXXXXXX folder) was written by
-    the distributed optimizer: only its state dict carries a ``param_state_sharding_type``."""
+def saved_optimizer_layout(checkpoint_path: str):
+    """"distributed", "regular" or None (no optimizer state: an imported/exported checkpoint) for the
+    checkpoint in ``checkpoint_path`` (one iter_XXXXXXX folder). Only the distributed optimizer's
+    state dict carries a ``param_state_sharding_type``."""
     from megatron.core import dist_checkpointing
 
     common = dist_checkpointing.load_common_state_dict(checkpoint_path)
-    return "param_state_sharding_type" in (common.get("optimizer") or {})
+    if "optimizer" not in common:
+        return None
+    return "distributed" if "param_state_sharding_type" in (common["optimizer"] or {}) else "regular"
 
 
 def check_optimizer_format(checkpoint_path: str, optimizer) -> None:
     """A clear error, before anything is read, when the checkpoint's optimizer layout is not this run's."""
-    saved = saved_by_distributed_optimizer(checkpoint_path)
+    layout = saved_optimizer_layout(checkpoint_path)
+    if layout is None:
+        raise ValueError(
+            f"--load {checkpoint_path} holds no optimizer state (a checkpoint written by "
+            "tools/import_hf.py or for export): pass --no-load-optim to start training from its weights"
+        )
+    saved = layout == "distributed"
     here = is_distributed_optimizer(optimizer)
     if saved == here:
         return
