@@ -163,7 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--bf16", action="store_true")
     g.add_argument("--seed", type=int, default=1234)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
-    g.add_argument("--exit-interval", type=int, help="save (with --save) and exit once the iteration is a multiple of N")
+    g.add_argument("--exit-interval", type=int,
+                   help="save (with --save) and exit once the iteration is a multiple of N")
     g.add_argument("--dry-run", action="store_true",
                    help="validate flags and print the layout without initialising anything")
 
