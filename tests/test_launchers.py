@@ -395,3 +395,16 @@ def test_launcher_trains_two_iterations_on_cpu(objective, tiny_teacher, tmp_path
         assert cfg.objective_config.stop_step == 1
         assert recs[1]["kd weight"] == pytest.approx(0.667)
         assert recs[2]["kd weight"] == 0.0
+
+
+@pytest.mark.parametrize("bf16,expected", [(None, False), ("1", True), ("0", False)])
+def test_bf16_on_cpu_launch(bf16, expected, tmp_path, smollm2_135m):
+    """DEVICE=cpu defaults to fp32; BF16=1 asks for bf16 there too (it runs on CPU)."""
+    from megatron_let.training.arguments import parse_args
+
+    extra = {} if bf16 is None else {"BF16": bf16}
+    env = launcher_env(PYTHON="true", TOKENIZER_MODEL=smollm2_135m, DEVICE="cpu",
+                       CHECKPOINT_DIR=tmp_path / "ck", **extra)
+    out = run_launcher(LAUNCHERS["1b", "baseline"], env, ["--dry-run"]).stdout
+    cfg = parse_args(pretrain_args(shown_command(out, "python")))
+    assert cfg.bf16 is expected and cfg.device == "cpu"
