@@ -26,8 +26,8 @@ ARGS = TINY_MODEL + [
     "--lr-warmup-fraction", "0.1", "--log-interval", "3",
 ]
 # bf16 vs fp32 on the same data and init: per-step |loss difference| over 20 steps. Measured
-# here: max 2.1e-3 (bf16 weights/activations carry 8 mantissa bits, ~4e-3 relative).
-BF16_LOSS_ATOL = 2e-2
+# here: max 6.0e-4 (bf16 weights/activations carry 8 mantissa bits, ~4e-3 relative); allowed 5e-3.
+BF16_LOSS_ATOL = 5e-3
 
 
 def cosine_lr(step, iters, lr=LR, min_lr=MIN_LR, warmup_fraction=0.1):
