@@ -9,6 +9,7 @@ from typing import List, Optional
 
 from megatron_let.model.llama import PRESETS, LlamaConfig
 from megatron_let.runtime.device import ParallelConfig
+from megatron_let.training.wandb_writer import WandbConfig, wandb_config_from_args
 
 
 @dataclass
@@ -81,6 +82,7 @@ class LoggingConfig:
     eval_downstream_interval: Optional[int] = None
     eval_downstream_limit: int = 100
     eval_downstream_tasks: Optional[List[str]] = None
+    wandb: Optional[WandbConfig] = None  # set by --wandb-project
 
 
 @dataclass
@@ -201,6 +203,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="examples per task for the in-training downstream evaluation")
     g.add_argument("--eval-downstream-tasks", default=None,
                    help="comma-separated lm-eval tasks (default: the paper's nine)")
+    g.add_argument("--wandb-project", help="log the TensorBoard scalars to this W&B project too")
+    g.add_argument("--wandb-exp-name", help="the W&B run's name (required with --wandb-project)")
+    g.add_argument("--wandb-save-dir", help="W&B run directory (default: <--save>/wandb)")
 
     g = p.add_argument_group("objective and teacher")
     objectives = registry()
@@ -332,7 +337,8 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         logging=LoggingConfig(
             a.log_interval, a.eval_interval, a.eval_iters, a.tensorboard_dir, a.metrics_jsonl,
             a.eval_downstream_interval, a.eval_downstream_limit,
-            a.eval_downstream_tasks.split(",") if a.eval_downstream_tasks else None),
+            a.eval_downstream_tasks.split(",") if a.eval_downstream_tasks else None,
+            wandb=wandb_config_from_args(a.wandb_project, a.wandb_exp_name, a.wandb_save_dir, a.save)),
         teacher=TeacherArgs(a.teacher_path, a.teacher_trust_remote_code, a.let_tokenizer_mismatch),
         objective=a.objective, objective_config=objective_config, device=a.device, bf16=a.bf16,
         seed=a.seed, dry_run=a.dry_run, exit_interval=a.exit_interval, raw=a,

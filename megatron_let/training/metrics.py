@@ -1,4 +1,4 @@
-"""Per-step metric accumulation, cross-rank reduction and output (console, TensorBoard, JSONL)."""
+"""Per-step metric accumulation, cross-rank reduction and output (console, TensorBoard, W&B, JSONL)."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import os
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
-from typing import Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Tuple
 
 import torch
 
@@ -119,11 +119,16 @@ def format_eta(seconds: float) -> str:
 
 
 class MetricsWriter:
-    """Console line in Megatron's style, TensorBoard scalars and an optional JSONL, on one rank."""
+    """Console line in Megatron's style, TensorBoard and W&B scalars (same names, same steps) and
+    an optional JSONL, on one rank."""
 
-    def __init__(self, tensorboard_dir: Optional[str], jsonl_path: Optional[str], enabled: bool):
+    def __init__(self, tensorboard_dir: Optional[str], jsonl_path: Optional[str], enabled: bool,
+                 wandb=None, run_config: Optional[Dict[str, Any]] = None):
+        """``wandb``: a :class:`~megatron_let.training.wandb_writer.WandbConfig` or None;
+        ``run_config``: what the W&B run records as its config (Megatron-LM: ``vars(args)``)."""
         self.enabled = enabled
         self.tb = None
+        self.wandb = None
         self.jsonl = None
         if not enabled:
             return
@@ -131,6 +136,10 @@ class MetricsWriter:
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
+        if wandb is not None:
+            from megatron_let.training.wandb_writer import open_wandb_run
+
+            self.wandb = open_wandb_run(wandb, run_config)
         if jsonl_path:
             os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
             self.jsonl = open(jsonl_path, "a")
@@ -138,9 +147,12 @@ class MetricsWriter:
     def scalars(self, step: int, values: Dict[str, float], prefix: str = "train/") -> None:
         if not self.enabled:
             return
+        tags = {prefix + k.replace(" ", "_"): v for k, v in values.items()}
         if self.tb is not None:
-            for k, v in values.items():
-                self.tb.add_scalar(prefix + k.replace(" ", "_"), v, step)
+            for tag, v in tags.items():
+                self.tb.add_scalar(tag, v, step)
+        if self.wandb is not None:
+            self.wandb.log(tags, step=step)
         if self.jsonl is not None:
             record = {"iteration": step, "split": prefix.rstrip("/"), "time": time.time()}
             record.update(values)
@@ -155,5 +167,8 @@ class MetricsWriter:
         if self.tb is not None:
             self.tb.flush()
             self.tb.close()
+        if self.wandb is not None:
+            self.wandb.finish()
+            self.wandb = None
         if self.jsonl is not None:
             self.jsonl.close()

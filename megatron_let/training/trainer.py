@@ -128,6 +128,7 @@ class Trainer:
         self.writer = MetricsWriter(
             cfg.logging.tensorboard_dir, cfg.logging.metrics_jsonl,
             enabled=self.rank == self.world - 1,  # the last rank sees the loss, as in Megatron-LM
+            wandb=cfg.logging.wandb, run_config=vars(cfg.raw) if cfg.raw is not None else None,
         )
 
         self._build_model_and_optimizer()
