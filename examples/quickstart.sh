@@ -163,7 +163,7 @@ train() {  # train NAME [objective flags...]: a fresh run folder with TensorBoar
     mkdir -p "${dir}"
     "${PY}" "${ROOT}/pretrain_let.py" "${common[@]}" "$@" \
         --tensorboard-dir "${dir}/tensorboard" --metrics-jsonl "${dir}/metrics.jsonl" \
-        2>&1 | tee "${dir}/train.log"
+        --save "${dir}/checkpoint" 2>&1 | tee "${dir}/train.log"
 }
 
 stage 5 "LET run (${TRAIN_ITERS} steps)"
@@ -191,12 +191,22 @@ cat <<EOF
 Quick start finished. Everything is under ${OUT_DIR}:
   corpus/         train/valid/test jsonl + manifest.json (sources, sha256, --split ${SPLIT})
   data/           tokenized corpus (teacher tokenizer, vocab 49152)
-  let/ baseline/  train.log, metrics.jsonl, tensorboard/   (tensorboard --logdir ${OUT_DIR})
+  let/ baseline/  train.log, metrics.jsonl, tensorboard/, checkpoint/ (the final model)
   comparison.md   the table above (comparison.csv: the raw numbers)
   plots/          ${pngs[*]}
   timings.txt     seconds per stage
 Teacher: ${TEACHER_DIR}
+
+TensorBoard:
+  ${VENV}/bin/tensorboard --logdir ${OUT_DIR}
+Perplexity of both final checkpoints on the held-out test documents:
 EOF
+for run in let baseline; do  # one shell-quoted line each (tests/test_quickstart.py runs them)
+    evaluate=("${PY}" "${ROOT}/tools/evaluate.py" --task ppl --load "${OUT_DIR}/${run}/checkpoint"
+              --data-path "${DATA}" --split "${SPLIT}" --eval-split test)
+    printf -v line '%q ' "${evaluate[@]}"
+    echo "  ${line% }"
+done
 }
 
 main "$@"

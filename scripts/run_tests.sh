@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
 # The test suite on a fresh machine: installs the environment, then runs pytest (CPU, gloo, 2 processes).
+#   bash scripts/run_tests.sh [pytest args...]      e.g. bash scripts/run_tests.sh tests/test_model.py
+# What it installs: the dev environment in .venv (scripts/install.sh --dev) and, only when run as root
+# on Debian/Ubuntu without shellcheck, Debian's shellcheck system-wide (apt-get; RUN_TESTS_APT=0 skips
+# that, and the lint tests then skip with the reason).
+# About 20 minutes on 2 cores; pytest prints a running count and, at the end, the 25 slowest tests
+# and the reason of every skipped test.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+echo "[run_tests] installing the dev environment (bash scripts/install.sh --dev)"
 bash "${ROOT}/scripts/install.sh" --dev
-if ! command -v shellcheck >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == "0" ]]; then
-    (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1 || echo "shellcheck not installed; its test will skip"
+if ! command -v shellcheck >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [[ "$(id -u)" == "0" ]] \
+        && [[ "${RUN_TESTS_APT:-1}" == "1" ]]; then
+    echo "[run_tests] installing Debian's shellcheck system-wide (apt-get install shellcheck;" \
+         "RUN_TESTS_APT=0 skips this)"
+    (apt-get update -qq && apt-get install -y -qq shellcheck) >/dev/null 2>&1 \
+        || echo "[run_tests] shellcheck could not be installed; its tests will skip"
 fi
 cd "${ROOT}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-exec "${ROOT}/.venv/bin/python" -m pytest -q tests "$@"
+echo "[run_tests] running pytest (the whole of tests/: about 20 minutes on 2 cores)"
+# -ra (pyproject's addopts) lists skip reasons; no path given: pyproject's testpaths (tests/).
+exec "${ROOT}/.venv/bin/python" -m pytest -q -o console_output_style=count --durations=25 "$@"

@@ -13,6 +13,7 @@ import io
 import json
 import math
 import os
+import shlex
 import shutil
 import subprocess
 import sys
@@ -209,3 +210,22 @@ def test_quickstart_smoke_end_to_end(tmp_path):
     table = (out / "comparison.md").read_text()
     assert table.splitlines()[0].startswith("| run | steps | final valid loss")
     assert table in log  # the quick start printed the table
+
+    # both final checkpoints are kept, and the evaluation commands the quick start ends with work
+    for run in ("let", "baseline"):
+        assert (out / run / "checkpoint" / "latest_checkpointed_iteration.txt").read_text().strip() == "6"
+    lines = res.stdout.splitlines()
+    start = lines.index("Perplexity of both final checkpoints on the held-out test documents:")
+    commands = [shlex.split(line) for line in lines[start + 1:start + 3]]
+    assert [c[c.index("--load") + 1] for c in commands] == [str(out / r / "checkpoint") for r in ("let", "baseline")]
+    losses = []
+    for run, words in zip(("let", "baseline"), commands):
+        result = tmp_path / f"{run}_ppl.json"
+        ev = subprocess.run(words + ["--output", str(result)], capture_output=True, text=True, timeout=300)
+        assert ev.returncode == 0, ev.stdout[-2000:] + ev.stderr[-4000:]
+        got = json.load(open(result))
+        assert got["eval_split"] == "test" and got["samples"] > 0 and got["seq_length"] == 32
+        assert got["ppl"] == pytest.approx(math.exp(got["loss"]), rel=1e-5)
+        losses.append(got["loss"])
+    assert all(math.isfinite(x) and 0 < x < math.log(49152) + 1 for x in losses)
+    assert losses[0] != losses[1]  # two different models were saved
