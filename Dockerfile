@@ -5,7 +5,7 @@
 #   docker build -t megatron-let .
 #   docker run --gpus all --ipc=host --ulimit memlock=-1 --ulimit stack=67108864 \
 #       -v /data:/data -v /teachers:/teachers -v /checkpoints:/checkpoints \
-#       -e DATA_PATH=/data/pile_text_document -e TEACHER_PATH=/teachers/smollm2-135m \
+#       -e DATA_PATH=/data/pile_text_document -e TEACHER_PATH=/teachers/smollm2-135m-instruct \
 #       -e CHECKPOINT_DIR=/checkpoints/llama_1b_let \
 #       megatron-let bash examples/llama_1b/pretrain_let.sh
 #

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Pretrain a LLaMA student with megatron-core, optionally guided by a small frozen teacher.
 
-    torchrun --nproc_per_node 8 pretrain_let.py --objective let --teacher-path /teachers/smollm2 ...
+    torchrun --nproc_per_node 8 pretrain_let.py --objective let --teacher-path ~/.cache/megatron_let/teachers/smollm2-135m-instruct ...
 
 See README.md for the flags; ``--dry-run`` validates them and prints the layout without starting.
 """

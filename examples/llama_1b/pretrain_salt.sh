@@ -7,7 +7,8 @@
 #
 # Main environment variables (all of them: docs/launching.md):
 #   DATA_PATH       .bin/.idx prefix(es) from tools/preprocess_data.py, or MOCK_DATA=1
-#   TEACHER_PATH    Hugging Face folder of the teacher (SmolLM2-135M; tools/prepare_teacher.py)
+#   TEACHER_PATH    teacher folder (default $MEGATRON_LET_CACHE/teachers/smollm2-135m-instruct, i.e.
+#                   ~/.cache/megatron_let/...: SmolLM2-135M-Instruct, built by examples/quickstart.sh)
 #   TOKENIZER_MODEL tokenizer folder (default: TEACHER_PATH, the paper uses the teacher's vocabulary)
 #   CHECKPOINT_DIR  --save and --load (a restarted job resumes), TENSORBOARD_DIR
 #   GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   torchrun

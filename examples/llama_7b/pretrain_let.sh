@@ -7,7 +7,8 @@
 #
 # Main environment variables (all of them: docs/launching.md):
 #   DATA_PATH       .bin/.idx prefix(es) from tools/preprocess_data.py, or MOCK_DATA=1
-#   TEACHER_PATH    Hugging Face folder of the teacher (SmolLM2-1.7B; tools/prepare_teacher.py)
+#   TEACHER_PATH    teacher folder (default $MEGATRON_LET_CACHE/teachers/smollm2-1.7b: SmolLM2-1.7B,
+#                   not on PyPI; bring an HF or GGUF copy through tools/prepare_teacher.py)
 #   TOKENIZER_MODEL tokenizer folder (default: TEACHER_PATH, the paper uses the teacher's vocabulary)
 #   CHECKPOINT_DIR  --save and --load (a restarted job resumes), TENSORBOARD_DIR
 #   GPUS_PER_NODE, NNODES, NODE_RANK, MASTER_ADDR, MASTER_PORT   torchrun
