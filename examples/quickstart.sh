@@ -63,13 +63,13 @@ case "${DEVICE}" in auto|cpu|cuda) ;; *) die "DEVICE must be auto, cpu or cuda, 
 if [[ "${SMOKE}" == "1" ]]; then
     # 3 layers so that k = 3 exists; a 64-wide student still aligns with the 576-wide teacher.
     model=(--num-layers 3 --hidden-size 64 --ffn-hidden-size 176 --num-attention-heads 4 --num-query-groups 2)
-    SEQ=32 MBS=2 ITERS_DEFAULT=6 EVAL_DEFAULT=3 EVAL_ITERS=2 LOG_INTERVAL=1
+    SEQ=32 MBS=2 ITERS_DEFAULT=6 EVAL_DEFAULT=3 EVAL_ITERS=2 LOG_INTERVAL=1 TEST_WINDOWS=16
     corpus_limit=(--max-train-mb 0.3)
 else
     # 4 layers x 256 wide (GQA 8 heads / 4 groups), tied embeddings: ~15.5M parameters, 12.6M of
     # them the 49152-token embedding shared with the teacher's tokenizer.
     model=(--num-layers 4 --hidden-size 256 --ffn-hidden-size 704 --num-attention-heads 8 --num-query-groups 4)
-    SEQ=128 MBS=4 ITERS_DEFAULT=200 EVAL_DEFAULT=20 EVAL_ITERS=6 LOG_INTERVAL=10
+    SEQ=128 MBS=4 ITERS_DEFAULT=200 EVAL_DEFAULT=20 EVAL_ITERS=6 LOG_INTERVAL=10 TEST_WINDOWS=256
     corpus_limit=()
 fi
 TRAIN_ITERS="${TRAIN_ITERS:-${ITERS_DEFAULT}}"
@@ -212,11 +212,11 @@ Teacher: ${TEACHER_DIR}
 
 TensorBoard:
   ${VENV}/bin/tensorboard --logdir ${OUT_DIR}
-Perplexity of both final checkpoints on the held-out test documents:
+Perplexity of both final checkpoints on ${TEST_WINDOWS} windows of the held-out test documents:
 EOF
 for run in let baseline; do  # one shell-quoted line each (tests/test_quickstart.py runs them)
     evaluate=("${PY}" "${ROOT}/tools/evaluate.py" --task ppl --load "${OUT_DIR}/${run}/checkpoint"
-              --data-path "${DATA}" --split "${SPLIT}" --eval-split test)
+              --data-path "${DATA}" --split "${SPLIT}" --eval-split test --eval-samples "${TEST_WINDOWS}")
     printf -v line '%q ' "${evaluate[@]}"
     echo "  ${line% }"
 done
