@@ -473,3 +473,22 @@ def test_extraction_handles_continuations_brackets_and_comments():
         ("x.md:6", {}, ["python", "pretrain_let.py", "--tokenizer-model", "t"]),
     ]
     assert torchrun_split(["torchrun", "--nproc_per_node", "4", "--nnodes=2", "x.py", "--a"]) == (8, "x.py", ["--a"])
+
+
+NEEDS_ENV = re.compile(r"(python3?|torchrun|pytest|tensorboard|pip)$")
+
+
+def test_blocks_activate_the_environment_before_using_it():
+    """A fresh shell has no torch: a block that calls python/torchrun/pytest/tensorboard/pip by
+    name activates .venv first (launchers and scripts find .venv themselves)."""
+    offenders = []
+    for name in DOCS:
+        for first_line, body in bash_blocks(open(os.path.join(ROOT, name)).read()):
+            active = False
+            for cmd in commands_in(f"```bash\n{body}```\n", name):
+                if cmd.words[:2] == ["source", ".venv/bin/activate"]:
+                    active = True
+                elif NEEDS_ENV.fullmatch(cmd.words[0]) and not active:
+                    offenders.append(f"{name}:{first_line}: {cmd.text.strip()[:100]}")
+    assert not offenders, "commands that fail in a fresh shell (no `source .venv/bin/activate` " \
+                          "before them in their block):\n" + "\n".join(offenders)
