@@ -16,10 +16,11 @@ REPO_ROOT="$(cd "${EXAMPLES_DIR}/.." && pwd)"
 # Teachers live in one cache shared with examples/quickstart.sh and the tests (tests/conftest.py):
 # $MEGATRON_LET_CACHE/teachers/<name>, default ~/.cache/megatron_let/teachers/<name>.
 : "${MEGATRON_LET_CACHE:=${HOME}/.cache/megatron_let}"
-# The interpreters: $PYTHON/$TORCHRUN if set; else the active virtualenv/conda environment's; else
-# the repository's .venv (scripts/install.sh), so a fresh shell needs no `source .venv/bin/activate`.
+# The interpreter (also the one that runs `-m megatron_let.runtime.torchrun`): $PYTHON if set; else
+# the active virtualenv/conda environment's `python`; else the repository's .venv (scripts/install.sh),
+# so a fresh shell needs no `source .venv/bin/activate`.
 if [[ -z ${VIRTUAL_ENV:-}${CONDA_PREFIX:-} && -x ${REPO_ROOT}/.venv/bin/python ]]; then
-    : "${PYTHON:=${REPO_ROOT}/.venv/bin/python}" "${TORCHRUN:=${REPO_ROOT}/.venv/bin/torchrun}"
+    : "${PYTHON:=${REPO_ROOT}/.venv/bin/python}"
 fi
 
 # ------------------------------------------------------------------------------------------------
