@@ -346,6 +346,9 @@ def check_command(cmd: DocCommand, assets: Assets, monkeypatch) -> tuple[str, st
     program = words[0]
     if (program in ("python", "python3") or program.endswith("/python")) and words[1:3] == ["-m", "pytest"]:
         words, program = words[2:], "pytest"
+    if (program in ("python", "python3") or program.endswith("/python")) and len(words) > 2 and \
+            words[1] == "-m" and words[2] in ("megatron_let.runtime.torchrun", "torch.distributed.run"):
+        words, program = ["torchrun", *words[3:]], "torchrun"  # torchrun's own arguments follow
     if program == "pytest":
         missing = [w for w in words[1:] if w.startswith("tests/") and not os.path.exists(os.path.join(ROOT, w))]
         return "pytest", f"missing test files {missing}" if missing else ""
@@ -473,6 +476,16 @@ def test_extraction_handles_continuations_brackets_and_comments():
         ("x.md:6", {}, ["python", "pretrain_let.py", "--tokenizer-model", "t"]),
     ]
     assert torchrun_split(["torchrun", "--nproc_per_node", "4", "--nnodes=2", "x.py", "--a"]) == (8, "x.py", ["--a"])
+
+
+def test_the_signal_forwarding_agent_counts_as_torchrun(assets, monkeypatch):
+    doc = ("```bash\nsource .venv/bin/activate\npython -m megatron_let.runtime.torchrun --nproc_per_node 2 "
+           "pretrain_let.py --model-preset tiny --mock-data --vocab-size 200 --objective baseline "
+           "--global-batch-size 6 --micro-batch-size 2\n```\n")
+    cmd = commands_in(doc, "x.md")[1]
+    kind, problem = check_command(cmd, assets, monkeypatch)
+    # world size 2 from the agent's arguments: 6 is not divisible by micro-batch 2 x DP 2
+    assert kind == "pretrain" and "--global-batch-size 6 is not divisible" in problem, problem
 
 
 NEEDS_ENV = re.compile(r"(python3?|torchrun|pytest|tensorboard|pip)$")
