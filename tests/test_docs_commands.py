@@ -168,7 +168,9 @@ def assets(tmp_path_factory):
     prefix = str(root / "corpus_text_document")
     builder = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
     g = torch.Generator().manual_seed(0)
-    for n in (3000, 1500, 2500, 4000):
+    # enough documents that every split of the documented --split values (969,30,1) gets some
+    for _ in range(1200):
+        n = int(torch.randint(20, 60, (1,), generator=g))
         builder.add_document(torch.randint(0, VOCAB, (n,), generator=g, dtype=torch.int64), [n])
     builder.finalize(prefix + ".idx")
     tokenizer = str(root / "tokenizer")
