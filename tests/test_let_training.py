@@ -140,6 +140,21 @@ def test_let_two_process_layout_matches_single(layout, tmp_path, teacher_dir, le
         assert "teacher loaded on rank 0" in out and "teacher loaded on rank 1" in out
 
 
+def test_cca_statistics_span_the_whole_sequence_under_sp(tmp_path, teacher_dir, let_init):
+    """CCA's correlations are over the micro-batch's full sequence: TP=2 + SP (each rank holds half
+    the sequence) gives the single process's align loss, and - through the all-reduce's backward -
+    its gradients, so the later steps' losses and grad norms match too."""
+    cca = ["--let-loss", "cca"]
+    ref, _ = _run(tmp_path / "single", teacher_dir, let_init, cca, 1)
+    m, _ = _run(tmp_path / "sp", teacher_dir, let_init,
+                cca + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2)
+    assert abs(ref[1]["align loss"]) > 1e-3  # a real correlation, not a zero
+    for i in (1, 2, 3, 4):
+        for key in ("total loss", "lm loss", "align loss", "grad norm"):
+            if key in ref[i]:
+                assert m[i][key] == pytest.approx(ref[i][key], rel=1e-4, abs=1e-6), (i, key, m[i], ref[i])
+
+
 def test_resume_after_stop_never_loads_teacher(tmp_path, teacher_dir):
     save = str(tmp_path / "ck")
     run_pretrain(LET + ["--teacher-path", teacher_dir, "--train-iters", "3", "--let-stop-step", "2",

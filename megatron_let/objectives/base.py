@@ -49,6 +49,9 @@ class ObjectiveContext:
     tp_group: Optional[torch.distributed.ProcessGroup] = None
     vocab_size: Optional[int] = None  # true (unpadded) student vocabulary
     student_num_layers: Optional[int] = None
+    # Ranks holding the other sequence shards of a micro-batch (the TP group under sequence
+    # parallelism, else None): objectives whose hidden_loss needs full-sequence statistics reduce over it.
+    sequence_parallel_group: Optional[torch.distributed.ProcessGroup] = None
 
 
 class Objective:

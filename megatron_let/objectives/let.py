@@ -15,6 +15,11 @@ student state is linearly interpolated along the hidden dimension to the teacher
 * ``cca`` (paper table 5): −(1/d_T)·Σ_j corr_j, the Pearson correlation of each (interpolated) feature
   pair across the micro-batch's valid tokens, i.e. canonical correlation with the identity pairing
   that the interpolation defines; weighted by the number of valid tokens so it reduces like the others.
+  The statistics cover the micro-batch's whole sequence: under sequence parallelism they are summed
+  over the TP ranks' shards. They are per micro-batch, not per global batch (the loss must be known
+  when the micro-batch's backward starts); data parallelism and gradient accumulation only decide which
+  rank runs a micro-batch, not what it holds, so the loss does not depend on the layout at a fixed
+  ``--micro-batch-size``.
 
 After S_stop, λ = 0 and :meth:`needs` stops asking for the teacher, so the trainer frees it.
 """
@@ -50,18 +55,54 @@ def logsum_align(h_m: torch.Tensor, h_t: torch.Tensor, loss_mask: torch.Tensor,
     return per_token * loss_mask.float()
 
 
+class _AllReduceSum(torch.autograd.Function):
+    """Differentiable SUM all-reduce for statistics whose loss every rank of ``group`` back-propagates.
+
+    Each rank's loss term is a different function of the same global sum (CCA weights it by the
+    rank's own token count), so the gradient of the total with respect to one rank's summand is the
+    sum of the upstream gradients of all ranks: backward is an all-reduce too (unlike megatron's
+    ``reduce_from_tensor_model_parallel_region``, whose backward is the identity)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, group) -> torch.Tensor:
+        ctx.group = group
+        out = x.clone()
+        torch.distributed.all_reduce(out, group=group)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        grad = grad.contiguous().clone()
+        torch.distributed.all_reduce(grad, group=ctx.group)
+        return grad, None
+
+
+def _global_sum(x: torch.Tensor, group) -> torch.Tensor:
+    return x if group is None else _AllReduceSum.apply(x, group)
+
+
 def cca_align(h_m: torch.Tensor, h_t: torch.Tensor, loss_mask: torch.Tensor,
-              eps: float = 1e-6) -> torch.Tensor:
-    """−mean_j corr(x_j, y_j) over the valid tokens of the micro-batch (a scalar)."""
+              eps: float = 1e-6, group=None) -> torch.Tensor:
+    """−mean_j corr(x_j, y_j) over the valid tokens of the micro-batch (a scalar).
+
+    ``group``: the ranks that hold the other shards of this micro-batch's sequence (the TP group
+    under sequence parallelism). The statistics are then summed over it - means first, centred
+    moments second, the same two passes as on the whole tensor - so every rank returns the
+    full-sequence correlation and the result does not depend on the layout.
+    """
     d_t = h_t.shape[-1]
     valid = loss_mask.reshape(-1).bool()
     x = interpolate_hidden(h_m.float(), d_t).reshape(-1, d_t)[valid]
     y = h_t.float().reshape(-1, d_t)[valid]
-    if x.shape[0] < 2:
+    n = _global_sum(torch.tensor([float(x.shape[0])], device=x.device), group)
+    if float(n) < 2:
         return x.sum() * 0.0  # correlation undefined for < 2 tokens; keep the graph
-    x = (x - x.mean(0)) / (x.std(0, unbiased=False) + eps)
-    y = (y - y.mean(0)) / (y.std(0, unbiased=False) + eps)
-    return -(x * y).mean(0).mean()
+    means = _global_sum(torch.cat([x.sum(0), y.sum(0)]), group) / n
+    xc, yc = x - means[:d_t], y - means[d_t:]
+    moments = _global_sum(torch.cat([(xc * xc).sum(0), (yc * yc).sum(0), (xc * yc).sum(0)]), group) / n
+    # clamp: a constant feature has variance 0, where sqrt's gradient is infinite (eps dominates anyway)
+    sx, sy = moments[:d_t].clamp_min(1e-12).sqrt(), moments[d_t:2 * d_t].clamp_min(1e-12).sqrt()
+    return -(moments[2 * d_t:] / ((sx + eps) * (sy + eps))).mean()
 
 
 @register
@@ -145,6 +186,7 @@ class LETObjective(Objective):
                 align_sum = logsum_align(student_hidden, teacher_hidden, mask,
                                          self.config.logsum_alpha).sum()
             else:
-                align_sum = cca_align(student_hidden, teacher_hidden, mask) * count
+                group = getattr(self.context, "sequence_parallel_group", None)
+                align_sum = cca_align(student_hidden, teacher_hidden, mask, group=group) * count
         metrics = {"align loss": metric(align_sum, count), "cosine similarity": metric(cos_sum, count)}
         return self.weight(step) * align_sum, metrics

@@ -125,6 +125,8 @@ class Trainer:
         self.is_first_stage = parallel_state.is_pipeline_first_stage()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self.objective.context.tp_group = parallel_state.get_tensor_model_parallel_group()
+        if cfg.parallel.sequence_parallel:
+            self.objective.context.sequence_parallel_group = self.objective.context.tp_group
         self.writer = MetricsWriter(
             cfg.logging.tensorboard_dir, cfg.logging.metrics_jsonl,
             enabled=self.rank == self.world - 1,  # the last rank sees the loss, as in Megatron-LM
