@@ -163,9 +163,14 @@ def test_offline_task_definitions(models):
     assert lambada.doc_to_target(doc) == " signs"
 
 
-def test_in_training_downstream_eval_matches_hf_model(models, hf_reference, tmp_path):
+@pytest.mark.parametrize("layout,nproc", [
+    ([], 1),
+    # lm-eval's batches have any length; sequence parallelism needs a multiple of TP (the 7B recipe)
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2),
+], ids=["single", "tp2-sp"])
+def test_in_training_downstream_eval_matches_hf_model(models, hf_reference, tmp_path, layout, nproc):
     """--eval-downstream-interval: with lr 0 the weights stay the imported ones, so the accuracy the
-    trainer logs equals lm-eval's own hf model on the same folder."""
+    trainer logs equals lm-eval's own hf model on the same folder, in every layout."""
     from launch import read_metrics, run_pretrain
 
     metrics = str(tmp_path / "m.jsonl")
@@ -179,8 +184,9 @@ def test_in_training_downstream_eval_matches_hf_model(models, hf_reference, tmp_
         "--objective", "baseline", "--micro-batch-size", "2", "--train-iters", "2", "--lr", "0",
         "--device", "cpu", "--load", str(d / "ckpt"), "--no-load-optim", "--no-load-rng",
         "--eval-downstream-interval", "2", "--eval-downstream-limit", "20",
-        "--eval-downstream-tasks", "piqa", "--metrics-jsonl", metrics])
+        "--eval-downstream-tasks", "piqa", "--metrics-jsonl", metrics] + layout, nproc=nproc)
     logged = read_metrics(metrics, split="downstream")
     assert sorted(logged) == [2]
     assert logged[2]["piqa/acc"] == hf_reference["tasks"]["piqa"]["acc"]
+    assert logged[2]["piqa/acc_norm"] == hf_reference["tasks"]["piqa"]["acc_norm"]
     assert logged[2]["average"] == logged[2]["piqa/acc"]

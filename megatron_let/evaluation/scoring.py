@@ -5,7 +5,9 @@ schedule and returns, for every position, ``log p(target | prefix)`` and whether
 arg-max token. The distribution is over the *real* vocabulary: logits of megatron's padded
 vocabulary rows (``LlamaConfig.padded_vocab_size``) are excluded, so the numbers equal those of the
 exported Hugging Face model. The results are computed on the last pipeline stage and broadcast to
-the other stages, so every rank of a model-parallel group gets them.
+the other stages, so every rank of a model-parallel group gets them. Under sequence parallelism a
+batch's length is padded on the right to a multiple of the TP size (lm-eval's batches have any
+length); causal attention keeps the padding out of the real positions, whose scores are returned.
 """
 
 from __future__ import annotations
@@ -89,15 +91,19 @@ class TokenScorer:
         if pad:  # repeat row 0; its results are dropped
             tokens = torch.cat([tokens, tokens[:1].expand(pad, s)])
             targets = torch.cat([targets, targets[:1].expand(pad, s)])
+        tp_group = parallel_state.get_tensor_model_parallel_group()
+        tp_rank = parallel_state.get_tensor_model_parallel_rank()
+        tp_size = parallel_state.get_tensor_model_parallel_world_size()
+        s_run = padded_length(s, tp_size, sequence_parallel(self.model))
+        if s_run > s:  # right padding: causal attention keeps it out of the real positions' scores
+            tokens = torch.nn.functional.pad(tokens, (0, s_run - s))
+            targets = torch.nn.functional.pad(targets, (0, s_run - s))
         device = self.device
         batches: List[Tuple[torch.Tensor, torch.Tensor]] = [
             (tokens[i * mbs:(i + 1) * mbs].to(device), targets[i * mbs:(i + 1) * mbs].to(device))
             for i in range(n_micro)
         ]
-        tp_group = parallel_state.get_tensor_model_parallel_group()
-        tp_rank = parallel_state.get_tensor_model_parallel_rank()
-        tp_size = parallel_state.get_tensor_model_parallel_world_size()
-        position_ids = torch.arange(s, device=device).unsqueeze(0).expand(mbs, s)
+        position_ids = torch.arange(s_run, device=device).unsqueeze(0).expand(mbs, s_run)
 
         def loss_func(tgt, logits, non_loss_data=False):
             return vocab_parallel_logprobs(logits, tgt, self.cfg.vocab_size, tp_group, tp_rank, tp_size)
@@ -112,14 +118,14 @@ class TokenScorer:
             with torch.no_grad():
                 store = get_forward_backward_func()(
                     forward_step_func=forward_step, data_iterator=iter(batches), model=[self.model],
-                    num_microbatches=n_micro, seq_length=s, micro_batch_size=mbs, forward_only=True,
+                    num_microbatches=n_micro, seq_length=s_run, micro_batch_size=mbs, forward_only=True,
                     collect_non_loss_data=True,
                 )
         finally:
             self.model.train(was_training)
 
-        logprobs = torch.empty(n_micro * mbs, s, dtype=torch.float32)
-        greedy = torch.empty(n_micro * mbs, s, dtype=torch.bool)
+        logprobs = torch.empty(n_micro * mbs, s_run, dtype=torch.float32)
+        greedy = torch.empty(n_micro * mbs, s_run, dtype=torch.bool)
         if parallel_state.is_pipeline_last_stage():
             logprobs.copy_(torch.cat([lp for lp, _ in store]).cpu())
             greedy.copy_(torch.cat([g for _, g in store]).cpu())
@@ -131,7 +137,20 @@ class TokenScorer:
             torch.distributed.broadcast(packed, src=src, group=group)
             packed = packed.cpu()
             logprobs, greedy = packed[: n_micro * mbs], packed[n_micro * mbs:].bool()
-        return logprobs[:b], greedy[:b]
+        return logprobs[:b, :s], greedy[:b, :s]
+
+
+def sequence_parallel(model) -> bool:
+    """Whether ``model`` (a GPTModel stage or a megatron wrapper with ``.config``) shards sequences."""
+    return bool(getattr(getattr(model, "config", None), "sequence_parallel", False))
+
+
+def padded_length(s: int, tp_size: int, sequence_parallel: bool) -> int:
+    """Sequence length to run: sequence parallelism splits the sequence over the TP ranks, so it
+    must be a multiple of ``tp_size``; the extra positions are padding whose outputs are dropped."""
+    if not sequence_parallel or tp_size == 1:
+        return s
+    return -(-s // tp_size) * tp_size
 
 
 def result_owner() -> bool:
