@@ -45,6 +45,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--iters", type=int, default=None, help="timed iterations (default 20, --small 5)")
     p.add_argument("--warmup", type=int, default=None, help="untimed iterations (default 5, --small 1)")
     p.add_argument("--mask-frac", type=float, default=0.1, help="fraction of tokens masked out")
+    p.add_argument("--json", default=None, help="write every figure to this JSON file")
     p.add_argument("--threads", type=int, default=None,
                    help="torch CPU threads (default: 1 on CPU, steadier on a shared machine; untouched on CUDA)")
     args = p.parse_args(argv)
@@ -159,6 +160,20 @@ def report(shape, dtype, results: list[Result], note: str = "") -> None:
         print(line)
 
 
+def figures(shape, dtype, results: list[Result], note: str = "") -> dict:
+    """One shape's results as a JSON-ready dict (times in ms, memory in bytes)."""
+    tokens, d_m, d_t = shape
+    out = {"tokens": tokens, "d_M": d_m, "d_T": d_t, "dtype": str(dtype).removeprefix("torch."),
+           "note": note, "impls": {r.impl: {"fwd_bwd_ms": r.time_ms, "peak_extra_bytes": r.peak_extra_bytes,
+                                            "saved_extra_bytes": r.saved_extra_bytes} for r in results}}
+    by = {r.impl: r for r in results}
+    if "reference" in by and "fused" in by:
+        out["speedup_ref_over_fused"] = by["reference"].time_ms / by["fused"].time_ms
+        if by["reference"].peak_extra_bytes is not None and by["fused"].peak_extra_bytes:
+            out["peak_memory_ratio_ref_over_fused"] = by["reference"].peak_extra_bytes / by["fused"].peak_extra_bytes
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     if args.threads is not None:
@@ -172,13 +187,16 @@ def main(argv: list[str] | None = None) -> int:
           f"torch={torch.__version__}")
 
     shapes = SMALL_SHAPES if args.small else FULL_SHAPES
+    recorded = []
     for shape in shapes:
         h_m, h_t, mask = make_inputs(*shape, args.dtype, args.device, args.mask_frac)
         results = [measure("reference", ref_fn, h_m, h_t, mask, args.device, args.iters, args.warmup)]
         if kernel_ok and args.device == "cuda":
             fused = measure("fused", ca.fused_cosine_align, h_m, h_t, mask, args.device, args.iters, args.warmup)
             results.append(fused)
-        report(shape, args.dtype, results, "" if args.device == "cuda" else "(reference only on CPU)")
+        note = "" if args.device == "cuda" else "(reference only on CPU)"
+        report(shape, args.dtype, results, note)
+        recorded.append(figures(shape, args.dtype, results, note))
         del h_m, h_t, mask
 
     if kernel_ok and args.device == "cpu":
@@ -188,8 +206,15 @@ def main(argv: list[str] | None = None) -> int:
             measure("fused", ca.fused_cosine_align, h_m, h_t, mask, args.device, min(args.iters, 2), 1),
         ]
         report(INTERPRETER_SHAPE, args.dtype, results, "(fused = Triton CPU interpreter)")
+        recorded.append(figures(INTERPRETER_SHAPE, args.dtype, results, "fused = Triton CPU interpreter"))
         print("note: interpreter timings are NOT representative of GPU speed; only the saved-memory "
               "column carries over (it depends on shapes, not on the device).")
+    if args.json:
+        import json
+
+        with open(args.json, "w") as f:
+            json.dump({"device": args.device, "iters": args.iters, "warmup": args.warmup,
+                       "torch": torch.__version__, "shapes": recorded}, f, indent=1)
     return 0
 
 

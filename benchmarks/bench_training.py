@@ -14,7 +14,9 @@ equal the baseline's.
         --micro-batch-size 4 --teacher-path teachers/smollm2-135m --vocab-size 49152
 
 Without --teacher-path a random Llama teacher ~10x smaller than the student is generated (the
-paper's ratio), sharing the student's vocabulary.
+paper's ratio), sharing the student's vocabulary; ``--teacher-like smollm2-135m`` generates one with
+SmolLM2-135M's architecture instead (random weights, nothing downloaded; needs --vocab-size 49152).
+``--json FILE`` writes every figure for reports (scripts/gpu_check.sh).
 """
 
 import argparse
@@ -27,6 +29,27 @@ import tempfile
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+
+# SmolLM2-135M's config.json (the paper's teacher): the architecture, not the weights.
+SMOLLM2_135M = dict(hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
+                    num_key_value_heads=3, vocab_size=49152, max_position_embeddings=8192,
+                    rms_norm_eps=1e-5, rope_theta=100000.0, tie_word_embeddings=True)
+TEACHERS_LIKE = {"smollm2-135m": SMOLLM2_135M}
+
+
+def make_teacher_like(path, name, vocab):
+    """A random-weight teacher with a published model's architecture, e.g. SmolLM2-135M."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    spec = TEACHERS_LIKE[name]
+    if vocab != spec["vocab_size"]:
+        raise SystemExit(f"--teacher-like {name} has vocabulary {spec['vocab_size']} but --vocab-size is "
+                         f"{vocab}: the objectives need a shared vocabulary")
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(**spec)).save_pretrained(path, safe_serialization=True)
+    return spec["hidden_size"], spec["num_hidden_layers"]
 
 
 def make_teacher(path, vocab, student_params):
@@ -78,12 +101,32 @@ def main():
     p.add_argument("--warmup", type=int, default=4, help="iterations ignored at the start")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--teacher-like", choices=sorted(TEACHERS_LIKE),
+                   help="generate a random teacher with this model's architecture")
+    p.add_argument("--objectives", default="baseline,let,rkd,salt",
+                   help="comma-separated objectives to measure (baseline is always measured)")
+    p.add_argument("--json", help="write the figures to this JSON file")
     a = p.parse_args()
+    objectives = ["baseline"] + [o for o in a.objectives.split(",") if o and o != "baseline"]
+    unknown = sorted(set(objectives) - {"baseline", "let", "rkd", "salt"})
+    if unknown:
+        p.error(f"--objectives: unknown {unknown}; choose from baseline,let,rkd,salt")
+    if a.teacher_like and a.teacher_path:
+        p.error("--teacher-like and --teacher-path exclude each other")
+    if a.iters <= a.warmup + 1 or a.iters // 2 <= a.warmup:
+        p.error(f"--iters {a.iters} leaves no timed teacher-active step after --warmup {a.warmup} "
+                f"(the teacher is active for the first iters // 2 steps)")
     stop = a.iters // 2  # LET/SALT teacher-active for the first half, baseline-cost afterwards
 
     with tempfile.TemporaryDirectory() as tmp:
         teacher = a.teacher_path
-        if teacher is None:
+        teacher_desc = teacher
+        if a.teacher_like:
+            teacher = os.path.join(tmp, "teacher")
+            h, layers = make_teacher_like(teacher, a.teacher_like, a.vocab_size)
+            teacher_desc = f"random {a.teacher_like} architecture ({layers} layers x {h})"
+            print(f"generated teacher: {teacher_desc}")
+        elif teacher is None:
             from megatron_let.model.llama import LlamaConfig, preset
 
             cfg = preset(a.preset, vocab_size=a.vocab_size) if a.preset else LlamaConfig(
@@ -91,6 +134,7 @@ def main():
                 vocab_size=a.vocab_size)
             teacher = os.path.join(tmp, "teacher")
             h, layers = make_teacher(teacher, a.vocab_size, cfg.num_parameters(include_embeddings=False))
+            teacher_desc = f"random {layers} layers x {h}"
             print(f"generated teacher: {layers} layers x {h} hidden (student non-embedding params "
                   f"{cfg.num_parameters(False) / 1e6:.1f}M)")
         runs = {
@@ -99,6 +143,7 @@ def main():
             "rkd": [],
             "salt": ["--kd-stop-step", str(stop)],
         }
+        runs = {name: runs[name] for name in objectives}
         results = {}
         for name, extra in runs.items():
             rows = run(name, a, teacher, os.path.join(tmp, f"{name}.jsonl"), extra)
@@ -112,14 +157,24 @@ def main():
     base_mem = max(r["peak memory MB"] for r in results["baseline"])
     print(f"\n{'objective':10s} {'step s (active)':>16s} {'throughput vs base':>19s} "
           f"{'peak mem vs base':>17s} {'step s (after stop)':>20s}")
+    figures = {}
     for name, rows in results.items():
         active_hi = a.iters if name in ("baseline", "rkd") else stop
         t = median_time(rows, a.warmup, active_hi)
         after = median_time(rows, stop + 1, a.iters) if name in ("let", "salt") else float("nan")
         mem = max(r["peak memory MB"] for r in rows)
         print(f"{name:10s} {t:16.4f} {base / t:19.3f} {mem / base_mem:17.3f} {after:20.4f}")
-    print(f"\nbaseline median step: {base:.4f}s; device {a.device}; peak memory is "
-          f"{'max_memory_allocated' if a.device == 'cuda' else 'process max RSS (includes the teacher and Python)'}")
+        figures[name] = {"step_s_active": t, "throughput_vs_baseline": base / t,
+                         "peak_memory_MB": mem, "peak_memory_vs_baseline": mem / base_mem,
+                         "step_s_after_stop": None if after != after else after}
+    memory_kind = "max_memory_allocated" if a.device == "cuda" else "process max RSS (includes the teacher and Python)"
+    print(f"\nbaseline median step: {base:.4f}s; device {a.device}; peak memory is {memory_kind}")
+    if a.json:
+        settings = {k: getattr(a, k) for k in ("preset", "vocab_size", "seq_length", "micro_batch_size",
+                                               "iters", "warmup", "device", "bf16")}
+        settings.update(teacher=teacher_desc, let_stop_step=stop, memory=memory_kind)
+        with open(a.json, "w") as f:
+            json.dump({"settings": settings, "objectives": figures}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,215 @@
+"""Checks of the GPU path (``pytest -m gpu``, run by scripts/gpu_check.sh on one H100/H200).
+
+* the compiled Triton cosine-alignment kernel against the PyTorch reference at LET's real shapes;
+* a 1-GPU (NCCL) LET run in bf16 tracking the same run in fp32;
+* the distributed optimizer: its run equals the plain optimizer's, and save -> resume is exact;
+* with Transformer Engine importable: the TE layer spec's captured layer-k state and LET gradients
+  equal the local spec's with the same weights, the capture firing once per micro-batch.
+
+Without a GPU these tests are skipped (tests/conftest.py), except under
+``MEGATRON_LET_GPU_DRY_RUN=1`` (``scripts/gpu_check.sh --cpu-dry-run``), where the same tests run at
+tiny sizes on CPU (the kernel under Triton's interpreter). Measured figures are attached with
+``record_property`` so the check's report lists them. New GPU checks: add a ``gpu``-marked test here
+(or in another tests/test_gpu*.py file) - scripts/gpu_check.sh picks it up.
+"""
+
+import os
+
+import torch
+
+GPU = torch.cuda.is_available()
+if not GPU:
+    os.environ.setdefault("TRITON_INTERPRET", "1")  # the kernels are built at import
+
+import importlib
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from launch import ROOT, TINY_MODEL, base_env, read_metrics, run_pretrain
+from tiny_teachers import save_tiny_llama_teacher
+
+pytestmark = pytest.mark.gpu
+
+ca = importlib.import_module("megatron_let.kernels.cosine_align")
+if ca.TRITON_AVAILABLE and not GPU and not ca.triton_interpreter_active():
+    ca = importlib.reload(ca)  # imported earlier without the interpreter
+
+DEVICE = "cuda" if GPU else "cpu"
+
+# --------------------------------------------------------------------------------------- sizes
+if GPU:
+    KERNEL_SHAPES = [(16 * 1280, 2048, 576), (16 * 1280, 4096, 2048)]  # (tokens, d_M, d_T): LET's
+    MODEL = ["--num-layers", "8", "--hidden-size", "1024", "--ffn-hidden-size", "2816",
+             "--num-attention-heads", "16", "--num-query-groups", "4", "--seq-length", "512",
+             "--max-position-embeddings", "512", "--device", "cuda", "--log-interval", "1",
+             "--lr", "1e-3", "--lr-warmup-fraction", "0.0", "--lr-decay-style", "constant"]
+    VOCAB, TEACHER_HIDDEN, MICRO, GLOBAL, STEPS = 2048, 256, 4, 8, 12
+else:  # --cpu-dry-run: the same checks at test size
+    KERNEL_SHAPES = [(16, 256, 72), (16, 128, 64)]
+    MODEL = TINY_MODEL
+    VOCAB, TEACHER_HIDDEN, MICRO, GLOBAL, STEPS = 200, 48, 2, 4, 4
+
+# Stated tolerances. Kernel: max |fused - reference| relative to max |reference| (fp32 reference on
+# the same inputs; a bf16 gradient's rounding alone is up to 2^-8 = 3.9e-3 of its value). bf16 training vs fp32: per-step relative lm-loss difference and absolute
+# align-loss difference (bf16 activations carry ~3 significant digits; over a few steps the runs
+# drift apart slowly).
+KERNEL_TOL = {torch.float32: 1e-5, torch.bfloat16: 1e-2}
+BF16_LM_LOSS_REL = 2e-2
+BF16_ALIGN_ABS = 2e-2
+DISTOPT_REL = 1e-3  # distributed vs plain optimizer at DP=1 (same math, other kernels)
+RESUME_REL = 1e-5  # resumed vs uninterrupted: the same computation
+
+# Messages of builds where --bf16 / the distributed optimizer are CUDA-only: the CPU dry run then
+# cannot exercise them (on a GPU they are never skipped).
+CPU_UNSUPPORTED = ("--bf16 needs a CUDA device", "--use-distributed-optimizer needs CUDA")
+
+
+def _rel_err(got: torch.Tensor, want: torch.Tensor) -> float:
+    return float((got.float() - want.float()).abs().max() / want.float().abs().max().clamp_min(1e-30))
+
+
+# --------------------------------------------------------------------------------------- kernel
+
+
+@pytest.mark.skipif(not ca.TRITON_AVAILABLE, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("shape", KERNEL_SHAPES, ids=[f"{n}x{a}to{b}" for n, a, b in KERNEL_SHAPES])
+def test_compiled_kernel_matches_reference(shape, dtype, record_property):
+    tokens, d_m, d_t = shape
+    if GPU:
+        assert not ca.triton_interpreter_active(), "TRITON_INTERPRET is set: the kernel is not compiled"
+    gen = torch.Generator().manual_seed(0)
+    h_m = torch.randn(tokens, d_m, generator=gen).to(DEVICE, dtype)
+    h_t = torch.randn(tokens, d_t, generator=gen).to(DEVICE, dtype)
+    mask = (torch.rand(tokens, generator=gen) > 0.1).to(DEVICE)
+    upstream = torch.randn(tokens, generator=gen).to(DEVICE)
+
+    def run(fn, dt):
+        a = h_m.detach().to(dt).requires_grad_(True)
+        b = h_t.detach().to(dt).requires_grad_(True)
+        loss = fn(a, b, mask)
+        (loss * upstream).sum().backward()
+        return loss.detach(), a.grad, b.grad
+
+    loss, g_m, g_t = run(ca.fused_cosine_align, dtype)
+    # the same (bf16-representable) inputs in fp32: bf16 gradients then differ by their rounding only
+    ref_loss, ref_m, ref_t = run(ca.cosine_align_reference, torch.float32)
+    assert g_m.dtype == dtype and g_t.dtype == dtype
+    errs = {"loss": _rel_err(loss, ref_loss), "grad_h_m": _rel_err(g_m, ref_m), "grad_h_t": _rel_err(g_t, ref_t)}
+    for name, err in errs.items():
+        record_property(f"max_rel_err_{name}", f"{err:.3e}")
+    assert torch.equal(loss[~mask], torch.zeros_like(loss[~mask])) and not g_m[~mask].any()
+    for name, err in errs.items():
+        assert err <= KERNEL_TOL[dtype], (name, err, KERNEL_TOL[dtype])
+
+
+# --------------------------------------------------------------------------------------- training
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("gpu_teacher")
+    save_tiny_llama_teacher(d, vocab_size=VOCAB, hidden_size=TEACHER_HIDDEN, num_layers=4)
+    return str(d)
+
+
+def _let_args(teacher, steps=STEPS):
+    return MODEL + ["--objective", "let", "--mock-data", "--vocab-size", str(VOCAB),
+                    "--micro-batch-size", str(MICRO), "--global-batch-size", str(GLOBAL),
+                    "--seed", "5", "--let-lambda", "1.0", "--let-stop-step", str(10 * steps),
+                    "--let-student-layer", "2", "--teacher-path", teacher, "--train-iters", str(steps)]
+
+
+def _train(args, metrics):
+    """Run pretrain_let.py (one process: NCCL on a GPU); per-iteration metrics. In the CPU dry run a
+    build whose --bf16 / distributed optimizer are CUDA-only skips (never on a GPU)."""
+    proc = run_pretrain(args + ["--metrics-jsonl", str(metrics)], timeout=600, check=False)
+    if proc.returncode != 0:
+        if not GPU and any(msg in proc.stderr for msg in CPU_UNSUPPORTED):
+            pytest.skip("this build runs --bf16 / --use-distributed-optimizer on CUDA only: "
+                        "the CPU dry run cannot exercise them")
+        raise AssertionError(f"pretrain_let.py failed ({proc.returncode})\nSTDOUT:\n{proc.stdout[-3000:]}\n"
+                             f"STDERR:\n{proc.stderr[-5000:]}")
+    m = read_metrics(str(metrics))
+    assert sorted(m)[-1] == int(args[args.index("--train-iters") + 1])
+    return m
+
+
+@pytest.fixture(scope="module")
+def fp32_run(teacher_dir, tmp_path_factory):
+    return _train(_let_args(teacher_dir), tmp_path_factory.mktemp("fp32") / "m.jsonl")
+
+
+@pytest.fixture(scope="module")
+def bf16_run(teacher_dir, tmp_path_factory):
+    return _train(_let_args(teacher_dir) + ["--bf16"], tmp_path_factory.mktemp("bf16") / "m.jsonl")
+
+
+def test_let_bf16_tracks_fp32(bf16_run, fp32_run, record_property):  # bf16 first: it may skip
+    lm = [abs(bf16_run[i]["lm loss"] - fp32_run[i]["lm loss"]) / fp32_run[i]["lm loss"]
+          for i in range(1, STEPS + 1)]
+    align = [abs(bf16_run[i]["align loss"] - fp32_run[i]["align loss"]) for i in range(1, STEPS + 1)]
+    record_property("max_lm_loss_rel_diff", f"{max(lm):.3e}")
+    record_property("max_align_loss_abs_diff", f"{max(align):.3e}")
+    record_property("fp32_lm_loss_first_last", f"{fp32_run[1]['lm loss']:.4f} -> {fp32_run[STEPS]['lm loss']:.4f}")
+    record_property("bf16_lm_loss_first_last", f"{bf16_run[1]['lm loss']:.4f} -> {bf16_run[STEPS]['lm loss']:.4f}")
+    assert fp32_run[STEPS]["lm loss"] < fp32_run[1]["lm loss"]  # it learns
+    assert bf16_run[STEPS]["lm loss"] < bf16_run[1]["lm loss"]
+    assert max(lm) <= BF16_LM_LOSS_REL, lm
+    assert max(align) <= BF16_ALIGN_ABS, align
+
+
+def test_distributed_optimizer_matches_plain_and_resumes_exactly(teacher_dir, bf16_run, tmp_path,
+                                                                 record_property):
+    half = STEPS // 2
+    save = tmp_path / "ckpt"
+    args = _let_args(teacher_dir) + ["--bf16", "--use-distributed-optimizer"]
+    full = _train(args + ["--save", str(save), "--save-interval", str(half)], tmp_path / "full.jsonl")
+    plain = [abs(full[i]["lm loss"] - bf16_run[i]["lm loss"]) / bf16_run[i]["lm loss"] for i in range(1, STEPS + 1)]
+    record_property("max_lm_loss_rel_diff_vs_plain_optimizer", f"{max(plain):.3e}")
+    assert max(plain) <= DISTOPT_REL, plain
+
+    # resume from the mid-run checkpoint alone (a folder whose tracker points at it)
+    mid = tmp_path / "mid"
+    mid.mkdir()
+    name = f"iter_{half:07d}"
+    assert (save / name).is_dir(), sorted(os.listdir(save))
+    shutil.copytree(save / name, mid / name)
+    (mid / "latest_checkpointed_iteration.txt").write_text(str(half))
+    resumed = _train(args + ["--load", str(mid)], tmp_path / "resumed.jsonl")
+    assert sorted(resumed) == list(range(half + 1, STEPS + 1))
+    diffs = [abs(resumed[i]["lm loss"] - full[i]["lm loss"]) / full[i]["lm loss"] for i in range(half + 1, STEPS + 1)]
+    record_property("max_lm_loss_rel_diff_resumed", f"{max(diffs):.3e}")
+    assert max(diffs) <= RESUME_REL, diffs
+    for i in range(half + 1, STEPS + 1):
+        assert resumed[i]["align loss"] == pytest.approx(full[i]["align loss"], rel=RESUME_REL, abs=1e-7)
+        assert resumed[i]["lr"] == pytest.approx(full[i]["lr"], rel=1e-9)
+
+
+# --------------------------------------------------------------------------------------- TE spec
+
+
+def _te_importable() -> bool:
+    from megatron_let.model.llama import transformer_engine_available
+
+    return transformer_engine_available()
+
+
+@pytest.mark.skipif(not _te_importable(), reason="Transformer Engine is not importable (or no GPU)")
+def test_te_spec_capture_and_let_gradients_match_local_spec(tmp_path, record_property):
+    out = tmp_path / "te.json"
+    proc = subprocess.run([sys.executable, os.path.join(ROOT, "tests", "workers", "te_spec_worker.py"), str(out)],
+                          env=base_env(), capture_output=True, text=True, timeout=600, cwd=ROOT)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    import json
+
+    res = json.loads(out.read_text())
+    for key, value in res["errors"].items():
+        record_property(f"max_rel_err_{key}", f"{value:.3e}")
+    assert res["fired"] == {"local": res["micro_batches"], "te": res["micro_batches"]}, res
+    for key, value in res["errors"].items():
+        assert value <= res["tolerance"], (key, value)
+    assert res["untouched_above_k"], "layers above k got an alignment gradient"
