@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Verify megatron_let's GPU path on one H100/H200 with no network, and write one report.
 #
-#   bash scripts/gpu_check.sh --wheels DIR [--out DIR] [--budget-s 470]   # on the GPU machine (default 470 s)
+#   bash scripts/gpu_check.sh --wheels DIR [--out DIR] [--budget-s 450]   # on the GPU machine (default 450 s)
 #   bash scripts/gpu_check.sh --prepare-wheels DIR                        # here (PyPI): fill DIR
 #   bash scripts/gpu_check.sh --cpu-dry-run [--out DIR]                   # the same steps, tiny, on CPU
 #

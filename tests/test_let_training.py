@@ -140,14 +140,22 @@ def test_let_two_process_layout_matches_single(layout, tmp_path, teacher_dir, le
         assert "teacher loaded on rank 0" in out and "teacher loaded on rank 1" in out
 
 
-def test_cca_statistics_span_the_whole_sequence_under_sp(tmp_path, teacher_dir, let_init):
-    """CCA's correlations are over the micro-batch's full sequence: TP=2 + SP (each rank holds half
-    the sequence) gives the single process's align loss, and - through the all-reduce's backward -
-    its gradients, so the later steps' losses and grad norms match too."""
-    cca = ["--let-loss", "cca"]
-    ref, _ = _run(tmp_path / "single", teacher_dir, let_init, cca, 1)
-    m, _ = _run(tmp_path / "sp", teacher_dir, let_init,
-                cca + ["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2)
+@pytest.fixture(scope="module")
+def cca_single(tmp_path_factory, teacher_dir, let_init):
+    return _run(tmp_path_factory.mktemp("cca"), teacher_dir, let_init, ["--let-loss", "cca"], 1)[0]
+
+
+@pytest.mark.parametrize("layout", [
+    ["--tensor-model-parallel-size", "2", "--sequence-parallel"],  # each rank holds half the sequence
+    [],  # DP=2: each rank runs whole micro-batches, the same ones as the single process
+], ids=["tp2-sp", "dp2"])
+def test_cca_statistics_are_the_micro_batch_s_whatever_the_layout(layout, tmp_path, teacher_dir, let_init,
+                                                                   cca_single):
+    """CCA's correlations are over the micro-batch's full sequence: TP=2 + SP gives the single
+    process's align loss and - through the all-reduce's backward - its gradients, so the later steps'
+    losses and grad norms match too; so does DP=2 (micro-batches are the same samples)."""
+    ref = cca_single
+    m, _ = _run(tmp_path, teacher_dir, let_init, ["--let-loss", "cca"] + layout, 2)
     assert abs(ref[1]["align loss"]) > 1e-3  # a real correlation, not a zero
     for i in (1, 2, 3, 4):
         for key in ("total loss", "lm loss", "align loss", "grad norm"):
