@@ -29,7 +29,6 @@ import sys
 import pytest
 
 from launch import ROOT, TINY_MODEL, base_env, read_metrics, run_pretrain
-from tiny_teachers import save_tiny_llama_teacher
 
 pytestmark = pytest.mark.gpu
 
@@ -111,8 +110,15 @@ def test_compiled_kernel_matches_reference(shape, dtype, record_property):
 
 @pytest.fixture(scope="module")
 def teacher_dir(tmp_path_factory):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
     d = tmp_path_factory.mktemp("gpu_teacher")
-    save_tiny_llama_teacher(d, vocab_size=VOCAB, hidden_size=TEACHER_HIDDEN, num_layers=4)
+    torch.manual_seed(0)
+    seq = int(MODEL[MODEL.index("--seq-length") + 1])
+    cfg = LlamaConfig(vocab_size=VOCAB, hidden_size=TEACHER_HIDDEN, intermediate_size=2 * TEACHER_HIDDEN,
+                      num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2,
+                      max_position_embeddings=max(128, seq), tie_word_embeddings=True)
+    LlamaForCausalLM(cfg).eval().save_pretrained(str(d), safe_serialization=True)
     return str(d)
 
 
