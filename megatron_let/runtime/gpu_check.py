@@ -2,7 +2,7 @@
 
 Steps (each a subprocess with its own time limit, all within one overall budget):
 
-1. ``pytest -m gpu`` over tests/test_gpu*.py (kernel vs reference at LET's shapes, bf16 vs fp32 LET run, the
+1. ``pytest -m gpu`` over the test files that use the marker (kernel vs reference at LET's shapes, bf16 vs fp32 LET run, the
    distributed optimizer with save/resume, the TE spec when TE is importable); the figures the tests
    attach with ``record_property`` come back through pytest's JUnit XML;
 2. ``benchmarks/bench_cosine_align.py`` in bf16 and fp32 (16x1280 tokens, 2048->576, 4096->2048);
@@ -13,8 +13,8 @@ Steps (each a subprocess with its own time limit, all within one overall budget)
 ``MEGATRON_LET_GPU_DRY_RUN=1``), so CI keeps the script working without a GPU. The report
 (``gpu_check_report.md`` + ``.json`` in ``--out``) is rewritten after every step, so a step that runs
 out of time still leaves the others' figures. More checks: add a step to :func:`plan` (a command, a
-time cap, an optional JSON file it writes), or a ``gpu``-marked test in a tests/test_gpu*.py file,
-which step 1 collects.
+time cap, an optional JSON file it writes), or a ``gpu``-marked test (``pytest.mark.gpu`` in a
+tests/test_*.py file), which step 1 collects.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ def plan(out: str, dry: bool) -> List[Step]:
     """The check's steps, GPU-sized or (``dry``) tiny on CPU."""
     py = sys.executable
     bench = os.path.join(ROOT, "benchmarks")
-    # GPU checks live in tests/test_gpu*.py (collecting the whole suite would cost more than they do)
-    test_files = sorted(glob.glob(os.path.join(ROOT, "tests", "test_gpu*.py")))
-    test_files = [f for f in test_files if os.path.basename(f) != "test_gpu_check.py"]
+    # only the test files that hold gpu-marked tests (collecting the whole suite costs more than they do)
+    test_files = [f for f in sorted(glob.glob(os.path.join(ROOT, "tests", "test_*.py")))
+                  if "pytest.mark.gpu" in open(f, encoding="utf-8").read()]
     steps = [Step(
         "pytest -m gpu",
         [py, "-m", "pytest", "-m", "gpu", *test_files, "-q", "-rA", "-p", "no:cacheprovider",
