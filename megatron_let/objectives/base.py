@@ -49,6 +49,7 @@ class ObjectiveContext:
     tp_group: Optional[torch.distributed.ProcessGroup] = None
     vocab_size: Optional[int] = None  # true (unpadded) student vocabulary
     student_num_layers: Optional[int] = None
+    padded_vocab_size: Optional[int] = None  # the student's embedding rows (padded for TP)
 
 
 class Objective:
@@ -81,6 +82,11 @@ class Objective:
     def schedule_values(self, step: int) -> Dict[str, float]:
         """Loss weights at ``step`` for logging (e.g. ``{"lambda": 0.1}``)."""
         return {}
+
+    def teacher_logits_range(self) -> Optional[Tuple[int, int]]:
+        """Global vocabulary columns ``[start, stop)`` of the teacher logits ``output_loss`` reads
+        on this rank; the trainer has the teacher compute only those. ``None``: all of them."""
+        return None
 
     # --- losses ---------------------------------------------------------------------------------
     def hidden_loss(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,

@@ -159,7 +159,8 @@ class Trainer:
         layer = needs.teacher_hidden_layer if needs.teacher_hidden_layer is not None else -1
         self.teacher_info = inspect_teacher(cfg.teacher.path, layer=layer,
                                             trust_remote_code=cfg.teacher.trust_remote_code,
-                                            seq_length=cfg.model.seq_length)
+                                            seq_length=cfg.model.seq_length,
+                                            bos=cfg.teacher.bos)
         if cfg.teacher.tokenizer_mismatch:
             if needs.teacher_logits:
                 raise ValueError("--let-tokenizer-mismatch aligns hidden states only; logit "
@@ -289,7 +290,8 @@ class Trainer:
             layer = needs.teacher_hidden_layer if needs.teacher_hidden_layer is not None else -1
             self.teacher = HFTeacher.load(
                 TeacherConfig(path=self.cfg.teacher.path, layer=layer,
-                              trust_remote_code=self.cfg.teacher.trust_remote_code),
+                              trust_remote_code=self.cfg.teacher.trust_remote_code,
+                              bos=self.cfg.teacher.bos),
                 self.device,
             )
             self._log(f"teacher loaded on rank {self.rank}: {self.cfg.teacher.path}", all_ranks=True)
@@ -338,7 +340,8 @@ class Trainer:
                     hidden = self.teacher.hidden_states(tokens)
                 self.capture.set_pending(hidden, loss_mask)
             if needs.teacher_logits and self.is_last_stage:
-                teacher_logits = self.teacher.logits(tokens)
+                teacher_logits = self.teacher.logits(
+                    tokens, vocab_range=self.objective.teacher_logits_range())
             self.teacher_time += time.time() - t0
         output = model(tokens, position_ids, None)
         if self.capture is not None:
