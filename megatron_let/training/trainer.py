@@ -130,6 +130,13 @@ class Trainer:
             enabled=self.rank == self.world - 1,  # the last rank sees the loss, as in Megatron-LM
             wandb=cfg.logging.wandb, run_config=vars(cfg.raw) if cfg.raw is not None else None,
         )
+        if self.writer.tb is not None or self.writer.jsonl is not None:
+            # tools/compare_runs.py counts the compute spent to reach a target from these
+            from megatron_let.training.dry_run import flops_scalars, run_flops
+
+            self.writer.scalars(self.iteration, flops_scalars(run_flops(
+                cfg, self.objective, getattr(self, "teacher_info", None), self.world,
+                self.global_batch_size)), prefix="config/")
 
         self._build_model_and_optimizer()
         self._build_data()
