@@ -87,7 +87,8 @@ def _worker(rank: int, a: argparse.Namespace, port: int, results) -> None:
         peak = _peak_bytes(step(sliced), device)
         rows["sliced" if sliced else "full"] = (out[sliced][0], peak)
     diff = float((out[True][1] - out[False][1]).abs().max())
-    results[rank] = (rows, diff, (start, stop), v_local, vocab, padded)
+    grad_bytes = student.numel() * student.element_size()
+    results[rank] = (rows, diff, (start, stop), grad_bytes, vocab, padded)
     dist.barrier(group)
     dist.destroy_process_group()
 
@@ -122,13 +123,17 @@ def main(argv=None) -> int:
     _, _, _, _, vocab, padded = results[0]
     print(f"TP={a.tp} vocab={vocab} (padded {padded}) tokens/rank={a.batch * a.seq} chunk={a.chunk} "
           f"device={a.device}")
-    print(f"{'rank':>4} {'columns':>15} {'teacher logits MiB (full -> sliced)':>38} "
-          f"{'KD path peak MiB (full -> sliced)':>36} {'peak ratio':>11} {'max |loss diff|':>16}")
+    print("KD path peak = teacher logits + KD loss forward/backward, including the student's logit "
+          "gradient shard; 'w/o grad' leaves that gradient out (NLL-only training has it too)")
+    print(f"{'rank':>4} {'columns':>15} {'teacher logits MiB':>20} {'KD path peak MiB':>18} "
+          f"{'ratio':>7} {'w/o grad MiB':>16} {'ratio':>7} {'max |loss diff|':>16}")
     for rank in sorted(results):
-        rows, diff, (start, stop), _, _, _ = results[rank]
+        rows, diff, (start, stop), grad, _, _ = results[rank]
         (tf, pf), (ts, ps) = rows["full"], rows["sliced"]
-        print(f"{rank:>4} {f'[{start}, {stop})':>15} {f'{tf / MIB:.1f} -> {ts / MIB:.1f}':>38} "
-              f"{f'{pf / MIB:.1f} -> {ps / MIB:.1f}':>36} {pf / ps:>10.2f}x {diff:>16.2e}")
+        print(f"{rank:>4} {f'[{start}, {stop})':>15} {f'{tf / MIB:.0f} -> {ts / MIB:.0f}':>20} "
+              f"{f'{pf / MIB:.0f} -> {ps / MIB:.0f}':>18} {pf / ps:>6.2f}x "
+              f"{f'{(pf - grad) / MIB:.0f} -> {(ps - grad) / MIB:.0f}':>16} "
+              f"{(pf - grad) / (ps - grad):>6.2f}x {diff:>16.2e}")
     return 0
 
 

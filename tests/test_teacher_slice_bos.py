@@ -201,6 +201,59 @@ def test_bos_needs_one_more_position(bos_folders):
         no_bos.logits(_ids(rows=1, seq=129))
 
 
+def test_bos_fidelity_measure_equals_hf_by_hand(bos_folders, tmp_path):
+    """tools/teacher_bos_nll.py's numbers, recomputed here with plain transformers."""
+    import importlib.util
+    import json
+    import os
+
+    from megatron_let.teacher.bos_fidelity import pack_windows
+
+    folder = bos_folders["bos"]
+    g = torch.Generator().manual_seed(3)
+    docs = [" ".join(f"w{int(i)}" for i in torch.randint(3, VOCAB, (n,), generator=g)) for n in (40, 25, 61)]
+    text = tmp_path / "docs.jsonl"
+    text.write_text("".join(json.dumps({"text": d}) + "\n" for d in docs))
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("teacher_bos_nll", os.path.join(root, "tools", "teacher_bos_nll.py"))
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    out = tmp_path / "bos.json"
+    assert tool.main(["--teacher-path", str(folder), "--text", str(text), "--seq-length", "20",
+                      "--num-windows", "3", "--out", str(out), str(tmp_path / "bos.md")]) == 0
+    got = json.loads(out.read_text())[0]
+    assert "| 3 x 20 |" in (tmp_path / "bos.md").read_text()
+
+    # reference: the same packing by hand (EOS=2 after each document), HF's forward on each window
+    stream = []
+    for d in docs:
+        stream += [int(w[1:]) for w in d.split()] + [2]
+    windows = torch.tensor(stream[: (len(stream) // 21) * 21]).view(-1, 21)
+    windows = windows[torch.tensor([0, (len(windows) - 1) / 2, len(windows) - 1]).round().long()]
+    assert torch.equal(pack_windows([[int(w[1:]) for w in d.split()] for d in docs], 2, 20, 3), windows)
+    ref = _reference(folder)
+    nll = {True: [], False: []}
+    cos = []
+    for w in windows:
+        states = {}
+        for bos in (True, False):
+            ids = torch.cat([torch.tensor([BOS_ID]), w[:-1]]) if bos else w[:-1]
+            with torch.no_grad():
+                out = ref(input_ids=ids[None], output_hidden_states=True)
+            logits, hidden = out.logits[0], out.hidden_states[-1][0]
+            if bos:
+                logits, hidden = logits[1:], hidden[1:]
+            nll[bos].append(torch.nn.functional.cross_entropy(logits, w[1:]).item())
+            states[bos] = hidden
+        cos.append(torch.nn.functional.cosine_similarity(states[True], states[False], dim=-1).mean().item())
+    assert got["bos_token_id"] == BOS_ID and got["windows"] == 3
+    assert got["nll_with_bos"] == pytest.approx(sum(nll[True]) / 3, rel=1e-5)
+    assert got["nll_without_bos"] == pytest.approx(sum(nll[False]) / 3, rel=1e-5)
+    assert got["hidden_cosine"] == pytest.approx(sum(cos) / 3, rel=1e-5)
+    # a teacher that adds no BOS has nothing to compare: a clear error, exit status 2
+    assert tool.main(["--teacher-path", str(bos_folders["plain"]), "--text", str(text),
+                      "--seq-length", "20", "--num-windows", "3"]) == 2
+
 def test_preflight_counts_the_bos_position(bos_folders):
     """inspect_teacher (the preflight's teacher check, before any weight loads) counts BOS too."""
     from megatron_let.teacher import inspect_teacher
