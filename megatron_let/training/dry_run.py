@@ -382,8 +382,8 @@ def teacher_active_steps(objective, train_iters: int) -> int:
     return hi
 
 
-def teacher_use(objective, layout: ParallelLayout, teacher: TeacherSummary,
-                train_iters: int) -> TeacherUse:
+def objective_teacher_use(objective, layout: ParallelLayout, teacher: TeacherSummary,
+                          train_iters: int) -> TeacherUse:
     """Where and how much of the teacher the objective runs (from its step-0 needs)."""
     needs = objective.needs(0)
     stages: Set[int] = set()
@@ -409,7 +409,7 @@ def run_flops(cfg: RunConfig, objective, teacher_info, world_size: int,
     teacher, use = None, None
     if teacher_info is not None and objective.needs(0).teacher:
         teacher = teacher_summary(teacher_info, cfg.teacher.trust_remote_code)
-        use = teacher_use(objective, layout, teacher, cfg.batch.train_iters)
+        use = objective_teacher_use(objective, layout, teacher, cfg.batch.train_iters)
     return estimate_flops(cfg.model, global_batch_size * cfg.model.seq_length,
                           cfg.batch.train_iters, layout, teacher, use)
 
@@ -486,7 +486,7 @@ def plan_run(cfg: RunConfig, world_size: Optional[int] = None) -> DryRunPlan:
     info = getattr(trainer, "teacher_info", None)
     if getattr(trainer, "needs_teacher_ever", False) and info is not None:
         teacher = teacher_summary(info, cfg.teacher.trust_remote_code)
-        use = teacher_use(objective, layout, teacher, cfg.batch.train_iters)
+        use = objective_teacher_use(objective, layout, teacher, cfg.batch.train_iters)
     memory = estimate_memory(cfg, model, layout, num_microbatches, teacher, use)
     flops = estimate_flops(model, gbs * model.seq_length, cfg.batch.train_iters, layout, teacher,
                            use)
