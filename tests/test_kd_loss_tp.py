@@ -40,6 +40,9 @@ def _make_cases():
         (37, 40, True, torch.float32, 1.0, 1000),  # teacher already sharded like the student
         (15, 40, False, torch.float32, 0.25, 3),  # rank 1 entirely padding
         (40, 40, False, torch.bfloat16, 0.25, 5),  # no padding, bf16 teacher
+        # vocabulary-sliced teacher (HFTeacher.logits(vocab_range=teacher_vocab_shard(...)))
+        (37, 45, "sliced", torch.float32, 0.25, 4),  # rank 1's slice is narrower than its shard
+        (15, 40, "sliced", torch.float32, 0.5, 3),  # rank 1's slice is empty
     ]
     for vocab, v_t, local, t_dtype, rho, chunk in specs:
         lead = (2, 7)
@@ -68,6 +71,8 @@ def test_tp2_matches_full_vocab(tmp_path):
         env = dict(
             os.environ, RANK=str(rank), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1",
             MASTER_PORT=str(port), OMP_NUM_THREADS="1",
+            # this checkout's package, not whichever one the virtualenv has installed
+            PYTHONPATH=str(WORKER.parents[2]) + os.pathsep + os.environ.get("PYTHONPATH", ""),
         )
         procs.append(
             subprocess.Popen(

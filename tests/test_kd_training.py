@@ -51,8 +51,27 @@ def _rkd(tmp_path, teacher_dir, init, extra, nproc):
 
 
 @pytest.fixture(scope="module")
-def rkd_single(tmp_path_factory, teacher_dir, rkd_init):
-    return _rkd(tmp_path_factory.mktemp("rs"), teacher_dir, rkd_init, [], 1)
+def rkd_single_dir(tmp_path_factory):
+    return tmp_path_factory.mktemp("rs")
+
+
+@pytest.fixture(scope="module")
+def rkd_single(rkd_single_dir, teacher_dir, rkd_init):
+    return _rkd(rkd_single_dir, teacher_dir, rkd_init, [], 1)
+
+
+def test_rkd_run_logs_the_dry_runs_flop_estimate(rkd_single, rkd_single_dir, teacher_dir):
+    """The config/ record tools/compare_runs.py counts compute from is the dry run's estimate."""
+    from megatron_let.training.arguments import parse_args
+    from megatron_let.training.dry_run import plan_run
+
+    logged = read_metrics(str(rkd_single_dir / "m.jsonl"), split="config")[0]
+    plan = plan_run(parse_args(KD + ["--objective", "rkd", "--teacher-path", teacher_dir,
+                                     "--train-iters", "3"]), world_size=1)
+    assert plan.flops.teacher_per_step > 0
+    assert logged["student flops per step"] == pytest.approx(plan.flops.student_per_step, rel=1e-12)
+    assert logged["teacher flops per step"] == pytest.approx(plan.flops.teacher_per_step, rel=1e-12)
+    assert logged["teacher active steps"] == 3 == plan.flops.active_steps
 
 
 def test_rkd_total_loss_mixes_nll_and_kd(rkd_single):
@@ -69,6 +88,25 @@ def test_rkd_two_process_layout_matches_single(layout, tmp_path, teacher_dir, rk
     for i in (1, 2, 3):
         for key in ("total loss", "lm loss", "kd loss", "grad norm"):
             assert m[i][key] == pytest.approx(rkd_single[i][key], rel=1e-4, abs=1e-5), (i, key)
+
+
+def test_salt_tp2_vocab_sliced_teacher_matches_single(tmp_path, teacher_dir, rkd_init):
+    """SALT at TP=2: each rank's teacher computes only its vocabulary columns (vocab 200 padded to
+    256: rank 0 ids 0-127, rank 1 ids 128-199); the KD phase (steps 1-2) and the NLL phase after
+    the teacher is released (step 3) equal a single process's full-vocabulary run."""
+    salt = ["--objective", "salt", "--kd-stop-step", "2"]
+    runs = []
+    for nproc, extra in ((1, []), (2, ["--tensor-model-parallel-size", "2"])):
+        metrics = str(tmp_path / f"salt{nproc}.jsonl")
+        run_pretrain(KD + salt + ["--teacher-path", teacher_dir, "--train-iters", "3", "--load", rkd_init,
+                                  "--no-load-optim", "--no-load-rng", "--metrics-jsonl", metrics] + extra,
+                     nproc=nproc)
+        runs.append(read_metrics(metrics))
+    single, tp2 = runs
+    assert "kd loss" in tp2[2] and "kd loss" not in tp2[3]
+    for i in (1, 2, 3):
+        for key in ("total loss", "lm loss", "grad norm") + (("kd loss",) if i < 3 else ()):
+            assert tp2[i][key] == pytest.approx(single[i][key], rel=1e-4, abs=1e-5), (i, key)
 
 
 def test_salt_stops_distilling_and_frees_teacher(tmp_path, teacher_dir):

@@ -171,6 +171,37 @@ def test_comparison_numbers_by_hand(logs, tmp_path):
     assert json.load(open(js))["baseline"] == "baseline"
 
 
+def test_compute_to_target_counts_the_teacher(tmp_path):
+    """FLOPs to the target from the per-step estimates the trainer logs under config/."""
+    from torch.utils.tensorboard import SummaryWriter
+
+    paths = {}
+    # (student FLOPs/step, teacher FLOPs/step, teacher active steps); LET's teacher runs 30 steps
+    flops = {"baseline": (6e12, 0.0, 0), "LET": (6e12, 1.5e12, 30), "slow": (6e12, 0.0, 0)}
+    for name in VALID:
+        d = tmp_path / name
+        write_run(str(d), name)
+        if name != "slow":  # "slow" is an older log without the estimates
+            w = SummaryWriter(log_dir=str(d))
+            s, t, n = flops[name]
+            w.add_scalar("config/student_flops_per_step", s, 0)
+            w.add_scalar("config/teacher_flops_per_step", t, 0)
+            w.add_scalar("config/teacher_active_steps", n, 0)
+            w.close()
+        paths[name] = str(d)
+    runs = plot_runs.load_runs([f"{n}={p}" for n, p in paths.items()])
+    rows = {c.run: c for c in compare_runs.compare(runs, "baseline")}
+    # baseline: 100 steps x 6e12; LET: 60 x 6e12 + 30 x 1.5e12 (its teacher stopped at step 30)
+    assert rows["baseline"].flops_to_target == pytest.approx(6e14)
+    assert rows["LET"].flops_to_target == pytest.approx(3.6e14 + 4.5e13)
+    assert rows["LET"].compute_speedup == pytest.approx(6e14 / 4.05e14)  # 1.48x, vs 1.67x in steps
+    assert rows["LET"].step_speedup == pytest.approx(100 / 60)
+    assert rows["baseline"].compute_speedup == 1.0
+    assert rows["slow"].flops_to_target is None and rows["slow"].compute_speedup is None
+    table = compare_runs.to_markdown(list(rows.values()), "baseline")
+    assert "| 4.050e+14 | 1.48x |" in table and "| not reached | n/a |" in table
+
+
 def test_another_baseline_changes_the_target(logs):
     runs = plot_runs.load_runs(specs(logs, ("LET", "slow")))
     rows = compare_runs.compare(runs, "slow")  # target 2.5: slow reaches at 100, LET at 40

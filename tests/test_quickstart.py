@@ -150,7 +150,7 @@ def _read_jsonl(path):
     out = {"train": {}, "valid": {}}
     for line in open(path):
         rec = json.loads(line)
-        out[rec["split"]][rec["iteration"]] = rec
+        out.setdefault(rec["split"], {})[rec["iteration"]] = rec  # also "config" (FLOP estimates)
     return out
 
 

@@ -17,6 +17,14 @@ Every number is computed from the logged scalars:
                            start-up excluded); without it, event time since the first train step
   wall-clock ratio         run's train time / baseline's train time (whole run)
   speed-up (wall-clock)    baseline's train time to target / run's train time to target
+  FLOPs to target          student training + teacher forward FLOPs spent up to the steps to
+                           target: the trainer logs the dry run's per-step estimates
+                           (``config/student_flops_per_step``, ``config/teacher_flops_per_step``,
+                           ``config/teacher_active_steps``; megatron_let.training.dry_run), so
+                           FLOPs(n) = student·n + teacher·min(n, active steps). The teacher is
+                           counted once per token (as the dry run's teacher FLOPs)
+  speed-up (compute)       baseline's FLOPs to target / run's FLOPs to target (the paper counts
+                           steps only; this charges LET/SALT for their teacher)
 
 The markdown table is printed; ``--out`` also writes it to ``.md`` files and the raw numbers to
 ``.csv`` / ``.json`` files (chosen by extension).
@@ -39,6 +47,10 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from plot_runs import VALID_LOSS, VALID_PPL, Run, load_runs  # noqa: E402
 
 OUT_FORMATS = (".md", ".csv", ".json")
+# logged once per run by the trainer (megatron_let.training.dry_run.flops_scalars)
+STUDENT_FLOPS = "config/student_flops_per_step"
+TEACHER_FLOPS = "config/teacher_flops_per_step"
+TEACHER_STEPS = "config/teacher_active_steps"
 
 
 @dataclass
@@ -54,6 +66,8 @@ class Comparison:
     wallclock_ratio: Optional[float]
     seconds_to_target: Optional[float]
     wallclock_speedup: Optional[float]
+    flops_to_target: Optional[float] = None
+    compute_speedup: Optional[float] = None
 
 
 def steps_to_reach(run: Run, target: float) -> Optional[int]:
@@ -70,6 +84,17 @@ def seconds_at(run: Run, step: int) -> Optional[float]:
         return None
     i = int(np.searchsorted(t.steps, step, side="right")) - 1
     return float(t.values[i]) if i >= 0 else None
+
+
+def flops_at(run: Run, steps: Optional[int]) -> Optional[float]:
+    """Student + teacher FLOPs of the first ``steps`` steps, from the run's logged estimates
+    (None for a run logged without them, e.g. by an older trainer)."""
+    if steps is None or not run.has(STUDENT_FLOPS):
+        return None
+    student = float(run.scalars[STUDENT_FLOPS].values[-1])
+    teacher = float(run.scalars[TEACHER_FLOPS].values[-1]) if run.has(TEACHER_FLOPS) else 0.0
+    active = int(run.scalars[TEACHER_STEPS].values[-1]) if run.has(TEACHER_STEPS) else 0
+    return student * steps + teacher * min(steps, active)
 
 
 def _ratio(num: Optional[float], den: Optional[float]) -> Optional[float]:
@@ -93,6 +118,7 @@ def compare(runs: Sequence[Run], baseline: str) -> List[Comparison]:
     base_steps = steps_to_reach(base, target)  # may precede its last evaluation
     base_total = seconds_at(base, int(base.scalars[VALID_LOSS].steps[-1]))
     base_sec_to_target = seconds_at(base, base_steps)
+    base_flops_to_target = flops_at(base, base_steps)
     rows = []
     for r in runs:
         v = r.scalars[VALID_LOSS]
@@ -105,6 +131,7 @@ def compare(runs: Sequence[Run], baseline: str) -> List[Comparison]:
         reached = steps_to_reach(r, target)
         total = seconds_at(r, last_step)
         sec_to_target = seconds_at(r, reached) if reached is not None else None
+        flops_to_target = flops_at(r, reached)
         rows.append(Comparison(
             run=r.name, last_step=last_step, final_valid_loss=final_loss, final_valid_ppl=ppl,
             target_loss=target, steps_to_target=reached,
@@ -112,6 +139,8 @@ def compare(runs: Sequence[Run], baseline: str) -> List[Comparison]:
             train_seconds=total, wallclock_ratio=_ratio(total, base_total),
             seconds_to_target=sec_to_target,
             wallclock_speedup=_ratio(base_sec_to_target, sec_to_target),
+            flops_to_target=flops_to_target,
+            compute_speedup=_ratio(base_flops_to_target, flops_to_target),
         ))
     return rows
 
@@ -123,7 +152,7 @@ def _fmt(value, spec: str, none: str = "n/a") -> str:
 def to_markdown(rows: Sequence[Comparison], baseline: str) -> str:
     head = ["run", "steps", "final valid loss", "final valid ppl", "steps to baseline's final loss",
             "speed-up (steps)", "train time (s)", "wall-clock ratio", "time to target (s)",
-            "speed-up (wall-clock)"]
+            "speed-up (wall-clock)", "FLOPs to target", "speed-up (compute)"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for c in rows:
         reached = c.steps_to_target is not None
@@ -135,11 +164,14 @@ def to_markdown(rows: Sequence[Comparison], baseline: str) -> str:
             _fmt(c.train_seconds, ".1f"), _fmt(c.wallclock_ratio, ".3f"),
             _fmt(c.seconds_to_target, ".1f", "not reached" if not reached else "n/a"),
             _fmt(c.wallclock_speedup, ".2f") + ("x" if c.wallclock_speedup is not None else ""),
+            _fmt(c.flops_to_target, ".3e", "not reached" if not reached else "n/a"),
+            _fmt(c.compute_speedup, ".2f") + ("x" if c.compute_speedup is not None else ""),
         ]
         lines.append("| " + " | ".join(cells) + " |")
     lines.append("")
     lines.append(f"target = {baseline}'s final validation loss {rows[0].target_loss:.4f}; "
-                 "speed-up = baseline steps (or seconds) to the target / the run's")
+                 "speed-up = baseline steps (seconds, FLOPs) to the target / the run's; FLOPs = "
+                 "student training + teacher forward (n/a: the run logged no FLOP estimate)")
     return "\n".join(lines) + "\n"
 
 

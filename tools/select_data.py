@@ -84,7 +84,7 @@ def main(argv=None) -> int:
     kd_steps = a.kd_stop_step or max(1, round(DEFAULT_KD_FRACTION * a.train_iters))
     m = min(n, a.select_count or kd_steps * a.global_batch_size)
 
-    teacher = HFTeacher.load(TeacherConfig(path=a.teacher_path), device)
+    teacher = HFTeacher.load(TeacherConfig(path=a.teacher_path, bos=cfg.teacher.bos), device)
     mine = list(range(rank, n, world))
     scores = torch.full((n,), float("-inf"), dtype=torch.float32)
     t0 = time.time()

@@ -52,6 +52,7 @@ class ObjectiveContext:
     # Ranks holding the other sequence shards of a micro-batch (the TP group under sequence
     # parallelism, else None): objectives whose hidden_loss needs full-sequence statistics reduce over it.
     sequence_parallel_group: Optional[torch.distributed.ProcessGroup] = None
+    padded_vocab_size: Optional[int] = None  # the student's embedding rows (padded for TP)
 
 
 class Objective:
@@ -84,6 +85,11 @@ class Objective:
     def schedule_values(self, step: int) -> Dict[str, float]:
         """Loss weights at ``step`` for logging (e.g. ``{"lambda": 0.1}``)."""
         return {}
+
+    def teacher_logits_range(self) -> Optional[Tuple[int, int]]:
+        """Global vocabulary columns ``[start, stop)`` of the teacher logits ``output_loss`` reads
+        on this rank; the trainer has the teacher compute only those. ``None``: all of them."""
+        return None
 
     # --- losses ---------------------------------------------------------------------------------
     def hidden_loss(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,

@@ -28,7 +28,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-__all__ = ["KDLossConfig", "vocab_parallel_kd_loss"]
+__all__ = ["KDLossConfig", "teacher_vocab_shard", "vocab_parallel_kd_loss", "vocab_shard_range"]
 
 
 @dataclass
@@ -71,6 +71,42 @@ def _tp_world_and_rank(tp_group: Optional[dist.ProcessGroup]) -> tuple[int, int]
     return dist.get_world_size(group=tp_group), dist.get_rank(group=tp_group)
 
 
+def _valid_ids(rank: int, v_local: int, vocab_size: int) -> tuple[int, int]:
+    """(first global id, number of real ids) of shard ``rank``; megatron-core's vocab split."""
+    start = rank * v_local
+    return start, max(0, min(v_local, vocab_size - start))
+
+
+def vocab_shard_range(vocab_size: int, padded_vocab_size: int, world: int, rank: int) -> tuple[int, int]:
+    """Global ids ``[start, stop)`` of the real (unpadded) vocabulary in TP rank ``rank``'s shard
+    of the padded vocabulary (megatron-core's split); ``start == stop`` for an all-padding shard."""
+    if world < 1 or not 0 <= rank < world:
+        raise ValueError(f"TP rank {rank} is not in a TP world of size {world}")
+    if padded_vocab_size % world:
+        raise ValueError(
+            f"padded vocabulary {padded_vocab_size} is not divisible by the TP world size {world}"
+        )
+    if not 1 <= vocab_size <= padded_vocab_size:
+        raise ValueError(
+            f"vocab_size {vocab_size} must be in [1, padded vocabulary {padded_vocab_size}]"
+        )
+    start, n_valid = _valid_ids(rank, padded_vocab_size // world, vocab_size)
+    return start, start + n_valid
+
+
+def teacher_vocab_shard(
+    vocab_size: int, padded_vocab_size: int, tp_group: Optional[dist.ProcessGroup] = None
+) -> tuple[int, int]:
+    """Global teacher-logit columns ``[start, stop)`` this TP rank's KD term reads.
+
+    They are the real (unpadded) ids of the rank's shard of the student's padded vocabulary, so a
+    teacher that computes only these columns (``HFTeacher.logits(vocab_range=...)``) gives the
+    same loss as the full-vocabulary logits. ``start == stop`` for a shard that is all padding.
+    """
+    world, rank = _tp_world_and_rank(tp_group)
+    return vocab_shard_range(vocab_size, padded_vocab_size, world, rank)
+
+
 def _validate_and_shard(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -79,6 +115,7 @@ def _validate_and_shard(
     vocab_size: Optional[int],
     chunk_size: int,
     tp_group: Optional[dist.ProcessGroup],
+    teacher_vocab_start: Optional[int] = None,
 ) -> tuple[_Shard, torch.Tensor]:
     """Check the arguments (before any compute) and return the shard plus the local teacher view."""
     if not isinstance(student_logits, torch.Tensor) or not isinstance(teacher_logits, torch.Tensor):
@@ -122,10 +159,19 @@ def _validate_and_shard(
             f"(= tp world {world} x local shard {v_local})"
         )
 
-    start = rank * v_local
-    n_valid = max(0, min(v_local, vocab_size - start))
+    start, n_valid = _valid_ids(rank, v_local, vocab_size)
     v_teacher = teacher_logits.shape[-1]
-    if world > 1 and v_teacher == v_local:
+    if teacher_vocab_start is not None:
+        # columns of a vocabulary-sliced teacher: global ids [teacher_vocab_start, + v_teacher)
+        offset = start - teacher_vocab_start
+        if n_valid and (offset < 0 or offset + n_valid > v_teacher):
+            raise ValueError(
+                f"teacher logits hold vocabulary ids [{teacher_vocab_start}, "
+                f"{teacher_vocab_start + v_teacher}) but TP rank {rank} needs [{start}, "
+                f"{start + n_valid})"
+            )
+        teacher_local = teacher_logits[..., max(offset, 0) : max(offset, 0) + n_valid]
+    elif world > 1 and v_teacher == v_local:
         teacher_local = teacher_logits  # already this rank's shard
     else:
         if v_teacher < vocab_size:
@@ -237,6 +283,7 @@ def vocab_parallel_kd_loss(
     vocab_size: Optional[int] = None,
     chunk_size: int = 4096,
     tp_group: Optional[dist.ProcessGroup] = None,
+    teacher_vocab_start: Optional[int] = None,
 ) -> torch.Tensor:
     """Per-token KD loss CE(P_T,rho, P_M) (SALT eq. 3), vocab-parallel and chunked over tokens.
 
@@ -255,6 +302,9 @@ def vocab_parallel_kd_loss(
             distributions. Default: the padded student vocabulary ``world * V_local``.
         chunk_size: tokens per chunk in forward and backward (bounds fp32 working memory).
         tp_group: tensor-parallel process group the vocabulary is split over; ``None`` = no TP.
+        teacher_vocab_start: set when ``teacher_logits`` is a vocabulary slice (e.g. the columns
+            :func:`teacher_vocab_shard` names): the global id of its first column. The slice must
+            cover this rank's real ids. ``None``: ``teacher_logits`` is read as described above.
 
     Returns:
         fp32 tensor of shape ``student_logits.shape[:-1]``: per-token loss, 0 where masked. Every TP
@@ -269,7 +319,8 @@ def vocab_parallel_kd_loss(
     copies the whole tensor.
     """
     shard, teacher_local = _validate_and_shard(
-        student_logits, teacher_logits, loss_mask, temperature, vocab_size, chunk_size, tp_group
+        student_logits, teacher_logits, loss_mask, temperature, vocab_size, chunk_size, tp_group,
+        teacher_vocab_start,
     )
     lead = student_logits.shape[:-1]
     n_tok = lead.numel()

@@ -16,7 +16,7 @@ from typing import Dict, Optional, Tuple
 import torch
 
 from megatron_let.objectives.base import Metrics, Needs, Objective, metric, register
-from megatron_let.objectives.kd_loss import vocab_parallel_kd_loss
+from megatron_let.objectives.kd_loss import teacher_vocab_shard, vocab_parallel_kd_loss
 
 
 @dataclass
@@ -114,6 +114,14 @@ class RKDObjective(Objective):
     def schedule_values(self, step: int) -> Dict[str, float]:
         return {"kd weight": self.schedule(step)}
 
+    def teacher_logits_range(self) -> Optional[Tuple[int, int]]:
+        """This TP rank's real ids of the student's vocabulary shard: the teacher computes only
+        these columns (its final state times those rows of its LM head), never all V."""
+        c = self.context
+        if c.padded_vocab_size is None or c.vocab_size is None:
+            return None
+        return teacher_vocab_shard(c.vocab_size, c.padded_vocab_size, c.tp_group)
+
     def output_loss(self, nll: torch.Tensor, logits: Optional[torch.Tensor],
                     teacher_logits: Optional[torch.Tensor], loss_mask: torch.Tensor,
                     step: int) -> Tuple[torch.Tensor, Metrics]:
@@ -122,10 +130,15 @@ class RKDObjective(Objective):
         nll_sum = (nll.float() * mask).sum()
         if omega <= 0 or teacher_logits is None:
             return nll_sum, {}
+        # The trainer passes the columns teacher_logits_range() names, or (other callers) the
+        # whole vocabulary. A width equal to the range's tells them apart: under TP a rank's
+        # range is narrower than the vocabulary, and at TP=1 both start at column 0.
+        span = self.teacher_logits_range()
+        sliced = span is not None and teacher_logits.shape[-1] == span[1] - span[0]
         kd = vocab_parallel_kd_loss(
             logits, teacher_logits.to(logits.device), mask, temperature=self.config.temperature,
             vocab_size=self.context.vocab_size, chunk_size=self.config.chunk_size,
-            tp_group=self.context.tp_group,
+            tp_group=self.context.tp_group, teacher_vocab_start=span[0] if sliced else None,
         )
         kd_sum = kd.sum()
         return (1.0 - omega) * nll_sum + omega * kd_sum, {"kd loss": metric(kd_sum, mask.sum())}

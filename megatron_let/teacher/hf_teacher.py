@@ -13,6 +13,10 @@ Layer convention (``TeacherConfig.layer``), identical to Hugging Face's ``output
   (1-based), i.e. ``outputs.hidden_states[L]`` (before any final norm). Only blocks 1..L run.
 
 ``hidden_states[0]`` (the embedding output) is not a transformer layer and is not selectable.
+
+BOS (``TeacherConfig.bos``, on by default): when the teacher's own tokenizer starts every encoded
+text with a BOS token (Gemma, Llama-2; not SmolLM2/GPT-2 style BPE), that token is prepended to
+every input row and its output position dropped, so outputs stay aligned with the input positions.
 """
 
 from __future__ import annotations
@@ -35,6 +39,7 @@ __all__ = [
     "resolve_dtype",
     "find_weight_files",
     "teacher_tokenizer_size",
+    "teacher_bos_token_id",
     "check_vocab_compatible",
     "check_causal_lm",
     "teacher_max_positions",
@@ -61,12 +66,15 @@ class TeacherConfig:
         dtype: "auto" (bf16 on CUDA, fp32 on CPU), "float32", "bfloat16" or "float16".
         trust_remote_code: allow model code shipped in the folder to run. Off by default: it executes
             arbitrary Python from the folder.
+        bos: prepend the teacher tokenizer's BOS token when its encoding adds one (see
+            :func:`teacher_bos_token_id`); ``--no-teacher-bos`` turns it off.
     """
 
     path: str
     layer: int = -1
     dtype: str = "auto"
     trust_remote_code: bool = False
+    bos: bool = True
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
@@ -205,6 +213,30 @@ def teacher_tokenizer_size(path: Union[str, os.PathLike]) -> Optional[int]:
     return len(tokenizer)
 
 
+def teacher_bos_token_id(path: Union[str, os.PathLike]) -> Optional[int]:
+    """The BOS id the teacher folder's tokenizer puts before every encoded text, else None.
+
+    Decided by encoding a probe text with and without special tokens (what the tokenizer really
+    does, whatever its ``add_bos_token`` attribute says). None when the folder has no tokenizer,
+    the tokenizer has no BOS token, or its encoding does not add it.
+    """
+    folder = Path(path)
+    if not any((folder / name).is_file() for name in _TOKENIZER_FILES):
+        return None
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    bos = tokenizer.bos_token_id
+    if bos is None:
+        return None
+    probe = "The teacher reads this."
+    plain = list(tokenizer(probe, add_special_tokens=False)["input_ids"])
+    encoded = list(tokenizer(probe, add_special_tokens=True)["input_ids"])
+    if encoded[:1] == [bos] and plain[:1] != [bos]:
+        return int(bos)
+    return None
+
+
 def _count_parameters_meta(config: Any, trust_remote_code: bool) -> Optional[int]:
     """Exact parameter count by building the model on the meta device (no memory, no weights)."""
     from transformers import AutoModelForCausalLM
@@ -322,12 +354,14 @@ def inspect_teacher(
     trust_remote_code: bool = False,
     read_tokenizer: bool = True,
     seq_length: Optional[int] = None,
+    bos: bool = False,
 ) -> TeacherInfo:
     """Describe and validate a teacher folder without loading its weights (run preflight, dry runs).
 
     Checked: a causal LM (no encoder), ``layer`` within its depth, its maximum positions against
-    ``seq_length`` (when given), and every weight tensor present in readable weight files (file
-    headers only).
+    ``seq_length`` (when given; plus one for the BOS token with ``bos=True`` when the teacher's
+    tokenizer adds one, as ``TeacherConfig.bos`` does), and every weight tensor present in readable
+    weight files (file headers only).
 
     Raises:
         FileNotFoundError: folder, config.json or weight files missing.
@@ -351,6 +385,13 @@ def inspect_teacher(
         raise ValueError(
             f"teacher {str(folder)!r} (--teacher-path) handles at most {positions[1]} positions "
             f"({positions[0]} in config.json) but --seq-length is {seq_length}"
+        )
+    if (bos and seq_length is not None and positions is not None and positions[1] == seq_length
+            and teacher_bos_token_id(folder) is not None):
+        raise ValueError(
+            f"teacher {str(folder)!r} (--teacher-path) handles at most {positions[1]} positions "
+            f"({positions[0]} in config.json) but reads --seq-length {seq_length} + the BOS token "
+            "its tokenizer adds: shorten --seq-length or pass --no-teacher-bos"
         )
     weights, _ = find_weight_files(folder)
     num_parameters = check_weights_present(str(folder), weights, trust_remote_code)
@@ -485,6 +526,12 @@ class HFTeacher:
         self._layers: Optional[nn.ModuleList] = (
             None if self._layer == self._num_layers else _find_layer_list(base, self._num_layers)
         )
+        # BOS prefix (module doc): outputs drop the first ``_prefix`` positions
+        self._bos_token_id = teacher_bos_token_id(cfg.path) if cfg.bos else None
+        self._prefix = 0 if self._bos_token_id is None else 1
+        positions = teacher_max_positions(config)
+        self._max_positions = positions[1] if positions is not None else None
+        self._head_ok: Optional[bool] = None  # vocabulary-sliced LM head checked (first use)
 
     @classmethod
     def load(cls, cfg: TeacherConfig, device: Union[str, torch.device] = "cpu") -> "HFTeacher":
@@ -562,6 +609,11 @@ class HFTeacher:
         return self._num_parameters
 
     @property
+    def bos_token_id(self) -> Optional[int]:
+        """The BOS id prepended to every input, or None (no BOS convention, or ``bos=False``)."""
+        return self._bos_token_id
+
+    @property
     def device(self) -> torch.device:
         return self._device
 
@@ -590,6 +642,14 @@ class HFTeacher:
                 f"input_ids contain token ids in [{lo}, {hi}] but the teacher vocabulary has "
                 f"{self._vocab_size} entries"
             )
+        length = input_ids.shape[1] + self._prefix
+        if self._max_positions is not None and length > self._max_positions:
+            bos = f" ({input_ids.shape[1]} + the BOS token)" if self._prefix else ""
+            raise ValueError(
+                f"teacher input of {length} tokens{bos} exceeds the teacher's "
+                f"{self._max_positions} positions: shorten --seq-length"
+                + (" or pass --no-teacher-bos" if self._prefix else "")
+            )
         if attention_mask is not None and attention_mask.shape != input_ids.shape:
             raise ValueError(
                 f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
@@ -600,32 +660,53 @@ class HFTeacher:
             attention_mask = attention_mask.to(self._device)
         return input_ids, attention_mask
 
+    def _with_bos(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
+    ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """Prepend the BOS column (attended) when the teacher's convention has one."""
+        if self._bos_token_id is None:
+            return input_ids, attention_mask
+        rows = input_ids.shape[0]
+        input_ids = torch.cat([input_ids.new_full((rows, 1), self._bos_token_id), input_ids], dim=1)
+        if attention_mask is not None:
+            attention_mask = torch.cat([attention_mask.new_ones((rows, 1)), attention_mask], dim=1)
+        return input_ids, attention_mask
+
+    def _final_hidden(
+        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        """The base model's last hidden state (what the LM head reads); call under no_grad."""
+        assert self._base is not None
+        if self._base is self._model:  # no separate base model (unusual remote code)
+            out = self._base(
+                input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                output_hidden_states=True,
+            )
+            return out.hidden_states[-1]
+        out = self._base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+
     def hidden_states(
         self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
     ) -> torch.Tensor:
         """Teacher hidden state at ``cfg.layer``: ``[batch, seq, hidden_size]``, no grad.
 
-        Only the blocks up to the requested layer run; the LM head never runs.
+        Only the blocks up to the requested layer run; the LM head never runs. With a BOS
+        convention the teacher reads ``[BOS] + input_ids`` and the BOS position is dropped.
         """
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
-        assert self._base is not None
+        input_ids, attention_mask = self._with_bos(input_ids, attention_mask)
         # no_grad rather than inference_mode: the result is used as a constant inside the
         # student's autograd graph, which inference tensors are not allowed to enter.
         with torch.no_grad():
             if self._layers is None:
-                if self._base is self._model:  # no separate base model (unusual remote code)
-                    out = self._base(
-                        input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                        output_hidden_states=True,
-                    )
-                    return out.hidden_states[-1]
-                out = self._base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-                return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
+                return self._final_hidden(input_ids, attention_mask)[:, self._prefix:]
             handle = self._layers[self._layer - 1].register_forward_hook(_raise_output)
             try:
+                assert self._base is not None
                 self._base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             except _StopForward as stop:
-                return stop.output
+                return stop.output[:, self._prefix:]
             finally:
                 handle.remove()
         raise RuntimeError(
@@ -633,13 +714,99 @@ class HFTeacher:
         )
 
     def logits(
-        self, input_ids: torch.Tensor, attention_mask: Optional[torch.Tensor] = None
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: Optional[torch.Tensor] = None,
+        vocab_range: Optional[tuple[int, int]] = None,
     ) -> torch.Tensor:
-        """Full-model logits ``[batch, seq, vocab_size]`` under no_grad."""
+        """Logits ``[batch, seq, vocab_size]`` under no_grad; with ``vocab_range=(start, stop)``
+        only columns ``start..stop-1`` (``[batch, seq, stop - start]``).
+
+        A vocabulary slice is the final hidden state times those rows of the LM head (plus the
+        family's logit post-processing: Gemma's soft-capping, Cohere's / Granite's scaling), so the
+        full-vocabulary tensor never exists; an empty range runs nothing. The first sliced call
+        checks this against the model's own forward on a few tokens and, for an architecture
+        whose logits it does not reproduce, warns and slices the full logits instead.
+        """
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
+        start, stop = self._check_vocab_range(vocab_range)
+        if vocab_range is None and not self._prefix:
+            with torch.no_grad():
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            return out.logits
+        if start == stop:  # this rank's shard is all padding: nothing to compute
+            return torch.empty((*input_ids.shape, 0), dtype=self._dtype, device=self._device)
+        input_ids, attention_mask = self._with_bos(input_ids, attention_mask)
         with torch.no_grad():
+            if self._sliced_head_ok(input_ids):
+                hidden = self._final_hidden(input_ids, attention_mask)[:, self._prefix:]
+                return self._head_logits(hidden, start, stop)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
-        return out.logits
+            return out.logits[:, self._prefix:, start:stop].contiguous()
+
+    def _check_vocab_range(self, vocab_range: Optional[tuple[int, int]]) -> tuple[int, int]:
+        if vocab_range is None:
+            return 0, self._vocab_size
+        try:
+            start, stop = (int(v) for v in vocab_range)
+        except (TypeError, ValueError):
+            raise ValueError(f"vocab_range must be a (start, stop) pair, got {vocab_range!r}") from None
+        if not 0 <= start <= stop <= self._vocab_size:
+            raise ValueError(
+                f"vocab_range ({start}, {stop}) is outside the teacher vocabulary "
+                f"[0, {self._vocab_size}]"
+            )
+        return start, stop
+
+    def _head_logits(self, hidden: torch.Tensor, start: int, stop: int) -> torch.Tensor:
+        """Columns ``start..stop-1`` of the LM head's output for ``hidden`` (rows of its weight)."""
+        head = self.model.get_output_embeddings()
+        bias = getattr(head, "bias", None)
+        logits = torch.nn.functional.linear(
+            hidden, head.weight[start:stop], None if bias is None else bias[start:stop]
+        )
+        # the same element-wise steps, in the same order, as the families' own forward
+        text = _text_config(self.model.config)
+        cap = getattr(text, "final_logit_softcapping", None)
+        if cap is not None:  # Gemma 2/3
+            logits = logits / cap
+            logits = torch.tanh(logits)
+            logits = logits * cap
+        scale = getattr(self.model, "logit_scale", None)
+        if isinstance(scale, (int, float)) and not isinstance(scale, bool):  # Cohere
+            logits = logits * scale
+        scaling = getattr(text, "logits_scaling", None)
+        if isinstance(scaling, (int, float)) and not isinstance(scaling, bool):  # Granite
+            logits = logits / scaling
+        return logits
+
+    def _sliced_head_ok(self, input_ids: torch.Tensor) -> bool:
+        """Whether :meth:`_head_logits` reproduces this model's logits; checked once, on up to 16
+        tokens of the first row (no mask: the comparison is of the head, not of the masking)."""
+        if self._head_ok is None:
+            head = self.model.get_output_embeddings()
+            ok = self._base is not self._model and isinstance(
+                getattr(head, "weight", None), torch.Tensor
+            )
+            diff = float("nan")
+            if ok:
+                probe = input_ids[:1, :16]
+                with torch.no_grad():
+                    ref = self.model(input_ids=probe, use_cache=False).logits.float()
+                    got = self._head_logits(self._final_hidden(probe, None), 0, self._vocab_size)
+                diff = float((got.float() - ref).abs().max()) if got.shape == ref.shape else float("inf")
+                # half-precision matmuls of a weight slice may round differently in the last bit
+                tol = (1e-4 if self._dtype == torch.float32 else 2e-2) * max(1.0, float(ref.abs().max()))
+                ok = diff <= tol
+            if not ok:
+                print(
+                    f"[megatron_let] warning: the vocabulary-sliced LM head does not reproduce "
+                    f"{type(self.model).__name__}'s logits (max difference {diff:.3g}); the "
+                    "teacher computes full logits and slices them (no memory saving)",
+                    flush=True,
+                )
+            self._head_ok = ok
+        return self._head_ok
 
     def release(self) -> None:
         """Drop the model and free its memory; later forwards raise RuntimeError("teacher released")."""

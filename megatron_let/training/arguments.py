@@ -90,6 +90,7 @@ class TeacherArgs:
     path: Optional[str] = None
     trust_remote_code: bool = False
     tokenizer_mismatch: bool = False
+    bos: bool = True  # prepend the teacher tokenizer's BOS when it adds one (--no-teacher-bos)
 
 
 @dataclass
@@ -212,6 +213,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--objective", choices=sorted(objectives), default="let")
     g.add_argument("--teacher-path", help="local Hugging Face causal-LM folder")
     g.add_argument("--teacher-trust-remote-code", action="store_true")
+    g.add_argument("--no-teacher-bos", action="store_true",
+                   help="do not prepend the teacher tokenizer's BOS token to the teacher's input")
     g.add_argument("--let-tokenizer-mismatch", action="store_true",
                    help="teacher and student tokenizers differ: align by character offsets (LET†)")
     for cls in objectives.values():
@@ -339,7 +342,8 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
             a.eval_downstream_interval, a.eval_downstream_limit,
             a.eval_downstream_tasks.split(",") if a.eval_downstream_tasks else None,
             wandb=wandb_config_from_args(a.wandb_project, a.wandb_exp_name, a.wandb_save_dir, a.save)),
-        teacher=TeacherArgs(a.teacher_path, a.teacher_trust_remote_code, a.let_tokenizer_mismatch),
+        teacher=TeacherArgs(a.teacher_path, a.teacher_trust_remote_code, a.let_tokenizer_mismatch,
+                            not a.no_teacher_bos),
         objective=a.objective, objective_config=objective_config, device=a.device, bf16=a.bf16,
         seed=a.seed, dry_run=a.dry_run, exit_interval=a.exit_interval, raw=a,
     )

@@ -382,6 +382,46 @@ def teacher_active_steps(objective, train_iters: int) -> int:
     return hi
 
 
+def objective_teacher_use(objective, layout: ParallelLayout, teacher: TeacherSummary,
+                          train_iters: int) -> TeacherUse:
+    """Where and how much of the teacher the objective runs (from its step-0 needs)."""
+    needs = objective.needs(0)
+    stages: Set[int] = set()
+    if needs.teacher_hidden_layer is not None and needs.student_layer is not None:
+        stages.add(layout.stage_of_layer(needs.student_layer))
+    if needs.teacher_logits:
+        stages.add(layout.pp - 1)
+    return TeacherUse(
+        stages=stages,
+        layers_run=teacher.num_layers if needs.teacher_logits else teacher.layer,
+        lm_head=needs.teacher_logits,
+        active_steps=teacher_active_steps(objective, train_iters),
+    )
+
+
+def run_flops(cfg: RunConfig, objective, teacher_info, world_size: int,
+              global_batch_size: int) -> FlopEstimate:
+    """The dry run's FLOP estimate for a run being set up (``teacher_info``: ``inspect_teacher``'s
+    result, None without a teacher)."""
+    par = cfg.parallel
+    layout = ParallelLayout(world_size, par.tensor_model_parallel_size,
+                            par.pipeline_model_parallel_size, cfg.model.num_layers)
+    teacher, use = None, None
+    if teacher_info is not None and objective.needs(0).teacher:
+        teacher = teacher_summary(teacher_info, cfg.teacher.trust_remote_code)
+        use = objective_teacher_use(objective, layout, teacher, cfg.batch.train_iters)
+    return estimate_flops(cfg.model, global_batch_size * cfg.model.seq_length,
+                          cfg.batch.train_iters, layout, teacher, use)
+
+
+def flops_scalars(flops: FlopEstimate) -> dict:
+    """What the trainer logs under ``config/`` so that ``tools/compare_runs.py`` can count the
+    compute a run spent (student training + teacher forward) up to any step."""
+    return {"student flops per step": flops.student_per_step,
+            "teacher flops per step": flops.teacher_per_step,
+            "teacher active steps": float(flops.active_steps)}
+
+
 # ---------------------------------------------------------------------------------------------
 # Plan: everything validated and computed, nothing printed
 # ---------------------------------------------------------------------------------------------
@@ -446,18 +486,7 @@ def plan_run(cfg: RunConfig, world_size: Optional[int] = None) -> DryRunPlan:
     info = getattr(trainer, "teacher_info", None)
     if getattr(trainer, "needs_teacher_ever", False) and info is not None:
         teacher = teacher_summary(info, cfg.teacher.trust_remote_code)
-        needs = objective.needs(0)
-        stages: Set[int] = set()
-        if needs.teacher_hidden_layer is not None and needs.student_layer is not None:
-            stages.add(layout.stage_of_layer(needs.student_layer))
-        if needs.teacher_logits:
-            stages.add(layout.pp - 1)
-        use = TeacherUse(
-            stages=stages,
-            layers_run=teacher.num_layers if needs.teacher_logits else teacher.layer,
-            lm_head=needs.teacher_logits,
-            active_steps=teacher_active_steps(objective, cfg.batch.train_iters),
-        )
+        use = objective_teacher_use(objective, layout, teacher, cfg.batch.train_iters)
     memory = estimate_memory(cfg, model, layout, num_microbatches, teacher, use)
     flops = estimate_flops(model, gbs * model.seq_length, cfg.batch.train_iters, layout, teacher,
                            use)

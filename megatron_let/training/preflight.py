@@ -324,7 +324,7 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
     objective = build_objective(
         cfg.objective, cfg.objective_config,
         ObjectiveContext(train_iters=cfg.batch.train_iters, vocab_size=vocab,
-                         student_num_layers=cfg.model.num_layers),
+                         student_num_layers=cfg.model.num_layers, padded_vocab_size=padded),
     )
     objective.validate(cfg.model.num_layers)
     trainer.objective = objective

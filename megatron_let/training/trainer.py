@@ -132,6 +132,13 @@ class Trainer:
             enabled=self.rank == self.world - 1,  # the last rank sees the loss, as in Megatron-LM
             wandb=cfg.logging.wandb, run_config=vars(cfg.raw) if cfg.raw is not None else None,
         )
+        if self.writer.tb is not None or self.writer.jsonl is not None:
+            # tools/compare_runs.py counts the compute spent to reach a target from these
+            from megatron_let.training.dry_run import flops_scalars, run_flops
+
+            self.writer.scalars(self.iteration, flops_scalars(run_flops(
+                cfg, self.objective, getattr(self, "teacher_info", None), self.world,
+                self.global_batch_size)), prefix="config/")
 
         self._build_model_and_optimizer()
         self._build_data()
@@ -161,7 +168,8 @@ class Trainer:
         layer = needs.teacher_hidden_layer if needs.teacher_hidden_layer is not None else -1
         self.teacher_info = inspect_teacher(cfg.teacher.path, layer=layer,
                                             trust_remote_code=cfg.teacher.trust_remote_code,
-                                            seq_length=cfg.model.seq_length)
+                                            seq_length=cfg.model.seq_length,
+                                            bos=cfg.teacher.bos)
         if cfg.teacher.tokenizer_mismatch:
             if needs.teacher_logits:
                 raise ValueError("--let-tokenizer-mismatch aligns hidden states only; logit "
@@ -291,7 +299,8 @@ class Trainer:
             layer = needs.teacher_hidden_layer if needs.teacher_hidden_layer is not None else -1
             self.teacher = HFTeacher.load(
                 TeacherConfig(path=self.cfg.teacher.path, layer=layer,
-                              trust_remote_code=self.cfg.teacher.trust_remote_code),
+                              trust_remote_code=self.cfg.teacher.trust_remote_code,
+                              bos=self.cfg.teacher.bos),
                 self.device,
             )
             self._log(f"teacher loaded on rank {self.rank}: {self.cfg.teacher.path}", all_ranks=True)
@@ -340,7 +349,8 @@ class Trainer:
                     hidden = self.teacher.hidden_states(tokens)
                 self.capture.set_pending(hidden, loss_mask)
             if needs.teacher_logits and self.is_last_stage:
-                teacher_logits = self.teacher.logits(tokens)
+                teacher_logits = self.teacher.logits(
+                    tokens, vocab_range=self.objective.teacher_logits_range())
             self.teacher_time += time.time() - t0
         output = model(tokens, position_ids, None)
         if self.capture is not None:
