@@ -138,8 +138,9 @@ def _is_disk_full(exc: BaseException, seen=None) -> bool:
     if any(t in str(exc).lower() for t in _DISK_FULL_TEXT):
         return True
     # torch.distributed.checkpoint's CheckpointException keeps the per-rank exceptions in .failures
-    nested = list(getattr(exc, "failures", {}).values()) if isinstance(
-        getattr(exc, "failures", None), dict) else []
+    failures = getattr(exc, "failures", None)
+    nested = [f[0] if isinstance(f, tuple) else f  # (exception, traceback) pairs
+              for f in (failures.values() if isinstance(failures, dict) else [])]
     return any(_is_disk_full(e, seen) for e in [exc.__cause__, exc.__context__, *nested])
 
 
@@ -154,6 +155,10 @@ def disk_full_error(exc: BaseException, path: str) -> Optional[DiskFullError]:
         free = f"{shutil.disk_usage(probe or '.').free / 2**20:.1f} MiB free"
     except OSError:
         free = "free space unknown"
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:  # a CheckpointException: report the rank's error
+        inner = next(iter(failures.values()))
+        exc = inner[0] if isinstance(inner, tuple) else inner
     first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
     return DiskFullError(errno.ENOSPC,
                          f"disk full while saving checkpoint {path} ({free} there; {first}): free "

@@ -227,6 +227,22 @@ def _rank_world() -> Tuple[int, int]:
     return 0, 1
 
 
+def _errors() -> tuple:
+    """What a failing dist_checkpointing call raises: torch's CheckpointException is a BaseException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+def _summary(exc: BaseException) -> str:
+    """The underlying error(s), not the per-rank traceback dump of a CheckpointException."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        return "; ".join(f"{type(e).__name__}: {e}" for e in inner)[:400]
+    return f"{type(exc).__name__}: {str(exc)[:400]}"
+
+
 def _gather(obj) -> list:
     rank, world = _rank_world()
     if world == 1:
@@ -263,7 +279,7 @@ def write_checkpoint(root: str, iteration: int, state: Dict[str, Any], with_rng:
             files.update(share)
         if rank == 0:
             integrity.write_manifest(tmp, iteration, files)
-    except Exception as e:
+    except _errors() as e:
         full = integrity.disk_full_error(e, tmp)
         if full is None:
             raise
@@ -396,12 +412,15 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
         log(f"loading {path} ({why})")
     if verify:
         verify_checkpoint(path, base, iteration, log)
-    integrity.check_metadata_json(path)
+    try:
+        integrity.check_metadata_json(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {older_hint(base, iteration)}") from None
     try:
         common = dist_checkpointing.load_common_state_dict(path)
-    except Exception as e:
-        raise CheckpointError(f"cannot read {os.path.join(path, 'common.pt')} ({type(e).__name__}: "
-                              f"{e}); {older_hint(base, iteration)}") from e
+    except _errors() as e:
+        raise CheckpointError(f"cannot read {os.path.join(path, 'common.pt')} ({_summary(e)}); "
+                              f"{older_hint(base, iteration)}") from None
     extra = common.get("extra") if isinstance(common, dict) else None
     if check is not None and isinstance(extra, dict):
         check(extra, path)
@@ -416,9 +435,9 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
     try:
         with torch.no_grad():
             loaded = dist_checkpointing.load(state, path)
-    except Exception as e:
+    except _errors() as e:
         raise CheckpointError(f"cannot read the shards of {path} (.metadata, __*.distcp; "
-                              f"{type(e).__name__}: {str(e)[:300]}); {older_hint(base, iteration)}") from e
+                              f"{_summary(e)}); {older_hint(base, iteration)}") from None
     # dist_checkpointing fills the tensors in place; load_state_dict (strict) also restores
     # non-tensor extra state and proves the checkpoint matches this architecture.
     model.load_state_dict({k[len(MODEL_PREFIX):]: v for k, v in loaded["model"].items()}, strict=True)
