@@ -51,7 +51,7 @@ FAULT_CASES = [
     ("tracker-names-missing", "the tracker names a checkpoint folder that is gone",
      "error naming the newest complete older checkpoint and `--ckpt-step N`"),
     ("ckpt-step", "`--ckpt-step N` after that error", "resumes from iteration N; equal losses"),
-    ("load-iter-folder", "`--load DIR/iter_0000004`", "loads that iteration (never a silent fresh start); "
+    ("load-iter-folder", "`--load DIR/iter_0000002` (one checkpoint folder)", "loads that iteration (never a silent fresh start); "
      "equal losses"),
     ("incompatible-checkpoint", "resume with a different `--vocab-size`, `--num-attention-heads`, tied "
      "embeddings", "error listing every mismatch with both values, before any tensor is read; exit 2"),
@@ -133,9 +133,9 @@ def kill_chain(tmp_path_factory, reference):
     base = ["--train-iters", str(ITERS), "--save", ck, "--load", ck, "--save-interval", "2"]
     out = {}
 
-    def resume(step, phase=None):
+    def resume(step, phase=None, extra=()):
         metrics = str(d / f"{step}.jsonl")
-        args = base + ["--metrics-jsonl", metrics]
+        args = base + ["--metrics-jsonl", metrics, *extra]
         if phase:
             text = _killed_in_save(args, phase, str(d / f"{step}.log"))
         else:
@@ -147,7 +147,7 @@ def kill_chain(tmp_path_factory, reference):
 
     resume("A", "write@2")        # first save killed: only iter_0000002.tmp
     resume("B", "write@4")        # from scratch; later save killed
-    resume("C")                   # from 2, runs to the end
+    resume("C", extra=["--load", os.path.join(ck, "iter_0000002")])  # from 2 (that folder), to the end
     resume("D", "old_moved@5")    # finished run relaunched: re-save of 5 killed between renames
     out["D_copy"] = str(d / "ck_after_D")
     shutil.copytree(ck, out["D_copy"])  # for the read-only reader test
@@ -173,12 +173,15 @@ def test_stale_lock_of_killed_run_is_taken_over(kill_chain):
     assert "WARNING: taking over the stale lock" in log and "is gone" in log
 
 
-def test_later_save_killed(kill_chain, reference):
+def test_later_save_killed_then_load_iter_folder(kill_chain, reference):
     _case("later-save-killed")
+    _case("load-iter-folder")
     ref, _ = reference
     assert kill_chain["B"]["tracker"] == "2" and "iter_0000004.tmp" in kill_chain["B"]["listing"]
     log = kill_chain["C"]["log"]
-    assert "deleted the incomplete" in log and "resumed from" in log and "at iteration 2" in log
+    assert "deleted the incomplete" in log and "at iteration 2" in log
+    assert f"resumed from {os.path.join(kill_chain['ck'], 'iter_0000002')}" in log
+    assert "starting from scratch" not in log
     _assert_same_losses(kill_chain["C"]["metrics"], ref, range(3, 6))
     assert kill_chain["C"]["listing"] == ["iter_0000002", "iter_0000004", "iter_0000005", TRACKER]
 
@@ -269,10 +272,9 @@ def test_flipped_byte_in_shard(reference, tmp_path):
     assert f"{os.path.join(d, 'iter_0000004')}: load it with --ckpt-step 4" in err
 
 
-def test_tracker_names_missing_then_ckpt_step_and_iter_folder(reference, tmp_path):
+def test_tracker_names_missing_then_ckpt_step(reference, tmp_path):
     _case("tracker-names-missing")
     _case("ckpt-step")
-    _case("load-iter-folder")
     ref, _ = reference
     d, it5 = _damaged_copy(reference, tmp_path)
     shutil.rmtree(it5)
@@ -284,11 +286,6 @@ def test_tracker_names_missing_then_ckpt_step_and_iter_folder(reference, tmp_pat
     metrics = str(tmp_path / "step.jsonl")
     out = _run(["--train-iters", "5", "--load", d, "--ckpt-step", "4", "--metrics-jsonl", metrics]).stdout
     assert "resumed from" in out and "at iteration 4" in out
-    _assert_same_losses(metrics, ref, [5])
-    metrics = str(tmp_path / "iter.jsonl")
-    out = _run(["--train-iters", "5", "--load", os.path.join(d, "iter_0000004"),
-                "--metrics-jsonl", metrics]).stdout
-    assert "at iteration 4" in out and "starting from scratch" not in out
     _assert_same_losses(metrics, ref, [5])
 
 

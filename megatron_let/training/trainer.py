@@ -307,8 +307,8 @@ class Trainer:
         self.consumed_train_samples = int(extra["consumed_train_samples"])
         self.consumed_selection_samples = int(extra.get("consumed_selection_samples", 0))
         self._log(f"resumed from {ck.load} at iteration {self.iteration}"
-                  + ("" if extra["_path"] == checkpoint_dir(ck.load, self.iteration) else
-                     f" ({extra['_path']})"))
+                  + ("" if extra["_path"] in (checkpoint_dir(ck.load, self.iteration),
+                                              os.path.normpath(ck.load)) else f" ({extra['_path']})"))
 
     def save(self) -> None:
         from megatron_let.training.checkpointing import save_checkpoint
