@@ -434,6 +434,7 @@ class Trainer:
             micro_batch_size=self.cfg.batch.micro_batch_size, forward_only=False,
         )
         update_ok, grad_norm, _ = self.optimizer.step()
+        self._grad_norm_known = grad_norm is not None  # None with --clip-grad 0: nothing to check
         if update_ok:
             self.scheduler.step(increment=1)
         return {"grad norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -498,9 +499,9 @@ class Trainer:
                 self.consumed_selection_samples += self.global_batch_size
             else:
                 self.consumed_train_samples += self.global_batch_size
-            check = cfg.check_for_nan_in_loss_and_grad
+            checks = {"grad norm": step_stats["grad norm"]} if self._grad_norm_known else {}
             reduced = self.metrics.reduce(
-                metric_names, finite_checks={"grad norm": step_stats["grad norm"]} if check else None)
+                metric_names, finite_checks=checks if cfg.check_for_nan_in_loss_and_grad else None)
             if self.metrics.non_finite:  # before anything of this step is logged or saved
                 self._stop_non_finite(reduced, step_stats)
             if self.save_lock is not None:
