@@ -466,6 +466,10 @@ def test_every_float_flag_must_be_finite():
         for bad in ("nan", "inf", "-inf"):
             with pytest.raises(ValueError, match=f"{flag} {float(bad)} is not a finite number"):
                 parse_args(base + [f"{flag}={bad}"])
+    sys.path.insert(0, ROOT)
+    import pretrain_let
+
+    assert pretrain_let.main(base + ["--dry-run", "--let-lambda", "nan"]) == 2  # --dry-run refuses too
 
 
 def test_non_finite_metric_names_term_and_rank(megatron_single_process):

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import os
+import re
 import sys
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -36,7 +37,8 @@ def _cells(case) -> list:
         values = [v for v in case if isinstance(v, str)]
     else:
         values = [str(getattr(case, a)) for a in ("name", "fault", "expected") if hasattr(case, a)]
-    return [v.replace("|", "\\|").replace("\n", " ") for v in values[:3]]
+    # expected messages may be regexes: show them unescaped
+    return [re.sub(r"\\(.)", r"\1", v).replace("|", "\\|").replace("\n", " ") for v in values[:3]]
 
 
 def _table(cases, header) -> list:
