@@ -315,7 +315,8 @@ def test_objective_change_is_logged_and_nan_teacher_refused(reference, tmp_path)
     proc = run_pretrain(TINY_MODEL + ["--mock-data", "--vocab-size", "200", "--micro-batch-size", "2",
                                       "--global-batch-size", "4", "--objective", "let",
                                       "--teacher-path", str(tmp_path / "teacher"), "--train-iters", "6",
-                                      "--let-student-layer", "2", "--load", ck], check=False)
+                                      "--let-student-layer", "2", "--load", ck, "--no-load-optim",
+                                      "--no-load-rng"], check=False)  # as the reproduction does
     assert "objective changes from baseline (checkpoint) to let" in proc.stdout
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "non-finite (NaN/inf) weights" in proc.stderr
