@@ -18,6 +18,7 @@ def main(argv=None) -> int:
     from megatron_let.training.arguments import parse_args
 
     exit_with_agent()  # under torchrun: no orphan keeps training if the agent dies
+    trainer = None
     try:
         cfg = parse_args(argv)
         if cfg.dry_run:
@@ -31,9 +32,16 @@ def main(argv=None) -> int:
         trainer.setup()
     except (ValueError, FileNotFoundError, NotADirectoryError) as e:
         print(f"pretrain_let.py: error: {e}", file=sys.stderr, flush=True)
+        if trainer is not None:
+            trainer.close()  # releases the --save lock
         return 2
+    from megatron_let.training.errors import RUN_ERRORS
+
     try:
         trainer.train()
+    except RUN_ERRORS as e:  # NaN/inf, disk full, a corrupt checkpoint: one clear line, exit 1
+        print(f"pretrain_let.py: error: {e}", file=sys.stderr, flush=True)
+        return 1
     finally:
         trainer.close()
         from megatron_let.runtime.device import destroy_distributed

@@ -12,35 +12,43 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import shutil
 from typing import Any, Dict, Optional, Tuple
 
 import torch
 
 from megatron_let.model.llama import LlamaConfig
-from megatron_let.training.checkpointing import (MODEL_PREFIX, TRACKER, checkpoint_dir,
-                                               read_latest_iteration)
+from megatron_let.training.checkpoint_integrity import check_metadata_json
+from megatron_let.training.checkpointing import (MODEL_PREFIX, TRACKER, find_checkpoint,
+                                               older_hint, write_checkpoint)
+from megatron_let.training.errors import CheckpointError
 
 TOKENIZER_SUBDIR = "tokenizer"
 """Folder inside a checkpoint root where import_hf copies the Hugging Face tokenizer files."""
 
 
-def resolve_checkpoint(root: str) -> Tuple[int, str]:
-    """(iteration, directory) of the latest complete checkpoint under ``root``."""
+def resolve_checkpoint(root: str, ckpt_step: Optional[int] = None) -> Tuple[int, str]:
+    """(iteration, directory) of the checkpoint ``--load root`` selects, as the trainer chooses it:
+    the tracker's, ``--ckpt-step``'s, or ``root`` itself when it is an ``iter_N`` folder."""
     if not os.path.isdir(root):
         raise FileNotFoundError(f"--load {root!r} is not a folder")
-    iteration = read_latest_iteration(root)
-    if iteration is None:
-        raise FileNotFoundError(f"--load {root!r} has no {TRACKER}: not a (complete) megatron_let checkpoint")
-    return iteration, checkpoint_dir(root, iteration)
+    found = find_checkpoint(root, ckpt_step)
+    if found is None:
+        raise FileNotFoundError(f"--load {root!r} has no {TRACKER} and no complete iter_* folder: "
+                                "not a (complete) megatron_let checkpoint")
+    return found[0], found[1]
 
 
-def read_checkpoint_extra(root: str) -> Dict[str, Any]:
-    """The ``extra`` dict of the latest checkpoint (read from its common state; no process group)."""
+def read_checkpoint_extra(root: str, ckpt_step: Optional[int] = None) -> Dict[str, Any]:
+    """The ``extra`` dict of the selected checkpoint (read from its common state; no process group)."""
     from megatron.core import dist_checkpointing
 
-    _, path = resolve_checkpoint(root)
-    common = dist_checkpointing.load_common_state_dict(path)
+    iteration, path = resolve_checkpoint(root, ckpt_step)
+    check_metadata_json(path)
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except Exception as e:
+        raise CheckpointError(f"cannot read {os.path.join(path, 'common.pt')} ({type(e).__name__}: "
+                              f"{e}); {older_hint(os.path.dirname(path), iteration)}") from e
     extra = common.get("extra") if isinstance(common, dict) else None
     if not isinstance(extra, dict) or "model" not in extra:
         raise ValueError(f"checkpoint {path} has no 'extra' with the model configuration "
@@ -94,11 +102,12 @@ def build_tokenizer_from_info(info: Dict[str, Any]):
 
 
 def load_student(root: str, parallel, use_cpu: bool = True, seq_length: Optional[int] = None,
-                 bf16: bool = False):
+                 bf16: bool = False, verify: bool = True):
     """Build this rank's student stage and load the latest checkpoint of ``root`` into it.
 
     Needs torch.distributed and megatron's parallel state (``initialize_distributed``) for the
     ``parallel`` layout, which may differ from the one the checkpoint was written with.
+    Every file is checked against the checkpoint's manifest first unless ``verify`` is False.
     Returns ``(model, cfg, extra)``; the model is in eval mode.
     """
     from megatron_let.model.llama import build_student
@@ -108,7 +117,8 @@ def load_student(root: str, parallel, use_cpu: bool = True, seq_length: Optional
     cfg = config_from_extra(extra, seq_length)
     cfg.validate(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
     model = build_student(cfg, parallel, bf16=bf16, use_cpu=use_cpu)
-    loaded = load_checkpoint(root, model, None, None, load_optim=False, load_rng=False)
+    loaded = load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, verify=verify,
+                             log=lambda msg: None)
     if loaded is None:
         raise FileNotFoundError(f"--load {root!r}: no checkpoint found")
     model.eval()
@@ -124,28 +134,7 @@ def full_state_dict(model) -> Dict[str, torch.Tensor]:
 def save_model_checkpoint(root: str, iteration: int, model, extra: Dict[str, Any]) -> str:
     """Save only the model (+ ``extra``) in the trainer's layout, collectively on every rank.
 
-    Written to ``iter_XXXXXXX.tmp`` and renamed, then the tracker is updated, as the trainer does.
+    Written exactly as the trainer writes (``iter_XXXXXXX.tmp`` with a manifest, renamed, tracker).
     """
-    from megatron.core import dist_checkpointing
-
-    rank = torch.distributed.get_rank()
-    final = checkpoint_dir(root, iteration)
-    tmp = final + ".tmp"
-    if rank == 0:
-        os.makedirs(root, exist_ok=True)
-        if os.path.isdir(tmp):
-            shutil.rmtree(tmp)
-        os.makedirs(tmp)
-    torch.distributed.barrier()
-    dist_checkpointing.save({"model": model.sharded_state_dict(prefix=MODEL_PREFIX), "extra": extra}, tmp)
-    torch.distributed.barrier()
-    if rank == 0:
-        if os.path.isdir(final):
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(iteration))
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
-    torch.distributed.barrier()
-    return final
+    return write_checkpoint(root, iteration, {"model": model.sharded_state_dict(prefix=MODEL_PREFIX),
+                                              "extra": extra}, with_rng=False)

@@ -43,6 +43,7 @@ __all__ = [
     "check_vocab_compatible",
     "check_causal_lm",
     "teacher_max_positions",
+    "check_finite_weights",
 ]
 
 _DTYPE_NAMES = {
@@ -503,6 +504,15 @@ def _supports_kwarg(fn: Any, name: str) -> bool:
         return False
 
 
+def check_finite_weights(model: nn.Module, path: Union[str, os.PathLike]) -> None:
+    """NaN/inf teacher weights would poison every student step: refuse them once, at load."""
+    bad = [name for name, t in list(model.named_parameters()) + list(model.named_buffers())
+           if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+    if bad:
+        raise ValueError(f"teacher {str(path)!r} has non-finite (NaN/inf) weights in {len(bad)} "
+                         f"tensor(s), e.g. {', '.join(bad[:3])}")
+
+
 class HFTeacher:
     """A frozen, eval-mode Hugging Face causal LM that serves hidden states and logits."""
 
@@ -573,6 +583,7 @@ class HFTeacher:
             total = len({id(p) for p in model.parameters()})
             raise ValueError(_format_missing(info.path, missing, total))
         model.to(device)
+        check_finite_weights(model, info.path)  # on the device: fast on GPU
         return cls(model, cfg)
 
     # ------------------------------------------------------------------ properties

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from dataclasses import dataclass, field
 from typing import List, Optional
@@ -70,6 +71,8 @@ class CheckpointConfig:
     exit_signal_handler: bool = False
     no_load_optim: bool = False
     no_load_rng: bool = False
+    ckpt_step: Optional[int] = None  # load this iteration instead of the tracker's
+    verify: bool = True  # check the manifest's sizes and CRC-32s at load
 
 
 @dataclass
@@ -110,6 +113,7 @@ class RunConfig:
     seed: int = 1234
     dry_run: bool = False
     exit_interval: Optional[int] = None
+    check_for_nan_in_loss_and_grad: bool = True
     raw: Optional[argparse.Namespace] = field(default=None, repr=False)
 
 
@@ -170,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="save (with --save) and exit once the iteration is a multiple of N")
     g.add_argument("--dry-run", action="store_true",
                    help="validate flags and print the layout without initialising anything")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action="store_true", default=True,
+                   help="stop when a loss term or the grad norm is NaN/inf on any rank (default)")
+    g.add_argument("--no-check-for-nan-in-loss-and-grad", dest="check_for_nan_in_loss_and_grad",
+                   action="store_false")
 
     g = p.add_argument_group("data")
     g.add_argument("--data-path", nargs="+", help="prefixes of .bin/.idx files, optionally weighted")
@@ -191,6 +199,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="on SIGTERM/SIGUSR1 save a checkpoint at the next step and exit")
     g.add_argument("--no-load-optim", action="store_true")
     g.add_argument("--no-load-rng", action="store_true")
+    g.add_argument("--ckpt-step", type=int,
+                   help="load iteration N of --load instead of the one its tracker names")
+    g.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
+                   help="skip the size/CRC-32 check of every checkpoint file at load")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
@@ -253,11 +265,21 @@ def parse_args(argv: Optional[List[str]] = None,
     return config_from_namespace(a)
 
 
+def check_finite_floats(a: argparse.Namespace) -> None:
+    """Every float flag (the objectives' included) must be finite: argparse's float() takes 'nan'."""
+    for name, value in vars(a).items():
+        values = value if isinstance(value, (list, tuple)) else [value]
+        for v in values:
+            if isinstance(v, float) and not math.isfinite(v):
+                raise ValueError(f"--{name.replace('_', '-')} {v} is not a finite number")
+
+
 def config_from_namespace(a: argparse.Namespace) -> RunConfig:
     from megatron_let.objectives import registry
     from megatron_let.training.preflight import check_sizes
 
     check_sizes(a)  # zero/negative sizes: a clear error before anything divides by them
+    check_finite_floats(a)
     if a.sequence_parallel and a.tensor_model_parallel_size == 1:
         a.sequence_parallel = False  # as Megatron-LM: SP is meaningless without TP
     model = _model_config(a, vocab_size=a.vocab_size or 0)
@@ -324,6 +346,8 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
             parallel_check.data_parallel_size(world))
     if a.load and not os.path.isdir(a.load) and a.load != a.save:
         raise FileNotFoundError(f"--load {a.load} does not exist")
+    if a.ckpt_step is not None and (not a.load or a.ckpt_step < 0):
+        raise ValueError("--ckpt-step N needs --load DIR and N >= 0")
 
     objective_cls = registry()[a.objective]
     objective_config = objective_cls.config_from_args(a)
@@ -336,7 +360,8 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         data=DataArgs(a.data_path, a.split, a.mock_data, a.tokenizer_type, a.tokenizer_model,
                       a.vocab_size, a.data_cache_path, a.kd_data_selection),
         checkpoint=CheckpointConfig(a.save, a.load, a.save_interval, a.exit_signal_handler,
-                                    a.no_load_optim, a.no_load_rng),
+                                    a.no_load_optim, a.no_load_rng, ckpt_step=a.ckpt_step,
+                                    verify=a.verify_checkpoint),
         logging=LoggingConfig(
             a.log_interval, a.eval_interval, a.eval_iters, a.tensorboard_dir, a.metrics_jsonl,
             a.eval_downstream_interval, a.eval_downstream_limit,
@@ -345,5 +370,6 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         teacher=TeacherArgs(a.teacher_path, a.teacher_trust_remote_code, a.let_tokenizer_mismatch,
                             not a.no_teacher_bos),
         objective=a.objective, objective_config=objective_config, device=a.device, bf16=a.bf16,
-        seed=a.seed, dry_run=a.dry_run, exit_interval=a.exit_interval, raw=a,
+        seed=a.seed, dry_run=a.dry_run, exit_interval=a.exit_interval,
+        check_for_nan_in_loss_and_grad=a.check_for_nan_in_loss_and_grad, raw=a,
     )

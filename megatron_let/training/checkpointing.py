@@ -1,52 +1,193 @@
-"""Distributed checkpoints (megatron-core ``dist_checkpointing``), written atomically.
+"""Distributed checkpoints (megatron-core ``dist_checkpointing``), written atomically and verified.
 
 Layout under ``--save DIR``::
 
     DIR/iter_0000100/            one complete checkpoint (torch_dist format + our extras)
     DIR/iter_0000100/rng/rank_00003.pt   per-rank RNG states (exact resume)
+    DIR/iter_0000100/manifest.json       size and CRC-32 of every file, written last
     DIR/latest_checkpointed_iteration.txt   "100"; updated only after the rename
 
-A checkpoint is written to ``iter_XXXXXXX.tmp`` and renamed when every rank has finished, so a run
-killed mid-save leaves the previous checkpoint as ``latest``; stale ``.tmp`` folders are ignored and
-cleaned up by the next save.
+A save writes ``iter_N.tmp`` (manifest last), then on rank 0: ``iter_N`` -> ``iter_N.old`` (only
+when re-saving an iteration that exists), ``iter_N.tmp`` -> ``iter_N``, tracker, delete
+``iter_N.old``. A kill between any two steps leaves a state the loader understands:
+
+* ``iter_N.tmp`` without manifest: incomplete, ignored (and deleted by the next save);
+* tracker names N, ``iter_N`` missing: the interrupted re-save's complete ``iter_N.tmp`` or the
+  old ``iter_N.old`` is used (and put back in place by the next writer);
+* no tracker: the newest complete ``iter_*`` folder, or a fresh start when there is none.
+
+``MEGATRON_LET_TEST_PAUSE_IN_SAVE=PHASE[@ITER]`` makes rank 0 stop forever at a named phase
+(:data:`SAVE_PHASES`) so that tests can SIGKILL a run at a deterministic point of a save.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
+import re
 import shutil
-from typing import Any, Dict, Optional
+import time
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
 
+from megatron_let.training import checkpoint_integrity as integrity
+from megatron_let.training.errors import CheckpointError
 from megatron_let.training.optimizer_checkpoint import OPTIMIZER_METADATA, check_optimizer_format
 
 TRACKER = "latest_checkpointed_iteration.txt"
 MODEL_PREFIX = "model."  # key prefix of the model's tensors inside a checkpoint
+ITER_RE = re.compile(r"iter_(\d{7})")
+PAUSE_ENV = "MEGATRON_LET_TEST_PAUSE_IN_SAVE"
+SAVE_PHASES = {
+    "write": "shards written into iter_N.tmp, manifest not yet",
+    "written": "iter_N.tmp complete (manifest written), nothing renamed",
+    "old_moved": "re-save: the existing iter_N renamed to iter_N.old, the new one not yet in place",
+    "renamed": "iter_N.tmp renamed to iter_N, tracker not yet updated",
+    "tracker": "tracker updated, iter_N.old not yet deleted",
+}
 
 
 def checkpoint_dir(root: str, iteration: int) -> str:
     return os.path.join(root, f"iter_{iteration:07d}")
 
 
+def _test_pause(phase: str, iteration: int) -> None:
+    spec = os.environ.get(PAUSE_ENV)
+    if not spec:
+        return
+    name, _, at = spec.partition("@")
+    if name == phase and (not at or int(at) == iteration):
+        print(f"[megatron_let] test pause in save: phase {phase} at iteration {iteration}", flush=True)
+        while True:  # until the test kills us
+            time.sleep(60)
+
+
+def _fsync_dir(path: str) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+# ---------------------------------------------------------------------------------- finding
+
 def read_latest_iteration(root: str) -> Optional[int]:
-    """The iteration named by the tracker file, or None when there is no complete checkpoint."""
+    """The iteration the tracker names, or None when there is no tracker."""
     path = os.path.join(root, TRACKER)
     if not os.path.isfile(path):
         return None
     text = open(path).read().strip()
     try:
-        iteration = int(text)
-    except ValueError as e:
-        raise ValueError(f"corrupt checkpoint tracker {path}: {text!r}") from e
-    if not os.path.isdir(checkpoint_dir(root, iteration)):
-        raise FileNotFoundError(
-            f"{path} names iteration {iteration} but {checkpoint_dir(root, iteration)} is missing"
-        )
-    return iteration
+        return int(text)
+    except ValueError:
+        raise CheckpointError(f"corrupt checkpoint tracker {path}: {text!r}; "
+                              + older_hint(root, None)) from None
 
+
+def complete_iterations(root: str) -> List[int]:
+    """Iterations with a complete ``iter_N`` folder under ``root``, ascending."""
+    if not os.path.isdir(root):
+        return []
+    found = []
+    for name in os.listdir(root):
+        m = ITER_RE.fullmatch(name)
+        if m and integrity.is_complete(os.path.join(root, name)):
+            found.append(int(m.group(1)))
+    return sorted(found)
+
+
+def older_hint(root: str, iteration: Optional[int]) -> str:
+    """Names the newest complete checkpoint before ``iteration`` (any, when None) and the flag."""
+    older = [i for i in complete_iterations(root) if iteration is None or i < iteration]
+    if not older:
+        return f"there is no complete older checkpoint under {root}"
+    return (f"the newest complete older checkpoint is {checkpoint_dir(root, older[-1])}: "
+            f"load it with --ckpt-step {older[-1]}")
+
+
+def _usable_dir(root: str, iteration: int) -> Optional[str]:
+    """``iter_N``, or the complete copy an interrupted re-save of N left behind."""
+    final = checkpoint_dir(root, iteration)
+    if os.path.isdir(final):
+        return final
+    if os.path.isfile(os.path.join(final + ".tmp", integrity.MANIFEST)):
+        return final + ".tmp"  # the new one, complete, killed before its rename
+    if os.path.isdir(final + ".old"):
+        return final + ".old"  # the previous one, moved aside
+    return None
+
+
+def find_checkpoint(load: str, ckpt_step: Optional[int] = None) -> Optional[Tuple[int, str, str]]:
+    """``(iteration, folder, why)`` that ``--load`` (and ``--ckpt-step``) select, or None for a fresh
+    start. ``load`` is a checkpoint root or one ``iter_N`` folder inside it."""
+    load = os.path.normpath(load)
+    m = ITER_RE.fullmatch(os.path.basename(load))
+    if m:
+        iteration = int(m.group(1))
+        if ckpt_step is not None and ckpt_step != iteration:
+            raise CheckpointError(f"--load {load} is iteration {iteration} but --ckpt-step is {ckpt_step}")
+        if not os.path.isdir(load):
+            raise CheckpointError(f"--load {load} does not exist; "
+                                  + older_hint(os.path.dirname(load), iteration))
+        return iteration, load, f"--load {load}"
+    if ckpt_step is not None:
+        path = _usable_dir(load, ckpt_step)
+        if path is None:
+            have = complete_iterations(load)
+            raise CheckpointError(f"--ckpt-step {ckpt_step}: no checkpoint {checkpoint_dir(load, ckpt_step)}"
+                                  f" (complete ones under {load}: {have or 'none'})")
+        return ckpt_step, path, f"--ckpt-step {ckpt_step}"
+    tracked = read_latest_iteration(load)
+    if tracked is None:
+        have = complete_iterations(load)
+        if have:  # killed after the first checkpoint's rename, before its tracker
+            return have[-1], checkpoint_dir(load, have[-1]), f"no {TRACKER}; newest complete checkpoint"
+        return None
+    path = _usable_dir(load, tracked)
+    if path is None:
+        raise CheckpointError(f"{os.path.join(load, TRACKER)} names iteration {tracked} but "
+                              f"{checkpoint_dir(load, tracked)} is missing; " + older_hint(load, tracked))
+    return tracked, path, TRACKER
+
+
+def incomplete_saves(root: str) -> List[str]:
+    if not os.path.isdir(root):
+        return []
+    return sorted(n for n in os.listdir(root) if n.endswith(".tmp") and ITER_RE.match(n))
+
+
+def recover_interrupted_saves(root: str) -> List[str]:
+    """Rank 0 of the run that owns ``root`` (holds its lock): finish or undo interrupted re-saves,
+    delete incomplete ``.tmp`` folders. Returns one line per action, for the log."""
+    actions = []
+    if not os.path.isdir(root):
+        return actions
+    for name in sorted(os.listdir(root)):
+        if not (name.endswith(".old") and ITER_RE.fullmatch(name[:-4])):
+            continue
+        old = os.path.join(root, name)
+        final = old[:-4]
+        if not os.path.isdir(final):
+            if os.path.isfile(os.path.join(final + ".tmp", integrity.MANIFEST)):
+                os.replace(final + ".tmp", final)
+                actions.append(f"completed the interrupted re-save of {final}")
+            else:
+                os.replace(old, final)
+                actions.append(f"restored {final} from {name}")
+                continue
+        shutil.rmtree(old, ignore_errors=True)
+    for name in incomplete_saves(root):
+        shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        actions.append(f"deleted the incomplete {os.path.join(root, name)}")
+    _fsync_dir(root)
+    return actions
+
+
+# ---------------------------------------------------------------------------------- rng / state
 
 def _rng_state() -> Dict[str, Any]:
     from megatron.core import tensor_parallel
@@ -80,58 +221,209 @@ def _sharded_state_dict(model, optimizer, is_loading: bool, with_optimizer: bool
     return state
 
 
-def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
-                    extra: Dict[str, Any]) -> str:
-    """Save on every rank (collective). ``model`` is the bare GPTModel of this stage."""
+def _rank_world() -> Tuple[int, int]:
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank(), torch.distributed.get_world_size()
+    return 0, 1
+
+
+def _errors() -> tuple:
+    """What a failing dist_checkpointing call raises: torch's CheckpointException is a BaseException."""
+    from torch.distributed.checkpoint.api import CheckpointException
+
+    return (Exception, CheckpointException)
+
+
+def _summary(exc: BaseException) -> str:
+    """The underlying error(s), not the per-rank traceback dump of a CheckpointException."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        inner = [f[0] if isinstance(f, tuple) else f for f in failures.values()]
+        return "; ".join(f"{type(e).__name__}: {e}" for e in inner)[:400]
+    return f"{type(exc).__name__}: {str(exc)[:400]}"
+
+
+def _gather(obj) -> list:
+    rank, world = _rank_world()
+    if world == 1:
+        return [obj]
+    out = [None] * world
+    torch.distributed.all_gather_object(out, obj)
+    return out
+
+
+# ---------------------------------------------------------------------------------- save
+
+def write_checkpoint(root: str, iteration: int, state: Dict[str, Any], with_rng: bool) -> str:
+    """Collective: write ``state`` (a dist_checkpointing dict) as ``root/iter_N`` the safe way."""
     from megatron.core import dist_checkpointing
 
-    rank = torch.distributed.get_rank()
+    rank, _ = _rank_world()
     final = checkpoint_dir(root, iteration)
     tmp = final + ".tmp"
     if rank == 0:
         os.makedirs(root, exist_ok=True)
-        for name in os.listdir(root):  # leftovers of a save that was killed
-            if name.endswith(".tmp"):
-                shutil.rmtree(os.path.join(root, name), ignore_errors=True)
+        recover_interrupted_saves(root)  # also removes a .tmp of this iteration
         os.makedirs(tmp)
     torch.distributed.barrier()
-
-    state = _sharded_state_dict(model, optimizer, is_loading=False, with_optimizer=True)
-    state["scheduler"] = scheduler.state_dict()
-    state["extra"] = extra
-    dist_checkpointing.save(state, tmp)
-
-    os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
-    torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+    try:
+        dist_checkpointing.save(state, tmp)
+        if with_rng:
+            os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
+            torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
+        torch.distributed.barrier()
+        if rank == 0:
+            _test_pause("write", iteration)
+        files = {}
+        for share in _gather(integrity.checksum_share(tmp, *_rank_world())):
+            files.update(share)
+        if rank == 0:
+            integrity.write_manifest(tmp, iteration, files)
+    except _errors() as e:
+        full = integrity.disk_full_error(e, tmp)
+        if full is None:
+            raise
+        if rank == 0:  # a partial folder only takes space the user needs back
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise full from e
     torch.distributed.barrier()
     if rank == 0:
-        if os.path.isdir(final):  # re-saving the same iteration (e.g. after a resume)
-            shutil.rmtree(final)
-        os.replace(tmp, final)
-        tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-        with open(tracker_tmp, "w") as f:
-            f.write(str(iteration))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tracker_tmp, os.path.join(root, TRACKER))
+        _publish(root, iteration)
     torch.distributed.barrier()
     return final
 
 
-def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = True,
-                    load_rng: bool = True) -> Optional[Dict[str, Any]]:
-    """Load the latest complete checkpoint under ``root`` into model/optimizer/scheduler.
+def _publish(root: str, iteration: int) -> None:
+    final = checkpoint_dir(root, iteration)
+    _test_pause("written", iteration)
+    if os.path.isdir(final):  # re-saving an iteration: keep the old one until the new is in place
+        os.replace(final, final + ".old")
+        _test_pause("old_moved", iteration)
+    os.replace(final + ".tmp", final)
+    _fsync_dir(root)
+    _test_pause("renamed", iteration)
+    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
+    with open(tracker_tmp, "w") as f:
+        f.write(str(iteration))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    _fsync_dir(root)
+    _test_pause("tracker", iteration)
+    shutil.rmtree(final + ".old", ignore_errors=True)
 
-    Returns the ``extra`` dict that was saved (iteration, consumed samples, ...), or None when
-    ``root`` has no checkpoint yet (a fresh run whose --load equals --save)."""
+
+def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
+                    extra: Dict[str, Any]) -> str:
+    """Save on every rank (collective). ``model`` is the bare GPTModel of this stage."""
+    state = _sharded_state_dict(model, optimizer, is_loading=False, with_optimizer=True)
+    state["scheduler"] = scheduler.state_dict()
+    state["extra"] = extra
+    return write_checkpoint(root, iteration, state, with_rng=True)
+
+
+# ---------------------------------------------------------------------------------- load
+
+def verify_checkpoint(path: str, root: str, iteration: int,
+                      log: Callable[[str], None] = print) -> None:
+    """Collective: check every file against the manifest (ranks share the files); CheckpointError
+    naming the bad files and the newest complete older checkpoint."""
+    rank, world = _rank_world()
+    manifest = integrity.read_manifest(path)
+    if manifest is None:
+        log(f"{path} has no {integrity.MANIFEST} (written by an older megatron_let): not verified")
+        return
+    t0 = time.time()
+    problems = [p for share in _gather(integrity.verify_share(path, manifest, rank, world)) for p in share]
+    if problems:
+        raise CheckpointError(f"checkpoint {path} is corrupt: " + "; ".join(problems[:5])
+                              + f"; {older_hint(root, iteration)}")
+    size = sum(f["size"] for f in manifest["files"].values())
+    log(f"verified {len(manifest['files'])} files ({size / 2**20:.1f} MiB) of {path} in "
+        f"{time.time() - t0:.2f}s")
+
+
+COMPAT_FIELDS = {  # LlamaConfig field -> flag
+    "num_layers": "--num-layers", "hidden_size": "--hidden-size",
+    "ffn_hidden_size": "--ffn-hidden-size", "num_attention_heads": "--num-attention-heads",
+    "num_query_groups": "--num-query-groups", "vocab_size": "--vocab-size",
+    "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
+    "seq_length": "--seq-length",
+}
+_TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "spiece.model",
+                    "vocab.txt")
+
+
+def _tokenizer_bytes(path: Optional[str]) -> Optional[Dict[str, bytes]]:
+    """What defines a tokenizer's vocabulary, to compare two paths by content (a moved tokenizer
+    folder is the same tokenizer); None when the path is gone."""
+    if not path or not os.path.exists(path):
+        return None
+    if os.path.isfile(path):
+        return {"": open(path, "rb").read()}
+    return {n: open(os.path.join(path, n), "rb").read() for n in _TOKENIZER_FILES
+            if os.path.isfile(os.path.join(path, n))}
+
+
+def compatibility_problems(saved: Dict[str, Any], model_cfg, tokenizer: Dict[str, Any],
+                           check_seq_length: bool = True) -> List[str]:
+    """Differences between a checkpoint's recorded model/tokenizer and this run's, one per line."""
+    problems = []
+    saved_model = saved.get("model") or {}
+    run_model = dataclasses.asdict(model_cfg)
+    for key, flag in COMPAT_FIELDS.items():
+        if key not in saved_model or (key == "seq_length" and not check_seq_length):
+            continue
+        a, b = saved_model[key], run_model[key]
+        if key == "num_query_groups":  # None = one group per head
+            a = a or saved_model.get("num_attention_heads")
+            b = b or run_model["num_attention_heads"]
+        if a != b:
+            problems.append(f"{flag}: checkpoint {a}, this run {b}")
+    saved_tok = saved.get("tokenizer") or {}
+    for key in ("type", "vocab_size"):
+        if key in saved_tok and saved_tok[key] != tokenizer.get(key):
+            problems.append(f"tokenizer {key}: checkpoint {saved_tok[key]}, this run {tokenizer.get(key)}")
+    a, b = saved_tok.get("model"), tokenizer.get("model")
+    if a and b and os.path.realpath(a) != os.path.realpath(b):
+        ca, cb = _tokenizer_bytes(a), _tokenizer_bytes(b)
+        if ca is not None and cb is not None and ca != cb:
+            problems.append(f"--tokenizer-model: checkpoint {a}, this run {b} (different files)")
+    return problems
+
+
+def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = True,
+                    load_rng: bool = True, ckpt_step: Optional[int] = None, verify: bool = True,
+                    check: Optional[Callable[[Dict[str, Any], str], None]] = None,
+                    log: Callable[[str], None] = print) -> Optional[Dict[str, Any]]:
+    """Load the checkpoint ``--load root`` (``--ckpt-step``) selects into model/optimizer/scheduler.
+
+    Verifies it against its manifest first (``verify``), then calls ``check(extra, path)`` (the
+    caller's compatibility test) before any tensor is read. Returns the saved ``extra`` dict with
+    ``extra["_path"]`` set, or None when ``root`` has no complete checkpoint (a fresh start)."""
     from megatron.core import dist_checkpointing
 
-    iteration = read_latest_iteration(root)
-    if iteration is None:
-        if os.path.isdir(root) and any(n.startswith("iter_") for n in os.listdir(root)):
-            raise FileNotFoundError(f"--load {root}: no {TRACKER}; no complete checkpoint found")
+    found = find_checkpoint(root, ckpt_step)
+    if found is None:
         return None
-    path = checkpoint_dir(root, iteration)
+    iteration, path, why = found
+    base = os.path.dirname(path) if ITER_RE.fullmatch(os.path.basename(path)) else root
+    if why != TRACKER:
+        log(f"loading {path} ({why})")
+    if verify:
+        verify_checkpoint(path, base, iteration, log)
+    try:
+        integrity.check_metadata_json(path)
+    except CheckpointError as e:
+        raise CheckpointError(f"{e}; {older_hint(base, iteration)}") from None
+    try:
+        common = dist_checkpointing.load_common_state_dict(path)
+    except _errors() as e:
+        raise CheckpointError(f"cannot read {os.path.join(path, 'common.pt')} ({_summary(e)}); "
+                              f"{older_hint(base, iteration)}") from None
+    extra = common.get("extra") if isinstance(common, dict) else None
+    if check is not None and isinstance(extra, dict):
+        check(extra, path)
     if load_optim:
         check_optimizer_format(path, optimizer)
         # torch's AdamW creates its state lazily; materialise it so the sharded keys exist.
@@ -140,8 +432,12 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
     state = _sharded_state_dict(model, optimizer, is_loading=True, with_optimizer=load_optim)
     state["scheduler"] = None
     state["extra"] = None
-    with torch.no_grad():
-        loaded = dist_checkpointing.load(state, path)
+    try:
+        with torch.no_grad():
+            loaded = dist_checkpointing.load(state, path)
+    except _errors() as e:
+        raise CheckpointError(f"cannot read the shards of {path} (.metadata, __*.distcp; "
+                              f"{_summary(e)}); {older_hint(base, iteration)}") from None
     # dist_checkpointing fills the tensors in place; load_state_dict (strict) also restores
     # non-tensor extra state and proves the checkpoint matches this architecture.
     model.load_state_dict({k[len(MODEL_PREFIX):]: v for k, v in loaded["model"].items()}, strict=True)
@@ -149,7 +445,9 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
         with torch.no_grad():  # the distributed optimizer's fp32 shards are views of leaf params
             optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
-    rng_file = os.path.join(path, "rng", f"rank_{torch.distributed.get_rank():05d}.pt")
+    rng_file = os.path.join(path, "rng", f"rank_{_rank_world()[0]:05d}.pt")
     if load_rng and os.path.isfile(rng_file):
         _set_rng_state(torch.load(rng_file, weights_only=False))
-    return loaded["extra"]
+    extra = dict(loaded["extra"])
+    extra["_path"] = path
+    return extra

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 import time
 from collections import OrderedDict
@@ -20,6 +21,7 @@ class MetricAccumulator:
 
     def __init__(self) -> None:
         self._values: Dict[str, list] = OrderedDict()
+        self.non_finite: Dict[str, list] = {}
 
     def add(self, name: str, total: torch.Tensor, count: torch.Tensor, replicated: bool) -> None:
         from megatron.core import parallel_state
@@ -34,24 +36,53 @@ class MetricAccumulator:
         for name, (total, count) in metrics.items():
             self.add(name, total, count, replicated)
 
-    def reduce(self, names) -> Dict[str, float]:
-        """Collective: every rank must call it with the same ``names`` (order matters)."""
+    def reduce(self, names, finite_checks: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+        """Collective: every rank must call it with the same ``names`` (order matters).
+
+        With ``finite_checks`` (``{name: local value}``, e.g. the grad norm) the same all-reduce also
+        counts, per metric and per check, the ranks whose local value is NaN/inf; the names that are
+        non-finite anywhere, with those ranks, land in :attr:`non_finite` (an all-gather runs only
+        then, so a healthy step costs no extra collective)."""
         names = list(names)
-        buf = torch.zeros(2 * len(names), dtype=torch.float64)
-        for i, n in enumerate(names):
-            if n in self._values:
-                buf[2 * i], buf[2 * i + 1] = self._values[n]
+        checks = list((finite_checks or {}).items())
+        n = 2 * len(names)
+        buf = torch.zeros(n + (len(names) + len(checks) if finite_checks is not None else 0),
+                          dtype=torch.float64)
+        for i, name in enumerate(names):
+            if name in self._values:
+                buf[2 * i], buf[2 * i + 1] = self._values[name]
+        if finite_checks is not None:
+            local = torch.cat([(~torch.isfinite(buf[0:n:2]) | ~torch.isfinite(buf[1:n:2])).double(),
+                               torch.tensor([0.0 if math.isfinite(v) else 1.0 for _, v in checks],
+                                            dtype=torch.float64)])
+            buf[n:] = local
         if torch.distributed.is_initialized():
             device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
             buf = buf.to(device)
             torch.distributed.all_reduce(buf)
             buf = buf.cpu()
         self._values.clear()
+        self.non_finite = {}
+        if finite_checks is not None and bool((buf[n:] > 0).any()):
+            self.non_finite = self._non_finite_ranks(names + [k for k, _ in checks], local)
         out = {}
-        for i, n in enumerate(names):
+        for i, name in enumerate(names):
             if buf[2 * i + 1] > 0:
-                out[n] = float(buf[2 * i] / buf[2 * i + 1])
+                out[name] = float(buf[2 * i] / buf[2 * i + 1])
         return out
+
+    @staticmethod
+    def _non_finite_ranks(names, local: torch.Tensor) -> Dict[str, list]:
+        """Only after a non-finite value: which ranks saw it (every rank takes this branch)."""
+        rows = [local]
+        if torch.distributed.is_initialized():
+            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            rows = [torch.zeros_like(local, device=device)
+                    for _ in range(torch.distributed.get_world_size())]
+            torch.distributed.all_gather(rows, local.to(device))
+        flags = torch.stack([r.cpu() for r in rows])  # [world, names]
+        return {name: [int(r) for r in torch.nonzero(flags[:, j]).flatten()]
+                for j, name in enumerate(names) if bool(flags[:, j].any())}
 
 
 def peak_memory_mb() -> float:

@@ -98,6 +98,7 @@ class Trainer:
         self.metrics = MetricAccumulator()
         self.teacher_time = 0.0
         self._forward_only = False
+        self.save_lock = None
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -124,6 +125,7 @@ class Trainer:
         self.global_batch_size = cfg.batch.micro_batch_size * self.dp_size * self.num_microbatches
         self.is_first_stage = parallel_state.is_pipeline_first_stage()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
+        self._take_save_lock()
         self.objective.context.tp_group = parallel_state.get_tensor_model_parallel_group()
         if cfg.parallel.sequence_parallel:
             self.objective.context.sequence_parallel_group = self.objective.context.tp_group
@@ -243,16 +245,67 @@ class Trainer:
             self.selection = load_selection(d.kd_data_selection, len(self.train_ds))
 
     # ------------------------------------------------------------------ checkpoints
+    def _take_save_lock(self) -> None:
+        """Rank 0 locks --save (one writer per directory) and tidies interrupted saves, before any
+        compute; the outcome is shared so that every rank stops when it fails."""
+        from megatron_let.training.checkpointing import recover_interrupted_saves
+        from megatron_let.training.errors import SaveLockError
+        from megatron_let.training.save_lock import SaveLock
+
+        save = self.cfg.checkpoint.save
+        if not save:
+            return
+        error = None
+        if self.rank == 0:
+            try:
+                self.save_lock = SaveLock(save, log=self._log)
+                self.save_lock.acquire()
+                for action in recover_interrupted_saves(save):
+                    self._log(action)
+            except (SaveLockError, OSError) as e:
+                self.save_lock, error = None, e
+        failed = torch.tensor([1 if error else 0], dtype=torch.int32, device=self._collective_device())
+        torch.distributed.all_reduce(failed)
+        if error is not None:
+            raise error
+        if failed.item():
+            raise SaveLockError(f"rank 0 could not take the lock of --save {save} (see its error)")
+
+    def _checkpoint_compatible(self, extra: Dict, path: str) -> None:
+        """The checkpoint's architecture and tokenizer must be this run's; the objective may change."""
+        from megatron_let.training.checkpointing import compatibility_problems
+        from megatron_let.training.errors import CheckpointError
+
+        ck = self.cfg.checkpoint
+        problems = compatibility_problems(
+            extra, self.cfg.model, self._tokenizer_record(),
+            # a model-only start (--no-load-optim) may train at a new sequence length
+            check_seq_length=not ck.no_load_optim)
+        if problems:
+            raise CheckpointError(f"checkpoint {path} does not match this run: " + "; ".join(problems))
+        saved = extra.get("objective")
+        if saved and saved != self.cfg.objective:
+            self._log(f"objective changes from {saved} (checkpoint) to {self.cfg.objective}")
+
+    def _tokenizer_record(self) -> Dict:
+        return {"type": self.cfg.data.tokenizer_type or "NullTokenizer",
+                "model": self.cfg.data.tokenizer_model, "vocab_size": self.cfg.model.vocab_size}
+
     def _load_checkpoint(self) -> None:
-        from megatron_let.training.checkpointing import load_checkpoint
+        from megatron_let.training.checkpointing import (checkpoint_dir, incomplete_saves,
+                                                         load_checkpoint)
 
         ck = self.cfg.checkpoint
         if not ck.load:
             return
         extra = load_checkpoint(ck.load, self.student, self.optimizer, self.scheduler,
-                                load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng)
+                                load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng,
+                                ckpt_step=ck.ckpt_step, verify=ck.verify,
+                                check=self._checkpoint_compatible, log=self._log)
         if extra is None:
-            self._log(f"no checkpoint under {ck.load}; starting from scratch")
+            partial_saves = incomplete_saves(ck.load)
+            why = f" (incomplete, ignored: {', '.join(partial_saves)})" if partial_saves else ""
+            self._log(f"no complete checkpoint under {ck.load}{why}; starting from scratch")
             return
         if ck.no_load_optim:
             # As Megatron-LM: without the optimizer state, the mixed-precision optimizers' fp32
@@ -261,7 +314,9 @@ class Trainer:
         self.iteration = int(extra["iteration"])
         self.consumed_train_samples = int(extra["consumed_train_samples"])
         self.consumed_selection_samples = int(extra.get("consumed_selection_samples", 0))
-        self._log(f"resumed from {ck.load} at iteration {self.iteration}")
+        self._log(f"resumed from {ck.load} at iteration {self.iteration}"
+                  + ("" if extra["_path"] in (checkpoint_dir(ck.load, self.iteration),
+                                              os.path.normpath(ck.load)) else f" ({extra['_path']})"))
 
     def save(self) -> None:
         from megatron_let.training.checkpointing import save_checkpoint
@@ -272,10 +327,10 @@ class Trainer:
             extra={"iteration": self.iteration, "consumed_train_samples": self.consumed_train_samples,
                    "consumed_selection_samples": self.consumed_selection_samples,
                    "objective": self.cfg.objective, "model": dataclasses.asdict(self.cfg.model),
-                   "tokenizer": {"type": self.cfg.data.tokenizer_type or "NullTokenizer",
-                                 "model": self.cfg.data.tokenizer_model,
-                                 "vocab_size": self.cfg.model.vocab_size}},
+                   "tokenizer": self._tokenizer_record()},
         )
+        if self.save_lock is not None:
+            self.save_lock.heartbeat(force=True)
         self._log(f"saved checkpoint {path} in {time.time() - t0:.1f}s")
 
     # ------------------------------------------------------------------ teacher
@@ -389,6 +444,7 @@ class Trainer:
             micro_batch_size=self.cfg.batch.micro_batch_size, forward_only=False,
         )
         update_ok, grad_norm, _ = self.optimizer.step()
+        self._grad_norm_known = grad_norm is not None  # None with --clip-grad 0: nothing to check
         if update_ok:
             self.scheduler.step(increment=1)
         return {"grad norm": float(grad_norm) if grad_norm is not None else float("nan"),
@@ -453,7 +509,13 @@ class Trainer:
                 self.consumed_selection_samples += self.global_batch_size
             else:
                 self.consumed_train_samples += self.global_batch_size
-            reduced = self.metrics.reduce(metric_names)
+            checks = {"grad norm": step_stats["grad norm"]} if self._grad_norm_known else {}
+            reduced = self.metrics.reduce(
+                metric_names, finite_checks=checks if cfg.check_for_nan_in_loss_and_grad else None)
+            if self.metrics.non_finite:  # before anything of this step is logged or saved
+                self._stop_non_finite(reduced, step_stats)
+            if self.save_lock is not None:
+                self.save_lock.heartbeat()
             values = dict(reduced)
             # both terms are token means over the same global batch, so they add
             values["total loss"] = values.pop("output loss term", float("nan")) + values.pop(
@@ -503,6 +565,17 @@ class Trainer:
             self.save()
         return last
 
+
+    def _stop_non_finite(self, reduced: Dict[str, float], step_stats: Dict[str, float]) -> None:
+        from megatron_let.training.errors import NonFiniteError
+
+        seen = dict(reduced, **step_stats)
+        bad = "; ".join(f"{name} = {seen.get(name, float('nan'))} on rank{'s' if len(r) > 1 else ''} "
+                        f"{','.join(map(str, r))}" for name, r in self.metrics.non_finite.items())
+        raise NonFiniteError(
+            f"non-finite values at iteration {self.iteration}: {bad}. Nothing of this step was "
+            "saved; lower --lr, check the data and the teacher, resume from the last checkpoint "
+            "(--no-check-for-nan-in-loss-and-grad disables this check)")
 
     def _iterator(self, use_selection: bool) -> Iterator:
         if use_selection:
@@ -574,3 +647,6 @@ class Trainer:
     def close(self) -> None:
         if getattr(self, "writer", None) is not None:
             self.writer.close()
+        if self.save_lock is not None:
+            self.save_lock.release()
+            self.save_lock = None

@@ -1,0 +1,23 @@
+"""Errors that stop a run with a clear message instead of a traceback (pretrain_let.py prints them)."""
+
+from __future__ import annotations
+
+
+class CheckpointError(ValueError):
+    """A checkpoint cannot be used: missing, incomplete, corrupt or incompatible with this run."""
+
+
+class DiskFullError(OSError):
+    """A checkpoint save ran out of disk space (ENOSPC/EDQUOT, or torch's ``unexpected pos``)."""
+
+
+class NonFiniteError(RuntimeError):
+    """A loss term or the gradient norm became NaN/inf (``--check-for-nan-in-loss-and-grad``)."""
+
+
+class SaveLockError(ValueError):
+    """Another live run holds the ``--save`` directory."""
+
+
+# raised during training (after set-up); pretrain_let.py turns them into one error line, exit 1
+RUN_ERRORS = (CheckpointError, DiskFullError, NonFiniteError, SaveLockError)
