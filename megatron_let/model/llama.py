@@ -111,6 +111,79 @@ PRESETS: dict[str, dict] = {
 }
 
 
+@dataclass
+class PerformanceConfig:
+    """Megatron-LM's memory and speed features (flags of the same names). None/False = off.
+
+    They change how the step is computed, never what it computes: losses and gradients equal a
+    run without them (tests/test_performance_features.py)."""
+
+    recompute_granularity: Optional[str] = None  # "full" | "selective"
+    recompute_method: Optional[str] = None  # "uniform" | "block" (full only)
+    recompute_num_layers: Optional[int] = None  # full only
+    num_layers_per_virtual_pipeline_stage: Optional[int] = None  # interleaved 1F1B
+    overlap_grad_reduce: bool = False
+    overlap_param_gather: bool = False  # needs the distributed optimizer
+    ddp_bucket_size: Optional[int] = None  # elements per gradient bucket (None: megatron's default)
+
+    def virtual_pipeline_size(self, num_layers: int, pipeline_parallel_size: int) -> Optional[int]:
+        """Model chunks per pipeline rank, or None without the interleaved schedule."""
+        n = self.num_layers_per_virtual_pipeline_stage
+        if n is None:
+            return None
+        return num_layers // pipeline_parallel_size // n
+
+    def validate(self, model: LlamaConfig, pipeline_parallel_size: int,
+                 use_distributed_optimizer: bool) -> None:
+        """Raise ValueError (naming the flags and values) before anything is built."""
+        g, m, n = self.recompute_granularity, self.recompute_method, self.recompute_num_layers
+        if g not in (None, "full", "selective"):
+            raise ValueError(f"--recompute-granularity must be full or selective, got {g!r}")
+        if m not in (None, "uniform", "block"):
+            raise ValueError(f"--recompute-method must be uniform or block, got {m!r}")
+        if g != "full" and (m is not None or n is not None):
+            raise ValueError(
+                f"--recompute-method/--recompute-num-layers only apply to --recompute-granularity "
+                f"full (got --recompute-granularity {g}, --recompute-method {m}, "
+                f"--recompute-num-layers {n})")
+        vpp_n = self.num_layers_per_virtual_pipeline_stage
+        per_stage = model.num_layers // pipeline_parallel_size
+        if vpp_n is not None:
+            if pipeline_parallel_size < 2:
+                raise ValueError("--num-layers-per-virtual-pipeline-stage needs "
+                                 "--pipeline-model-parallel-size > 1")
+            if vpp_n < 1 or per_stage % vpp_n:
+                raise ValueError(
+                    f"--num-layers-per-virtual-pipeline-stage {vpp_n} must divide the {per_stage} "
+                    f"layers per pipeline stage (--num-layers {model.num_layers} / "
+                    f"--pipeline-model-parallel-size {pipeline_parallel_size})")
+        per_chunk = vpp_n if vpp_n is not None else per_stage
+        if g == "full":
+            if m is None or n is None:
+                raise ValueError("--recompute-granularity full needs --recompute-method "
+                                 "{uniform,block} and --recompute-num-layers N")
+            if not 1 <= n <= per_chunk:
+                raise ValueError(f"--recompute-num-layers {n} must be between 1 and the {per_chunk} "
+                                 "layers of a pipeline stage (model chunk)")
+            if m == "uniform" and per_chunk % n:
+                raise ValueError(f"--recompute-method uniform: --recompute-num-layers {n} must "
+                                 f"divide the {per_chunk} layers of a pipeline stage (model chunk)")
+        if self.overlap_param_gather and not use_distributed_optimizer:
+            raise ValueError("--overlap-param-gather needs --use-distributed-optimizer "
+                             "(the parameter all-gather exists only with a sharded optimizer)")
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            raise ValueError(f"--ddp-bucket-size must be >= 1, got {self.ddp_bucket_size}")
+
+    def check_microbatches(self, num_microbatches: int, pipeline_parallel_size: int) -> None:
+        """megatron-core's interleaved schedule runs micro-batches in groups of PP."""
+        if self.num_layers_per_virtual_pipeline_stage is not None and (
+                num_microbatches % pipeline_parallel_size):
+            raise ValueError(
+                f"--num-layers-per-virtual-pipeline-stage: the {num_microbatches} micro-batches per "
+                f"step (--global-batch-size / (--micro-batch-size x data-parallel size)) must be a "
+                f"multiple of --pipeline-model-parallel-size {pipeline_parallel_size}")
+
+
 def preset(name: str, **overrides) -> LlamaConfig:
     if name not in PRESETS:
         raise ValueError(f"unknown --model-preset {name!r}; choose from {sorted(PRESETS)}")
@@ -143,11 +216,14 @@ def transformer_engine_available() -> bool:
     return torch.cuda.is_available()
 
 
-def build_transformer_config(cfg: LlamaConfig, parallel, bf16: bool, use_cpu: bool):
-    """megatron-core TransformerConfig for the LLaMA architecture."""
+def build_transformer_config(cfg: LlamaConfig, parallel, bf16: bool, use_cpu: bool,
+                             perf: Optional[PerformanceConfig] = None):
+    """megatron-core TransformerConfig for the LLaMA architecture and the run's features."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
+    perf = perf or PerformanceConfig()
     dtype = torch.bfloat16 if bf16 else torch.float32
+    vpp = perf.virtual_pipeline_size(cfg.num_layers, parallel.pipeline_model_parallel_size)
     return TransformerConfig(
         num_layers=cfg.num_layers,
         hidden_size=cfg.hidden_size,
@@ -185,10 +261,34 @@ def build_transformer_config(cfg: LlamaConfig, parallel, bf16: bool, use_cpu: bo
         persist_layer_norm=False,
         # batch_p2p_sync calls torch.cuda.synchronize(); only needed on GPU.
         batch_p2p_sync=not use_cpu,
+        # Interleaved PP=2 over gloo: previous and next rank are one peer and gloo pairs batched
+        # sends/recvs in posting order, swapping same-shaped tensors (silently wrong losses).
+        batch_p2p_comm=not (use_cpu and vpp is not None),
+        # Megatron-LM's default: free a stage's output once sent (needs viewless outputs).
+        deallocate_pipeline_outputs=True,
+        virtual_pipeline_model_parallel_size=vpp,
+        recompute_granularity=perf.recompute_granularity,
+        recompute_method=perf.recompute_method,
+        recompute_num_layers=perf.recompute_num_layers,
     )
 
 
-def build_layer_spec(config, use_te: bool):
+def build_ddp_config(perf: Optional[PerformanceConfig], use_distributed_optimizer: bool):
+    """megatron-core DDP config: fp32 gradient reduction, overlap and bucketing as flagged."""
+    from megatron.core.distributed import DistributedDataParallelConfig
+
+    perf = perf or PerformanceConfig()
+    return DistributedDataParallelConfig(
+        grad_reduce_in_fp32=True,
+        overlap_grad_reduce=perf.overlap_grad_reduce,
+        overlap_param_gather=perf.overlap_param_gather,
+        align_param_gather=perf.overlap_param_gather,  # Megatron-LM's default with overlap
+        use_distributed_optimizer=use_distributed_optimizer,
+        bucket_size=perf.ddp_bucket_size,
+    )
+
+
+def build_layer_spec(config, use_te: bool, vp_stage: Optional[int] = None):
     """Block spec: TE fused layers on GPU when available, else the local spec with LlamaRMSNorm."""
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
@@ -214,26 +314,30 @@ def build_layer_spec(config, use_te: bool):
         )
         final_norm = LlamaRMSNorm
     return TransformerBlockSubmodules(
-        layer_specs=[layer] * get_num_layers_to_build(config), layer_norm=final_norm
+        layer_specs=[layer] * get_num_layers_to_build(config, vp_stage=vp_stage),
+        layer_norm=final_norm
     )
 
 
 def build_student(cfg: LlamaConfig, parallel, bf16: bool = False, use_cpu: bool = True,
-                  use_te: Optional[bool] = None):
-    """Build this rank's GPTModel stage. Requires megatron parallel state to be initialised."""
+                  use_te: Optional[bool] = None, perf: Optional[PerformanceConfig] = None,
+                  vp_stage: Optional[int] = None):
+    """Build this rank's GPTModel stage (model chunk ``vp_stage`` under the interleaved pipeline).
+    Requires megatron parallel state to be initialised."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    config = build_transformer_config(cfg, parallel, bf16=bf16, use_cpu=use_cpu)
+    config = build_transformer_config(cfg, parallel, bf16=bf16, use_cpu=use_cpu, perf=perf)
     if use_te is None:
         use_te = (not use_cpu) and transformer_engine_available()
     model = GPTModel(
         config=config,
-        transformer_layer_spec=build_layer_spec(config, use_te),
+        transformer_layer_spec=build_layer_spec(config, use_te, vp_stage=vp_stage),
         vocab_size=cfg.padded_vocab_size(parallel.tensor_model_parallel_size),
         max_sequence_length=cfg.max_position_embeddings,
-        pre_process=parallel_state.is_pipeline_first_stage(),
-        post_process=parallel_state.is_pipeline_last_stage(),
+        pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
+        post_process=parallel_state.is_pipeline_last_stage(ignore_virtual=False, vp_stage=vp_stage),
+        vp_stage=vp_stage,
         parallel_output=True,
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
@@ -242,3 +346,14 @@ def build_student(cfg: LlamaConfig, parallel, bf16: bool = False, use_cpu: bool 
     if not use_cpu:
         model.cuda(torch.cuda.current_device())
     return model
+
+
+def build_student_chunks(cfg: LlamaConfig, parallel, bf16: bool = False, use_cpu: bool = True,
+                         perf: Optional[PerformanceConfig] = None) -> list:
+    """This rank's model chunks: one stage, or one per virtual stage (interleaved pipeline)."""
+    vpp = (perf or PerformanceConfig()).virtual_pipeline_size(
+        cfg.num_layers, parallel.pipeline_model_parallel_size)
+    if vpp is None:
+        return [build_student(cfg, parallel, bf16=bf16, use_cpu=use_cpu, perf=perf)]
+    return [build_student(cfg, parallel, bf16=bf16, use_cpu=use_cpu, perf=perf, vp_stage=i)
+            for i in range(vpp)]

@@ -35,10 +35,17 @@ class Needs:
     teacher_hidden_layer: Optional[int] = None  # teacher layer (1-based, -1 = last) for hidden_loss
     teacher_logits: bool = False  # output_loss needs the teacher's logits
     kd_data_selection: bool = False  # draw training samples from a data selection (SALT_DS)
+    student_logits: bool = False  # output_loss reads the student's logits beyond the NLL
 
     @property
     def teacher(self) -> bool:
         return self.teacher_hidden_layer is not None or self.teacher_logits
+
+    @property
+    def logits(self) -> bool:
+        """output_loss gets the logits (else None): the trainer then keeps an unmodified copy
+        beside the in-place cross entropy, a full-vocabulary tensor per micro-batch."""
+        return self.teacher_logits or self.student_logits
 
 
 @dataclass

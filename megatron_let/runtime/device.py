@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -15,6 +16,7 @@ class ParallelConfig:
     pipeline_model_parallel_size: int = 1
     sequence_parallel: bool = False
     use_distributed_optimizer: bool = False
+    virtual_pipeline_model_parallel_size: Optional[int] = None  # model chunks per stage (interleaved)
 
     def validate(self, world_size: int) -> None:
         mp = self.tensor_model_parallel_size * self.pipeline_model_parallel_size
@@ -80,6 +82,7 @@ def initialize_distributed(device: torch.device, parallel: ParallelConfig, seed:
         parallel_state.initialize_model_parallel(
             tensor_model_parallel_size=parallel.tensor_model_parallel_size,
             pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
+            virtual_pipeline_model_parallel_size=parallel.virtual_pipeline_model_parallel_size,
         )
     set_seed(seed)
 

@@ -647,12 +647,13 @@ class HFTeacher:
             raise ValueError(f"input_ids must be an integer tensor, got {input_ids.dtype}")
         if input_ids.numel() == 0:
             raise ValueError("input_ids is empty")
-        lo, hi = int(input_ids.min()), int(input_ids.max())
-        if lo < 0 or hi >= self._vocab_size:
-            raise ValueError(
-                f"input_ids contain token ids in [{lo}, {hi}] but the teacher vocabulary has "
-                f"{self._vocab_size} entries"
-            )
+        # Checked on the device without a host sync (it runs every micro-batch): on CPU it raises
+        # at once; on a GPU it is a device-side assert reported at the next synchronisation.
+        torch._assert_async(
+            ((input_ids >= 0) & (input_ids < self._vocab_size)).all(),
+            f"input_ids contain token ids outside [0, {self._vocab_size}): the teacher vocabulary "
+            f"has {self._vocab_size} entries",
+        )
         length = input_ids.shape[1] + self._prefix
         if self._max_positions is not None and length > self._max_positions:
             bos = f" ({input_ids.shape[1]} + the BOS token)" if self._prefix else ""

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
-from megatron_let.model.llama import PRESETS, LlamaConfig
+from megatron_let.model.llama import PRESETS, LlamaConfig, PerformanceConfig
 from megatron_let.runtime.device import ParallelConfig
 from megatron_let.training.wandb_writer import WandbConfig, wandb_config_from_args
 
@@ -115,6 +115,7 @@ class RunConfig:
     exit_interval: Optional[int] = None
     check_for_nan_in_loss_and_grad: bool = True
     raw: Optional[argparse.Namespace] = field(default=None, repr=False)
+    perf: PerformanceConfig = field(default_factory=PerformanceConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -149,6 +150,23 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--sequence-parallel", action="store_true")
     g.add_argument("--use-distributed-optimizer", action="store_true")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int,
+                   help="interleaved 1F1B: layers per model chunk (chunks per stage = layers per "
+                   "stage / N)")
+
+    g = p.add_argument_group("memory and speed")
+    g.add_argument("--recompute-granularity", choices=("full", "selective"),
+                   help="activation recompute: whole layers (full) or core attention (selective)")
+    g.add_argument("--recompute-method", choices=("uniform", "block"),
+                   help="full recompute: checkpoint groups of N layers (uniform) or the first N "
+                   "layers of each stage (block)")
+    g.add_argument("--recompute-num-layers", type=int)
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="overlap the data-parallel gradient reduction with backward (bucketed)")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="overlap the distributed optimizer's parameter all-gather with forward")
+    g.add_argument("--ddp-bucket-size", type=int,
+                   help="gradient bucket size in elements (default: megatron-core's)")
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
@@ -290,6 +308,16 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         use_distributed_optimizer=a.use_distributed_optimizer,
     )
     model.validate(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
+    perf = PerformanceConfig(
+        recompute_granularity=a.recompute_granularity, recompute_method=a.recompute_method,
+        recompute_num_layers=a.recompute_num_layers,
+        num_layers_per_virtual_pipeline_stage=a.num_layers_per_virtual_pipeline_stage,
+        overlap_grad_reduce=a.overlap_grad_reduce, overlap_param_gather=a.overlap_param_gather,
+        ddp_bucket_size=a.ddp_bucket_size,
+    )
+    perf.validate(model, parallel.pipeline_model_parallel_size, a.use_distributed_optimizer)
+    parallel.virtual_pipeline_model_parallel_size = perf.virtual_pipeline_size(
+        model.num_layers, parallel.pipeline_model_parallel_size)
     if a.sequence_parallel and a.seq_length % a.tensor_model_parallel_size:
         raise ValueError(
             f"--seq-length {a.seq_length} is not divisible by --tensor-model-parallel-size "
@@ -342,8 +370,10 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         parallel_check = ParallelConfig(a.tensor_model_parallel_size, a.pipeline_model_parallel_size,
                                         a.sequence_parallel)
         parallel_check.validate(world)
-        BatchConfig(a.micro_batch_size, a.global_batch_size, a.train_iters).num_microbatches(
-            parallel_check.data_parallel_size(world))
+        perf.check_microbatches(
+            BatchConfig(a.micro_batch_size, a.global_batch_size, a.train_iters).num_microbatches(
+                parallel_check.data_parallel_size(world)),
+            a.pipeline_model_parallel_size)
     if a.load and not os.path.isdir(a.load) and a.load != a.save:
         raise FileNotFoundError(f"--load {a.load} does not exist")
     if a.ckpt_step is not None and (not a.load or a.ckpt_step < 0):
@@ -371,5 +401,5 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
                             not a.no_teacher_bos),
         objective=a.objective, objective_config=objective_config, device=a.device, bf16=a.bf16,
         seed=a.seed, dry_run=a.dry_run, exit_interval=a.exit_interval,
-        check_for_nan_in_loss_and_grad=a.check_for_nan_in_loss_and_grad, raw=a,
+        check_for_nan_in_loss_and_grad=a.check_for_nan_in_loss_and_grad, raw=a, perf=perf,
     )

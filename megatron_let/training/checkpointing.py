@@ -212,12 +212,24 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
+def _chunks(model) -> list:
+    return list(model) if isinstance(model, (list, tuple)) else [model]
+
+
+def _chunk_key(i: int) -> str:
+    # Tensors are matched by their global sharded keys (layer numbers include the chunk's offset),
+    # so a checkpoint loads into any pipeline layout; these dict keys only group the chunks.
+    return "model" if i == 0 else f"model{i}"
+
+
 def _sharded_state_dict(model, optimizer, is_loading: bool, with_optimizer: bool):
-    model_sd = model.sharded_state_dict(prefix=MODEL_PREFIX)
-    state = {"model": model_sd}
+    state = {_chunk_key(i): chunk.sharded_state_dict(prefix=MODEL_PREFIX)
+             for i, chunk in enumerate(_chunks(model))}
     if with_optimizer:
-        state["optimizer"] = optimizer.sharded_state_dict(model_sd, is_loading=is_loading,
-                                                          metadata=OPTIMIZER_METADATA)
+        model_sd = {k: v for k, v in state.items()}
+        state["optimizer"] = optimizer.sharded_state_dict(
+            model_sd if len(model_sd) > 1 else model_sd["model"], is_loading=is_loading,
+            metadata=OPTIMIZER_METADATA)
     return state
 
 
@@ -315,7 +327,8 @@ def _publish(root: str, iteration: int) -> None:
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
                     extra: Dict[str, Any]) -> str:
-    """Save on every rank (collective). ``model`` is the bare GPTModel of this stage."""
+    """Save on every rank (collective). ``model`` is the bare GPTModel of this stage, or the list
+    of its model chunks (interleaved pipeline)."""
     state = _sharded_state_dict(model, optimizer, is_loading=False, with_optimizer=True)
     state["scheduler"] = scheduler.state_dict()
     state["extra"] = extra
@@ -440,7 +453,9 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
                               f"{_summary(e)}); {older_hint(base, iteration)}") from None
     # dist_checkpointing fills the tensors in place; load_state_dict (strict) also restores
     # non-tensor extra state and proves the checkpoint matches this architecture.
-    model.load_state_dict({k[len(MODEL_PREFIX):]: v for k, v in loaded["model"].items()}, strict=True)
+    for i, chunk in enumerate(_chunks(model)):
+        chunk.load_state_dict({k[len(MODEL_PREFIX):]: v for k, v in loaded[_chunk_key(i)].items()},
+                              strict=True)
     if load_optim:
         with torch.no_grad():  # the distributed optimizer's fp32 shards are views of leaf params
             optimizer.load_state_dict(loaded["optimizer"])

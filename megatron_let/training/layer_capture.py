@@ -8,11 +8,20 @@ d(loss)/d(h) to the gradient arriving at layer k during backward. That is how th
 enters the backward on the first stage (not only on the last stage, where megatron-core's schedule
 starts backward), scaled like the main loss: per-token sums, divided later by the global number of
 valid tokens in ``finalize_model_grads``.
+
+Activation recompute: inside a recomputed block megatron-core runs layer k twice per micro-batch -
+first without autograd (``torch.no_grad`` inside ``CheckpointFunction.forward``), then again with
+autograd during backward. A gradient can only be injected into the second, so the teacher states of
+a micro-batch whose first forward ran without autograd are queued (in forward order; 1F1B and the
+interleaved schedule run a chunk's backwards in the order of its forwards) and consumed by the
+recomputation. :meth:`LayerCapture.check_step` asserts at every step that the loss was injected
+exactly once per micro-batch.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections import deque
+from typing import Callable, List, Optional, Tuple
 
 import torch
 
@@ -25,7 +34,12 @@ class InjectLossGrad(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, loss: torch.Tensor, scale: float):
         ctx.save_for_backward(loss)
         ctx.scale = scale
-        return hidden.view_as(hidden)
+        # A new tensor object sharing hidden's storage but with no ``_base``: megatron's
+        # deallocate_pipeline_outputs asserts ``out._base is None`` on a stage's output, which is
+        # this tensor when k is the stage's last layer (``view_as`` would make it a view).
+        out = torch.empty((1,), dtype=hidden.dtype, device=hidden.device)
+        out.data = hidden.data
+        return out
 
     @staticmethod
     def backward(ctx, grad_hidden: torch.Tensor):
@@ -39,6 +53,21 @@ def find_local_layer(model: torch.nn.Module, layer_number: int) -> Optional[torc
         if type(module).__name__ == "TransformerLayer" and getattr(module, "layer_number", None) == layer_number:
             return module
     return None
+
+
+def find_layer_in_chunks(chunks: List[torch.nn.Module],
+                         layer_number: int) -> Optional[Tuple[int, torch.nn.Module]]:
+    """``(chunk index, layer)`` for global layer ``layer_number`` among this rank's model chunks
+    (one chunk, or several under the interleaved pipeline), or None when no chunk holds it."""
+    for i, chunk in enumerate(chunks):
+        layer = find_local_layer(chunk, layer_number)
+        if layer is not None:
+            return i, layer
+    return None
+
+
+class CaptureInvariantError(RuntimeError):
+    """The alignment loss was not injected exactly once per micro-batch in a step."""
 
 
 def sequence_shard(x_sbh: torch.Tensor, sequence_parallel: bool) -> torch.Tensor:
@@ -63,8 +92,10 @@ class LayerCapture:
         self.sequence_parallel = sequence_parallel
         self.grad_scale_fn = grad_scale_fn or (lambda: 1.0)
         self._pending = None
+        self._deferred: deque = deque()  # micro-batches waiting for their recomputed forward
         self.metrics_sink: Optional[Callable] = None
-        self.fired = 0
+        self.fired = 0  # injections since the capture was installed
+        self._fired_at_step_start = 0
         self._handle = layer.register_forward_hook(self._hook)
 
     def set_pending(self, teacher_hidden_bsd: torch.Tensor, loss_mask_bs: torch.Tensor) -> None:
@@ -75,14 +106,41 @@ class LayerCapture:
                          sequence_shard(mask, self.sequence_parallel))
 
     def clear(self) -> None:
+        """After the micro-batch's forward: its states are either consumed or queued for the
+        recomputation in backward."""
         self._pending = None
 
+    def start_step(self) -> None:
+        self._fired_at_step_start = self.fired
+        self._deferred.clear()
+
+    def check_step(self, num_microbatches: int) -> None:
+        """Raise unless the loss was injected once for each of the step's micro-batches."""
+        fired = self.fired - self._fired_at_step_start
+        if fired != num_microbatches or self._deferred or self._pending is not None:
+            raise CaptureInvariantError(
+                f"layer-{self.layer.layer_number} capture injected the alignment loss {fired} "
+                f"time(s) for {num_microbatches} micro-batch(es) in this step "
+                f"({len(self._deferred)} still waiting for a recomputed forward): the alignment "
+                "gradient would be lost or counted twice"
+            )
+
     def _hook(self, module, inputs, output):
-        if self._pending is None or not torch.is_grad_enabled():
+        if self._pending is not None and not torch.is_grad_enabled():
+            # First forward of a recomputed block: no graph to inject into; the recomputation in
+            # backward (grad enabled, no pending states) takes this micro-batch's states.
+            self._deferred.append(self._pending)
+            self._pending = None
+            return output
+        if self._pending is not None:
+            states = self._pending
+            self._pending = None  # one alignment per micro-batch even if the hook fires again
+        elif self._deferred and torch.is_grad_enabled():
+            states = self._deferred.popleft()
+        else:
             return output
         hidden = output[0] if isinstance(output, tuple) else output
-        teacher, mask = self._pending
-        self._pending = None  # one alignment per micro-batch even if the hook fires again
+        teacher, mask = states
         if teacher.shape[:2] != hidden.shape[:2]:
             raise RuntimeError(
                 f"teacher states {tuple(teacher.shape)} do not match student layer output "

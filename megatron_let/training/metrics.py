@@ -24,13 +24,15 @@ class MetricAccumulator:
         self.non_finite: Dict[str, list] = {}
 
     def add(self, name: str, total: torch.Tensor, count: torch.Tensor, replicated: bool) -> None:
+        """Accumulates on the tensors' device: no host-device sync inside a micro-batch."""
         from megatron.core import parallel_state
 
         if replicated and parallel_state.get_tensor_model_parallel_rank() != 0:
-            total, count = total * 0, count * 0
+            self._values.setdefault(name, [0.0, 0.0])  # the name still takes part in the reduce
+            return
         slot = self._values.setdefault(name, [0.0, 0.0])
-        slot[0] += float(total)
-        slot[1] += float(count)
+        slot[0] = slot[0] + torch.as_tensor(total).detach().to(torch.float64)
+        slot[1] = slot[1] + torch.as_tensor(count).detach().to(torch.float64)
 
     def add_many(self, metrics: Dict[str, Tuple[torch.Tensor, torch.Tensor]], replicated: bool) -> None:
         for name, (total, count) in metrics.items():
@@ -46,21 +48,24 @@ class MetricAccumulator:
         names = list(names)
         checks = list((finite_checks or {}).items())
         n = 2 * len(names)
-        buf = torch.zeros(n + (len(names) + len(checks) if finite_checks is not None else 0),
-                          dtype=torch.float64)
-        for i, name in enumerate(names):
-            if name in self._values:
-                buf[2 * i], buf[2 * i + 1] = self._values[name]
+        device = "cpu"
+        if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
+            device = "cuda"
+        zero = torch.zeros((), dtype=torch.float64, device=device)
+        parts = []  # the sums stay on the device until this one all-reduce
+        for name in names:
+            total, count = self._values.get(name, (0.0, 0.0))
+            parts += [torch.as_tensor(total, dtype=torch.float64).to(device) + zero,
+                      torch.as_tensor(count, dtype=torch.float64).to(device) + zero]
+        buf = torch.stack(parts) if parts else zero.new_zeros(0)
         if finite_checks is not None:
             local = torch.cat([(~torch.isfinite(buf[0:n:2]) | ~torch.isfinite(buf[1:n:2])).double(),
                                torch.tensor([0.0 if math.isfinite(v) else 1.0 for _, v in checks],
-                                            dtype=torch.float64)])
-            buf[n:] = local
+                                            dtype=torch.float64, device=device)])
+            buf = torch.cat([buf, local])
         if torch.distributed.is_initialized():
-            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
-            buf = buf.to(device)
             torch.distributed.all_reduce(buf)
-            buf = buf.cpu()
+        buf = buf.cpu()  # the step's one host-device synchronisation for metrics
         self._values.clear()
         self.non_finite = {}
         if finite_checks is not None and bool((buf[n:] > 0).any()):

@@ -8,13 +8,14 @@ needs it.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import math
 import os
 import signal
 import time
 from functools import partial
-from typing import Dict, Iterator, Optional
+from typing import Dict, Iterator, List, Optional, Union
 
 import torch
 
@@ -97,8 +98,10 @@ class Trainer:
         self.capture = None
         self.metrics = MetricAccumulator()
         self.teacher_time = 0.0
+        self._teacher_events = []  # (start, end) CUDA events of this step's teacher forwards
         self._forward_only = False
         self.save_lock = None
+        self.capture_chunk: Optional[int] = None  # the model chunk holding student layer k
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -123,6 +126,7 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.num_microbatches = cfg.batch.num_microbatches(self.dp_size)
         self.global_batch_size = cfg.batch.micro_batch_size * self.dp_size * self.num_microbatches
+        cfg.perf.check_microbatches(self.num_microbatches, cfg.parallel.pipeline_model_parallel_size)
         self.is_first_stage = parallel_state.is_pipeline_first_stage()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self._take_save_lock()
@@ -189,29 +193,45 @@ class Trainer:
             )
 
     def _build_model_and_optimizer(self) -> None:
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.distributed import DistributedDataParallel
         from megatron.core.distributed import finalize_model_grads
         from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
         from megatron.core.transformer.module import Float16Module
 
-        from megatron_let.model.llama import build_student
+        from megatron_let.model.llama import build_ddp_config, build_student_chunks
         from megatron_let.runtime.cpu_compat import apply_torch_adam_fallback_fixes
         from megatron_let.training.lr_schedule import build_scheduler
 
         cfg = self.cfg
-        self.student = build_student(cfg.model, cfg.parallel, bf16=cfg.bf16, use_cpu=self.use_cpu)
-        tconfig = self.student.config
-        module = Float16Module(tconfig, self.student) if cfg.bf16 else self.student
-        self.model = DistributedDataParallel(
-            config=tconfig,
-            ddp_config=DistributedDataParallelConfig(
-                grad_reduce_in_fp32=True,
-                overlap_grad_reduce=False,
-                use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
-            ),
-            module=module,
-        )
-        tconfig.no_sync_func = self.model.no_sync
+        # One chunk per rank, or one per virtual stage under the interleaved pipeline (the
+        # schedule then takes the list); DDP wraps each chunk, as in Megatron-LM.
+        self.student_chunks = build_student_chunks(cfg.model, cfg.parallel, bf16=cfg.bf16,
+                                                   use_cpu=self.use_cpu, perf=cfg.perf)
+        self.student = self.student_chunks[0]
+        ddp_config = build_ddp_config(cfg.perf, cfg.parallel.use_distributed_optimizer)
+        self.model = [
+            DistributedDataParallel(
+                config=chunk.config, ddp_config=ddp_config,
+                module=Float16Module(chunk.config, chunk) if cfg.bf16 else chunk,
+                # later chunks' reductions overlap with the earlier chunks' backward anyway
+                disable_bucketing=i > 0,
+            )
+            for i, chunk in enumerate(self.student_chunks)
+        ]
+        # The schedules read the first chunk's config (megatron-core's get_model_config).
+        tconfig = self.student_chunks[0].config
+
+        def per_chunk(name):
+            funcs = [getattr(m, name) for m in self.model]
+            return funcs[0] if len(funcs) == 1 else funcs
+
+        tconfig.no_sync_func = per_chunk("no_sync")
+        if cfg.perf.overlap_grad_reduce:
+            # Megatron-LM's set-up (align_grad_reduce): each chunk starts its bucketed reduction
+            # as soon as its last micro-batch's backward is done.
+            tconfig.grad_sync_func = per_chunk("start_grad_sync")
+        if cfg.perf.overlap_param_gather:
+            tconfig.param_sync_func = per_chunk("start_param_sync")
         tconfig.finalize_model_grads_func = finalize_model_grads
         tconfig.grad_scale_func = None
 
@@ -226,7 +246,7 @@ class Trainer:
                 params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                 use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
             ),
-            [self.model],
+            self.model,
         )
         self.scheduler = build_scheduler(self.optimizer, o, cfg.batch.train_iters)
 
@@ -298,7 +318,7 @@ class Trainer:
         ck = self.cfg.checkpoint
         if not ck.load:
             return
-        extra = load_checkpoint(ck.load, self.student, self.optimizer, self.scheduler,
+        extra = load_checkpoint(ck.load, self.student_chunks, self.optimizer, self.scheduler,
                                 load_optim=not ck.no_load_optim, load_rng=not ck.no_load_rng,
                                 ckpt_step=ck.ckpt_step, verify=ck.verify,
                                 check=self._checkpoint_compatible, log=self._log)
@@ -322,25 +342,44 @@ class Trainer:
         from megatron_let.training.checkpointing import save_checkpoint
 
         t0 = time.time()
-        path = save_checkpoint(
-            self.cfg.checkpoint.save, self.iteration, self.student, self.optimizer, self.scheduler,
-            extra={"iteration": self.iteration, "consumed_train_samples": self.consumed_train_samples,
-                   "consumed_selection_samples": self.consumed_selection_samples,
-                   "objective": self.cfg.objective, "model": dataclasses.asdict(self.cfg.model),
-                   "tokenizer": self._tokenizer_record()},
-        )
+        with self._params_synced():
+            path = save_checkpoint(
+                self.cfg.checkpoint.save, self.iteration, self.student_chunks, self.optimizer,
+                self.scheduler,
+                extra={"iteration": self.iteration,
+                       "consumed_train_samples": self.consumed_train_samples,
+                       "consumed_selection_samples": self.consumed_selection_samples,
+                       "objective": self.cfg.objective, "model": dataclasses.asdict(self.cfg.model),
+                       "tokenizer": self._tokenizer_record()},
+            )
         if self.save_lock is not None:
             self.save_lock.heartbeat(force=True)
         self._log(f"saved checkpoint {path} in {time.time() - t0:.1f}s")
+
+    @contextlib.contextmanager
+    def _params_synced(self):
+        """With --overlap-param-gather the parameter all-gather is dispatched by forward pre-hooks;
+        evaluation and checkpointing need every parameter gathered first (as Megatron-LM does,
+        disable the hooks with a synchronous gather, re-enable them after)."""
+        overlapped = self.cfg.perf.overlap_param_gather and getattr(self, "model", None)
+        if overlapped:
+            for chunk in self.model:
+                chunk.disable_forward_pre_hook(param_sync=True)
+        try:
+            yield
+        finally:
+            if overlapped:
+                for chunk in self.model:
+                    chunk.enable_forward_pre_hook()
 
     # ------------------------------------------------------------------ teacher
     def _teacher_needed_here(self, needs: Needs) -> bool:
         from megatron.core import parallel_state
 
         if needs.teacher_hidden_layer is not None and needs.student_layer is not None:
-            from megatron_let.training.layer_capture import find_local_layer
+            from megatron_let.training.layer_capture import find_layer_in_chunks
 
-            if find_local_layer(self.student, needs.student_layer) is not None:
+            if find_layer_in_chunks(self.student_chunks, needs.student_layer) is not None:
                 return True
         return needs.teacher_logits and parallel_state.is_pipeline_last_stage()
 
@@ -368,12 +407,13 @@ class Trainer:
             if self.capture is not None:
                 self.capture.remove()
                 self.capture = None
+                self.capture_chunk = None
             self._log(f"teacher released at iteration {step}", all_ranks=False)
 
     def _install_capture(self, student_layer: int) -> None:
-        from megatron_let.training.layer_capture import LayerCapture, find_local_layer
+        from megatron_let.training.layer_capture import LayerCapture, find_layer_in_chunks
 
-        layer = find_local_layer(self.student, student_layer)
+        self.capture_chunk, layer = find_layer_in_chunks(self.student_chunks, student_layer)
         sp = self.cfg.parallel.sequence_parallel
         self.capture = LayerCapture(
             layer, lambda h, t, m: self.objective.hidden_loss(h, t, m, self.iteration),
@@ -394,38 +434,66 @@ class Trainer:
         position_ids = batch["position_ids"].to(self.device)
         loss_mask = batch["loss_mask"].to(self.device)
         needs = self.objective.needs(self.iteration)
+        # under the interleaved pipeline the schedule calls this once per chunk and micro-batch
+        chunk = next(i for i, m in enumerate(self.model) if m is model)
+        holds_k = self.capture is not None and chunk == self.capture_chunk
+        post_process = self.student_chunks[chunk].post_process
         teacher_logits = None
         if not self._forward_only and self.teacher is not None:
-            t0 = time.time()
-            if self.capture is not None and needs.teacher_hidden_layer is not None:
-                if self.aligner is not None:  # LET†: teacher has its own tokenizer
-                    hidden = self.aligner.teacher_hidden(self.teacher, tokens)
-                else:
-                    hidden = self.teacher.hidden_states(tokens)
-                self.capture.set_pending(hidden, loss_mask)
-            if needs.teacher_logits and self.is_last_stage:
-                teacher_logits = self.teacher.logits(
-                    tokens, vocab_range=self.objective.teacher_logits_range())
-            self.teacher_time += time.time() - t0
+            with self._teacher_timer():
+                if holds_k and needs.teacher_hidden_layer is not None:
+                    if self.aligner is not None:  # LET†: teacher has its own tokenizer
+                        hidden = self.aligner.teacher_hidden(self.teacher, tokens)
+                    else:
+                        hidden = self.teacher.hidden_states(tokens)
+                    self.capture.set_pending(hidden, loss_mask)
+                if needs.teacher_logits and post_process:
+                    teacher_logits = self.teacher.logits(
+                        tokens, vocab_range=self.objective.teacher_logits_range())
         output = model(tokens, position_ids, None)
-        if self.capture is not None:
+        if holds_k:
             self.capture.clear()
         return output, partial(self._loss_func, batch, teacher_logits)
+
+    @contextlib.contextmanager
+    def _teacher_timer(self):
+        """Teacher time: wall clock on CPU; CUDA events on GPU, where the host's clock would time
+        the queue of student work rather than the teacher (read once per step)."""
+        if self.device.type != "cuda":
+            t0 = time.time()
+            yield
+            self.teacher_time += time.time() - t0
+            return
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        yield
+        end.record()
+        self._teacher_events.append((start, end))
+
+    def _step_teacher_time(self) -> float:
+        if self._teacher_events:
+            self._teacher_events[-1][1].synchronize()
+            self.teacher_time += sum(s.elapsed_time(e) for s, e in self._teacher_events) / 1000.0
+            self._teacher_events = []
+        return self.teacher_time
 
     def _loss_func(self, batch: Dict[str, torch.Tensor], teacher_logits, logits: torch.Tensor):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         labels = batch["labels"].to(logits.device)
         loss_mask = batch["loss_mask"].to(logits.device).float()
-        # vocab_parallel_cross_entropy overwrites its input: give it its own fp32 copy.
-        nll = vocab_parallel_cross_entropy(logits.float().clone(), labels)
+        # vocab_parallel_cross_entropy overwrites its input (its own fp32 copy when logits are
+        # bf16). Only an objective that reads the logits themselves (KD) gets them cloned first;
+        # for NLL-only objectives no extra full-vocabulary copy is made (Megatron-LM's loss path).
+        needs_logits = not self._forward_only and self.objective.needs(self.iteration).logits
+        nll = vocab_parallel_cross_entropy(logits.clone() if needs_logits else logits, labels)
         count = loss_mask.sum()
         nll_sum = (nll * loss_mask).sum()
         if self._forward_only:
             self.metrics.add("lm loss", nll_sum.detach(), count, replicated=True)
             return nll_sum, count.int(), {}
-        loss_sum, metrics = self.objective.output_loss(nll, logits, teacher_logits, loss_mask,
-                                                       self.iteration)
+        loss_sum, metrics = self.objective.output_loss(nll, logits if needs_logits else None,
+                                                       teacher_logits, loss_mask, self.iteration)
         self.metrics.add("lm loss", nll_sum.detach(), count, replicated=True)
         self.metrics.add("output loss term", loss_sum.detach(), count, replicated=True)
         self.metrics.add_many(metrics, replicated=True)
@@ -435,14 +503,21 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self._forward_only = False
-        self.model.zero_grad_buffer()
+        for chunk in self.model:
+            chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
         forward_backward = get_forward_backward_func()
+        if self.capture is not None:
+            self.capture.start_step()
         forward_backward(
-            forward_step_func=self._forward_step, data_iterator=data_iterator, model=[self.model],
+            forward_step_func=self._forward_step, data_iterator=data_iterator, model=self.model,
             num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
             micro_batch_size=self.cfg.batch.micro_batch_size, forward_only=False,
         )
+        if self.capture is not None and self.objective.needs(self.iteration).teacher_hidden_layer \
+                is not None:
+            # layer k's stage: the alignment loss entered the backward once per micro-batch
+            self.capture.check_step(self.num_microbatches)
         update_ok, grad_norm, _ = self.optimizer.step()
         self._grad_norm_known = grad_norm is not None  # None with --clip-grad 0: nothing to check
         if update_ok:
@@ -454,18 +529,20 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self._forward_only = True
-        self.model.eval()
+        for chunk in self.model:
+            chunk.eval()
         # the same held-out batches at every evaluation, so validation curves are comparable
-        iterator = self._make_iterator(self.valid_ds, consumed_samples=0)
+        iterator = self._per_chunk(lambda: self._make_iterator(self.valid_ds, consumed_samples=0))
         forward_backward = get_forward_backward_func()
-        with torch.no_grad():
+        with torch.no_grad(), self._params_synced():
             for _ in range(self.cfg.logging.eval_iters):
                 forward_backward(
-                    forward_step_func=self._forward_step, data_iterator=iterator, model=[self.model],
+                    forward_step_func=self._forward_step, data_iterator=iterator, model=self.model,
                     num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
                     micro_batch_size=self.cfg.batch.micro_batch_size, forward_only=True,
                 )
-        self.model.train()
+        for chunk in self.model:
+            chunk.train()
         self._forward_only = False
         out = self.metrics.reduce(["lm loss"])
         loss = out.get("lm loss", float("nan"))
@@ -475,7 +552,8 @@ class Trainer:
     def train(self) -> Dict[str, float]:
         cfg = self.cfg
         iterator, on_selection = None, None
-        self.model.train()
+        for chunk in self.model:
+            chunk.train()
         tokens_per_step = self.global_batch_size * cfg.model.seq_length
         interval = IntervalTimer(self.iteration)
         averages = IntervalAverage(self.CONSOLE_LOSSES)
@@ -526,7 +604,7 @@ class Trainer:
             values["step time"] = step_time
             values["tokens per sec"] = tokens_per_step / max(step_time, 1e-9)
             values["peak memory MB"] = peak_memory_mb()
-            values["teacher time share"] = self._teacher_share(step_time)
+            values["teacher time share"] = self._teacher_share(step_time)  # after reduce: synced
             self.writer.scalars(self.iteration, values)
             last = values
             averages.add(values, skipped=bool(step_stats["skipped"]))
@@ -577,14 +655,23 @@ class Trainer:
             "saved; lower --lr, check the data and the teacher, resume from the last checkpoint "
             "(--no-check-for-nan-in-loss-and-grad disables this check)")
 
-    def _iterator(self, use_selection: bool) -> Iterator:
+    def _iterator(self, use_selection: bool) -> Union[Iterator, List[Iterator]]:
         if use_selection:
-            return self._make_iterator(self.train_ds, consumed_samples=self.consumed_selection_samples,
-                                       selection_index=self.selection)
-        return self._make_iterator(self.train_ds, consumed_samples=self.consumed_train_samples)
+            return self._per_chunk(lambda: self._make_iterator(
+                self.train_ds, consumed_samples=self.consumed_selection_samples,
+                selection_index=self.selection))
+        return self._per_chunk(lambda: self._make_iterator(
+            self.train_ds, consumed_samples=self.consumed_train_samples))
+
+    def _per_chunk(self, make: callable) -> Union[Iterator, List[Iterator]]:
+        """One iterator, or one per model chunk under the interleaved pipeline: each chunk's
+        forward of micro-batch i reads micro-batch i from its own copy of the same stream."""
+        if len(self.model) == 1:
+            return make()
+        return [make() for _ in self.model]
 
     def _teacher_share(self, step_time: float) -> float:
-        t = torch.tensor([self.teacher_time, step_time], dtype=torch.float64,
+        t = torch.tensor([self._step_teacher_time(), step_time], dtype=torch.float64,
                          device=self._collective_device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return float(t[0] / t[1]) if t[1] > 0 else 0.0
@@ -603,10 +690,11 @@ class Trainer:
 
         lg = self.cfg.logging
         t0 = time.time()
-        summary = run_downstream_eval(self.student, self.cfg.model, self.tokenizer,
-                                      tasks=lg.eval_downstream_tasks or PAPER_TASKS,
-                                      limit=lg.eval_downstream_limit,
-                                      micro_batch_size=self.cfg.batch.micro_batch_size)
+        with self._params_synced():
+            summary = run_downstream_eval(self.student, self.cfg.model, self.tokenizer,
+                                          tasks=lg.eval_downstream_tasks or PAPER_TASKS,
+                                          limit=lg.eval_downstream_limit,
+                                          micro_batch_size=self.cfg.batch.micro_batch_size)
         values = {f"{task}/{metric}": value for task, metrics in summary["tasks"].items()
                   for metric, value in metrics.items()}
         values["average"] = summary["average"]
