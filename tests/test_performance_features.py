@@ -6,7 +6,9 @@ the same initial checkpoint; the layer-k capture must inject the alignment loss 
 micro-batch also when layer k is recomputed, and raise when it does not.
 
 LET runs use ``--let-stop-step 2`` over 3 steps: steps 1-2 align at layer k, step 3 runs after
-the teacher's release, i.e. the plain language-modelling (baseline) path on the same layout.
+the teacher's release, i.e. the plain language-modelling (baseline) path on the same layout (so
+every LET run also checks the baseline path; two runs use ``--objective baseline`` itself). Runs
+are cached per configuration and shared between tests to keep the module's time down.
 """
 
 import pytest
@@ -82,25 +84,18 @@ RECOMPUTE = {
 }
 
 
-@pytest.mark.parametrize("layout,recompute", [
-    ([], "full-uniform"),  # TP=1 (single process): layer 2 is its own recomputed block
-    ([], "selective"),
-    (["--tensor-model-parallel-size", "2"], "full-block"),  # layers 1-2 recomputed, k=2 inside
-    (["--tensor-model-parallel-size", "2"], "selective"),
-    (["--pipeline-model-parallel-size", "2"], "full-uniform"),  # k=2 ends stage 0
-    (["--pipeline-model-parallel-size", "2"], "selective"),
+@pytest.mark.parametrize("layout,recompute,objective", [
+    ([], "full-uniform", "let"),  # TP=1 (single process): layer 2 is its own recomputed block
+    (["--tensor-model-parallel-size", "2"], "full-block", "let"),  # layers 1-2, k=2 inside
+    (["--tensor-model-parallel-size", "2"], "selective", "let"),
+    (["--pipeline-model-parallel-size", "2"], "full-uniform", "let"),  # k=2 ends stage 0
+    (["--pipeline-model-parallel-size", "2"], "selective", "baseline"),
 ])
-def test_recompute_matches_no_recompute(layout, recompute, runner, teacher):
-    ref, _ = runner(let_args(teacher, 2))
-    got, _ = runner(let_args(teacher, 2), layout + RECOMPUTE[recompute], nproc=2 if layout else 1)
-    assert_same_steps(got, ref, aligned_steps=(1, 2))
-
-
-def test_recompute_baseline_objective(runner):
-    ref, _ = runner(BASELINE)
-    got, _ = runner(BASELINE, ["--tensor-model-parallel-size", "2"] + RECOMPUTE["full-uniform"],
-                    nproc=2)
-    assert_same_steps(got, ref, aligned_steps=())
+def test_recompute_matches_no_recompute(layout, recompute, objective, runner, teacher):
+    obj = let_args(teacher, 2) if objective == "let" else BASELINE
+    ref, _ = runner(obj)
+    got, _ = runner(obj, layout + RECOMPUTE[recompute], nproc=2 if layout else 1)
+    assert_same_steps(got, ref, aligned_steps=(1, 2) if objective == "let" else ())
 
 
 VPP = ["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "1"]
@@ -127,10 +122,10 @@ def test_interleaved_pipeline_baseline_matches_single(runner):
 
 def test_overlap_grad_reduce_matches(runner, teacher):
     """DP=2 with the reduction overlapped in several small buckets (plain DP=2 equals the single
-    process: test_parallel_equivalence.py)."""
+    process: test_parallel_equivalence.py), together with selective recompute at TP=1."""
     ref, _ = runner(let_args(teacher, 2))
-    got, _ = runner(let_args(teacher, 2), ["--overlap-grad-reduce", "--ddp-bucket-size", "20000"],
-                    nproc=2)
+    got, _ = runner(let_args(teacher, 2), ["--overlap-grad-reduce", "--ddp-bucket-size", "20000"]
+                    + RECOMPUTE["selective"], nproc=2)
     assert_same_steps(got, ref, aligned_steps=(1, 2))
 
 
@@ -256,3 +251,53 @@ def test_inject_loss_grad_output_is_not_a_view():
     assert out._base is None
     out.sum().backward()
     torch.testing.assert_close(h.grad, 1.0 + 0.5 * 2 * h.detach())
+
+
+# ----------------------------------------------------------------------------------- flags
+
+
+def test_dry_run_layout_shows_model_chunks(teacher, monkeypatch):
+    from megatron_let.training.arguments import parse_args
+    from megatron_let.training.dry_run import format_plan, plan_run
+
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    cfg = parse_args(["--dry-run", "--num-layers", "8", "--hidden-size", "64", "--num-attention-heads",
+                      "4", "--seq-length", "32", "--device", "cpu", "--mock-data", "--vocab-size",
+                      "200", "--micro-batch-size", "2", "--global-batch-size", "8",
+                      *let_args(teacher, 5)[:-2], "--pipeline-model-parallel-size", "2",
+                      "--num-layers-per-virtual-pipeline-stage", "2"])
+    plan = plan_run(cfg)
+    # megatron-core's interleaved assignment: chunk c of stage p holds layers (c*PP + p)*n + 1..
+    assert [r.chunks for r in plan.layout.placements()] == [((1, 2), (5, 6))] * 2 + \
+        [((3, 4), (7, 8))] * 2
+    text = format_plan(plan)
+    assert "4 layers per stage in 2 interleaved chunks of 2" in text
+    assert "student layer 5 is in model chunk 1 of stage 0" in text
+    assert "1-2,5-6  embedding TEACHER" in text and "3-4,7-8  output" in text
+
+
+@pytest.mark.parametrize("extra,message", [
+    (["--recompute-granularity", "full"], "needs --recompute-method"),
+    (["--recompute-granularity", "full", "--recompute-method", "uniform",
+      "--recompute-num-layers", "3"], "--recompute-num-layers 3 must divide the 4 layers"),
+    (["--recompute-granularity", "selective", "--recompute-num-layers", "1"],
+     "only apply to --recompute-granularity full"),
+    (["--num-layers-per-virtual-pipeline-stage", "1"], "needs --pipeline-model-parallel-size > 1"),
+    (["--pipeline-model-parallel-size", "2", "--num-layers-per-virtual-pipeline-stage", "3"],
+     "--num-layers-per-virtual-pipeline-stage 3 must divide the 2 layers per pipeline stage"),
+    (["--overlap-param-gather"], "--overlap-param-gather needs --use-distributed-optimizer"),
+])
+def test_bad_feature_flags_name_the_problem(extra, message):
+    from megatron_let.training.arguments import parse_args
+
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace("+", r"\+")):
+        parse_args(COMMON + BASELINE + extra)
+
+
+def test_interleaved_pipeline_needs_microbatches_in_groups_of_pp(monkeypatch):
+    from megatron_let.training.arguments import parse_args
+
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    with pytest.raises(ValueError, match="the 1 micro-batches per step .* multiple of "
+                                         "--pipeline-model-parallel-size 2"):
+        parse_args(COMMON[:-4] + ["--global-batch-size", "2", "--seed", "1"] + BASELINE + VPP)

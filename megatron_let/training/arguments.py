@@ -351,6 +351,10 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
                          "are mutually exclusive")
     if a.exit_interval is not None and a.exit_interval <= 0:
         raise ValueError("--exit-interval must be > 0")
+    if a.eval_downstream_interval and a.num_layers_per_virtual_pipeline_stage:
+        raise ValueError("--eval-downstream-interval scores one model stage per rank and does not "
+                         "support --num-layers-per-virtual-pipeline-stage; evaluate the saved "
+                         "checkpoint with tools/evaluate.py instead")
     if a.save_interval is not None and a.save_interval <= 0:
         raise ValueError("--save-interval must be > 0")
     if a.save_interval and not a.save:

@@ -15,7 +15,9 @@ the flag, which ``pretrain_let.py`` reports on stderr with exit code 2.
 Estimates (formulas, with the assumptions, in ``docs/launching.md``):
 
 * **Layout** - Megatron's rank order ``tp-cp-ep-dp-pp``: ``rank = tp_rank + TP·dp_rank +
-  TP·DP·pp_rank``; pipeline stage p holds student layers ``p·L/PP + 1 .. (p+1)·L/PP``.
+  TP·DP·pp_rank``; pipeline stage p holds student layers ``p·L/PP + 1 .. (p+1)·L/PP``, or with
+  ``--num-layers-per-virtual-pipeline-stage n`` the model chunks c = 0..V-1 of layers
+  ``(c·PP + p)·n + 1 .. (c·PP + p + 1)·n`` (megatron-core's interleaved assignment).
 * **Memory per GPU** (:func:`estimate_memory`) - weights, fp32 gradient buffer, optimizer state
   (fp32 master + Adam moments, sharded over DP with ``--use-distributed-optimizer``), activations
   of the micro-batches a 1F1B pipeline stage keeps in flight, logits, and the bf16 teacher.
@@ -59,16 +61,19 @@ class RankPlacement:
     embedding: bool
     output_layer: bool
     teacher: bool
+    chunks: Tuple[Tuple[int, int], ...] = ()  # (first, last) layer of each model chunk
 
 
 @dataclass(frozen=True)
 class ParallelLayout:
-    """Megatron-core's default grid (order ``tp-cp-ep-dp-pp``, no CP/EP, no virtual pipeline)."""
+    """Megatron-core's default grid (order ``tp-cp-ep-dp-pp``, no CP/EP), optionally with ``vpp``
+    model chunks per stage (interleaved pipeline)."""
 
     world_size: int
     tp: int
     pp: int
     num_layers: int
+    vpp: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.world_size < 1:
@@ -98,15 +103,32 @@ class ParallelLayout:
             raise ValueError(f"rank {rank} outside world of {self.world_size}")
         return rank % self.tp, (rank // self.tp) % self.dp, rank // (self.tp * self.dp)
 
+    @property
+    def chunks_per_stage(self) -> int:
+        return self.vpp or 1
+
+    @property
+    def layers_per_chunk(self) -> int:
+        return self.layers_per_stage // self.chunks_per_stage
+
+    def chunk_layers(self, pp_rank: int) -> List[Tuple[int, int]]:
+        """1-based (first, last) student layers of each model chunk on stage ``pp_rank``."""
+        n = self.layers_per_chunk
+        return [((c * self.pp + pp_rank) * n + 1, (c * self.pp + pp_rank + 1) * n)
+                for c in range(self.chunks_per_stage)]
+
     def stage_layers(self, pp_rank: int) -> Tuple[int, int]:
-        """1-based (first, last) student layer on pipeline stage ``pp_rank``."""
-        n = self.layers_per_stage
-        return pp_rank * n + 1, (pp_rank + 1) * n
+        """1-based (first, last) student layer on pipeline stage ``pp_rank`` (without chunks)."""
+        chunks = self.chunk_layers(pp_rank)
+        return chunks[0][0], chunks[-1][1]
 
     def stage_of_layer(self, layer: int) -> int:
         if not 1 <= layer <= self.num_layers:
             raise ValueError(f"student layer {layer} outside 1..{self.num_layers}")
-        return (layer - 1) // self.layers_per_stage
+        return ((layer - 1) // self.layers_per_chunk) % self.pp
+
+    def chunk_of_layer(self, layer: int) -> int:
+        return (layer - 1) // self.layers_per_chunk // self.pp
 
     def placements(self, teacher_stages: Iterable[int] = ()) -> List[RankPlacement]:
         stages = set(teacher_stages)
@@ -118,6 +140,7 @@ class ParallelLayout:
                 rank=rank, tp_rank=tp_rank, dp_rank=dp_rank, pp_rank=pp_rank,
                 first_layer=first, last_layer=last, embedding=pp_rank == 0,
                 output_layer=pp_rank == self.pp - 1, teacher=pp_rank in stages,
+                chunks=tuple(self.chunk_layers(pp_rank)),
             ))
         return out
 
@@ -272,7 +295,12 @@ def estimate_memory(cfg: RunConfig, model: LlamaConfig, layout: ParallelLayout,
     * optimizer: P·12 in bf16 (fp32 master copy + Adam m, v), P·8 in fp32 (m, v); divided by DP
       with ``--use-distributed-optimizer``;
     * activations: :func:`layer_activation_bytes` × layers of the stage × micro-batches in flight
-      (1F1B: stage p holds min(PP − p, micro-batches) forward passes awaiting their backward);
+      (1F1B: stage p holds min(PP − p, micro-batches) forward passes awaiting their backward;
+      interleaved with V chunks: min((PP − p − 1)·2 + (V − 1)·PP + 1, V·M) chunk forwards of L/(PP·V)
+      layers each, i.e. that many / V stage-equivalents). ``--recompute-granularity full`` keeps
+      only each recomputed layer's input (s·b·h, /TP under SP) plus one recompute unit's full
+      activations during its backward; ``selective`` recomputes core attention, which this
+      flash-attention estimate already counts as free;
     * logits (last stage, one micro-batch): s·b·V_pad/TP·(act bytes + 4), the logits and the fp32
       softmax that vocab-parallel cross entropy keeps; KD adds the teacher's logits s·b·V_T·2;
     * teacher: 2·N_T bytes (bf16) on the stages that hold it, plus its LET target s·b·d_T·2.
@@ -285,10 +313,28 @@ def estimate_memory(cfg: RunConfig, model: LlamaConfig, layout: ParallelLayout,
     if cfg.parallel.use_distributed_optimizer:
         opt_per_param = opt_per_param / dp
     per_layer = layer_activation_bytes(model, b, tp, cfg.parallel.sequence_parallel, act)
+    layer_input = s * b * model.hidden_size * act / (tp if cfg.parallel.sequence_parallel else 1)
+    perf = cfg.perf
+    chunk_layers = layout.layers_per_chunk
+    if perf.recompute_granularity == "full":
+        n = perf.recompute_num_layers
+        recomputed = chunk_layers if perf.recompute_method == "uniform" else n
+        unit = n if perf.recompute_method == "uniform" else 1
+        # kept per chunk forward in flight; plus one unit recomputed at a time (counted below)
+        per_chunk_kept = recomputed * layer_input + (chunk_layers - recomputed) * per_layer
+        recompute_peak = unit * per_layer
+    else:
+        per_chunk_kept = chunk_layers * per_layer
+        recompute_peak = 0.0
     stages = []
     for p in range(pp):
         params = stage_parameters(model, tp, pp, p)
-        in_flight = min(pp - p, num_microbatches)
+        v = layout.chunks_per_stage
+        if layout.vpp:
+            chunk_forwards = min((pp - p - 1) * 2 + (v - 1) * pp + 1, v * num_microbatches)
+        else:
+            chunk_forwards = min(pp - p, num_microbatches)
+        in_flight = chunk_forwards
         logits = 0.0
         if p == pp - 1:
             logits = s * b * model.padded_vocab_size(tp) / tp * (act + 4)
@@ -302,7 +348,7 @@ def estimate_memory(cfg: RunConfig, model: LlamaConfig, layout: ParallelLayout,
         stages.append(StageMemory(
             pp_rank=p, parameters=params, weights=params * (2 if bf16 else 4),
             gradients=params * 4.0, optimizer=params * opt_per_param,
-            activations=per_layer * layout.layers_per_stage * in_flight, logits=logits,
+            activations=per_chunk_kept * chunk_forwards + recompute_peak, logits=logits,
             teacher=teacher_bytes, in_flight_microbatches=in_flight,
         ))
     return stages
@@ -476,7 +522,9 @@ def plan_run(cfg: RunConfig, world_size: Optional[int] = None) -> DryRunPlan:
     pre = preflight(cfg, trainer, world_size)
     par = cfg.parallel
     layout = ParallelLayout(pre.world_size, par.tensor_model_parallel_size,
-                            par.pipeline_model_parallel_size, cfg.model.num_layers)
+                            par.pipeline_model_parallel_size, cfg.model.num_layers,
+                            cfg.perf.virtual_pipeline_size(cfg.model.num_layers,
+                                                           par.pipeline_model_parallel_size))
     num_microbatches, gbs = pre.num_microbatches, pre.global_batch_size
     model = cfg.model
     objective = pre.objective
@@ -565,11 +613,17 @@ def format_plan(plan: DryRunPlan) -> str:
 
     # Layout.
     out += ["", f"parallel layout: world {layout.world_size} = TP {layout.tp} x DP {layout.dp} x "
-            f"PP {layout.pp} (rank = tp + TP*dp + TP*DP*pp); {layout.layers_per_stage} layers per stage"]
+            f"PP {layout.pp} (rank = tp + TP*dp + TP*DP*pp); {layout.layers_per_stage} layers per stage"
+            + (f" in {layout.vpp} interleaved chunks of {layout.layers_per_chunk}" if layout.vpp
+               else "")]
     use = plan.teacher_use
     if use is not None:
         where = ", ".join(f"stage {s}" for s in sorted(use.stages))
         out.append(f"  teacher loaded on every rank of {where} (replicated over TP and DP)")
+        layer_k = plan.objective.needs(0).student_layer
+        if layout.vpp and layer_k is not None:
+            out.append(f"  student layer {layer_k} is in model chunk {layout.chunk_of_layer(layer_k)} "
+                       f"of stage {layout.stage_of_layer(layer_k)}")
     rows = plan.layout.placements(use.stages if use else ())
     node_col = plan.gpus_per_node is not None
     header = f"  {'rank':>6} " + (f"{'node':>5} " if node_col else "") + \
@@ -584,8 +638,10 @@ def format_plan(plan: DryRunPlan) -> str:
         holds = [name for name, on in (("embedding", r.embedding), ("output", r.output_layer),
                                        ("TEACHER", r.teacher)) if on]
         node = f"{r.rank // plan.gpus_per_node:>5} " if node_col else ""
+        layers = ",".join(_layers(a, b) for a, b in r.chunks) if layout.vpp else \
+            _layers(r.first_layer, r.last_layer)
         out.append(f"  {r.rank:>6} {node}{r.pp_rank:>3} {r.dp_rank:>4} {r.tp_rank:>3}  "
-                   f"{_layers(r.first_layer, r.last_layer):>9}  {' '.join(holds)}")
+                   f"{layers:>9}  {' '.join(holds)}")
 
     # Parameters.
     total = model.num_parameters()
@@ -610,7 +666,8 @@ def format_plan(plan: DryRunPlan) -> str:
     # Memory.
     out += ["", "estimated memory per GPU (GiB; excludes CUDA context, NCCL buffers, fragmentation):",
             f"  {'stage':>5} {'weights':>8} {'grads':>8} {'optim':>8} {'activ.':>8} {'logits':>8} "
-            f"{'teacher':>8} {'total':>8}  micro-batches in flight"]
+            f"{'teacher':>8} {'total':>8}  "
+            + ("chunk forwards in flight" if layout.vpp else "micro-batches in flight")]
     for m in plan.memory:
         out.append(
             f"  {m.pp_rank:>5} {m.weights / GIB:>8.2f} {m.gradients / GIB:>8.2f} "
@@ -620,7 +677,13 @@ def format_plan(plan: DryRunPlan) -> str:
     out.append(f"  peak: {peak.total / GIB:.2f} GiB on stage {peak.pp_rank} "
                f"({'bf16' if cfg.bf16 else 'fp32'}, "
                f"{'distributed' if cfg.parallel.use_distributed_optimizer else 'replicated'} optimizer"
-               f"{', sequence parallel' if cfg.parallel.sequence_parallel else ''})")
+               f"{', sequence parallel' if cfg.parallel.sequence_parallel else ''}"
+               f"{', recompute ' + cfg.perf.recompute_granularity if cfg.perf.recompute_granularity else ''})")
+    features = [name for name, on in (
+        ("overlapped gradient reduction", cfg.perf.overlap_grad_reduce),
+        ("overlapped parameter all-gather", cfg.perf.overlap_param_gather)) if on]
+    if features:
+        out.append(f"  communication: {', '.join(features)}")
 
     # FLOPs.
     f = plan.flops

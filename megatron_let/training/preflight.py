@@ -294,6 +294,9 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
     dp = world // (par.tensor_model_parallel_size * par.pipeline_model_parallel_size)
     num_microbatches = cfg.batch.num_microbatches(dp)
     gbs = cfg.batch.micro_batch_size * dp * num_microbatches
+    # recompute / interleaving / overlap flags against the model and the pipeline
+    cfg.perf.validate(cfg.model, par.pipeline_model_parallel_size, par.use_distributed_optimizer)
+    cfg.perf.check_microbatches(num_microbatches, par.pipeline_model_parallel_size)
     fractions = parse_split(cfg.data.split)
 
     if cfg.data.tokenizer_type or cfg.data.mock_data:

@@ -126,7 +126,6 @@ class Trainer:
         self.dp_rank = parallel_state.get_data_parallel_rank()
         self.num_microbatches = cfg.batch.num_microbatches(self.dp_size)
         self.global_batch_size = cfg.batch.micro_batch_size * self.dp_size * self.num_microbatches
-        cfg.perf.check_microbatches(self.num_microbatches, cfg.parallel.pipeline_model_parallel_size)
         self.is_first_stage = parallel_state.is_pipeline_first_stage()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self._take_save_lock()
