@@ -92,10 +92,9 @@ def loss_path_worker(variant, objective, vocab, seq, micro_batch, dtype, device)
     if objective == "rkd":
         teacher_logits = torch.randn(micro_batch, seq, vocab, dtype=dt, device=dev)
 
-    from megatron_let.objectives.rkd import RKDObjective
+    from megatron_let.objectives import registry
 
-    config = RKDObjective.Config() if objective == "rkd" else None
-    obj = build_objective(objective, config,
+    obj = build_objective(objective, registry()[objective].Config(),
                           ObjectiveContext(train_iters=100, vocab_size=vocab))
     trainer = Trainer.__new__(Trainer)  # only what _loss_func reads
     trainer.objective, trainer.metrics, trainer.iteration = obj, MetricAccumulator(), 0
