@@ -206,6 +206,8 @@ class Trainer:
         # schedule then takes the list); DDP wraps each chunk, as in Megatron-LM.
         self.student_chunks = build_student_chunks(cfg.model, cfg.parallel, bf16=cfg.bf16,
                                                    use_cpu=self.use_cpu, perf=cfg.perf)
+        # the whole stage without interleaving (the in-training downstream eval, which refuses
+        # --num-layers-per-virtual-pipeline-stage, scores it)
         self.student = self.student_chunks[0]
         ddp_config = build_ddp_config(cfg.perf, cfg.parallel.use_distributed_optimizer)
         self.model = [
