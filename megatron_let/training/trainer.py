@@ -102,6 +102,7 @@ class Trainer:
         self._forward_only = False
         self.save_lock = None
         self.capture_chunk: Optional[int] = None  # the model chunk holding student layer k
+        self._grad_norm_known = False  # set by each _train_step (tests may replace it)
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
