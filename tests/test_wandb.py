@@ -95,7 +95,9 @@ def test_wandb_offline_run_holds_the_tensorboard_scalars(tmp_path):
     for tag in acc.Tags()["scalars"]:
         for event in acc.Scalars(tag):
             tb_rows.setdefault(event.step, {})[tag] = event.value
-    assert sorted(tb_rows) == [1, 2, 3, 4]
+    # step 0 holds the run's FLOP estimates (config/*, logged once by the trainer)
+    assert sorted(tb_rows) == [0, 1, 2, 3, 4]
+    assert tb_rows[0] and all(tag.startswith("config/") for tag in tb_rows[0])
     assert {"train/lm_loss", "train/lr", "valid/lm_loss", "valid/ppl"} <= set(tb_rows[4])
     assert sorted(rows) == sorted(tb_rows)
     for step, tb_values in tb_rows.items():
