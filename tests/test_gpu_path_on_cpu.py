@@ -204,6 +204,18 @@ def test_distributed_optimizer_checkpoint_without_distributed_optimizer(megatron
         [m[i]["grad norm"] for i in [4, 5, 6]], rel=1e-4)
 
 
+def test_distributed_checkpoint_without_its_layout_map_is_a_clear_error(megatron_single_process,
+                                                                        monkeypatch, tmp, distopt_dp2):
+    """A distributed-optimizer checkpoint that lacks the bucket map (an older megatron_let's) cannot
+    be converted: the error names both ways out, before any optimizer state is touched."""
+    from megatron_let.training import optimizer_conversion
+
+    monkeypatch.setattr(optimizer_conversion, "LAYOUT_KEY", "not.in.this.checkpoint.{}")
+    with pytest.raises(ValueError, match="did not record the optimizer's bucket layout.*"
+                                         "--use-distributed-optimizer, or pass --no-load-optim"):
+        train_in_process(tmp, "distopt_no_map", ["--load", distopt_dp2[1], "--exit-interval", "4"])
+
+
 def test_plain_checkpoint_with_distributed_optimizer_at_dp2(tmp, fp32_ref, exited_at_8):
     """The reverse: a regular optimizer's checkpoint (DP=1) resumed at DP=2 with
     --use-distributed-optimizer, each rank taking its range of every parameter's state."""
