@@ -55,6 +55,9 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--backend", default="inductor")
     p.add_argument("--json", help="write the figures to this file")
+    p.add_argument("--max-rel-diff", type=float, default=None,
+                   help="fail (exit 1) when max |compiled - eager| exceeds this times max |eager| "
+                        "(default 1e-5 in fp32; 0.1 in bf16, where fused kernels round less often)")
     a = p.parse_args()
 
     import torch
@@ -103,6 +106,10 @@ def main():
     if a.json:
         with open(a.json, "w") as f:
             json.dump(figures, f, indent=1)
+    tol = a.max_rel_diff if a.max_rel_diff is not None else (1e-5 if a.dtype == "fp32" else 0.1)
+    if diff > tol * max(1.0, figures["max_abs_eager"]):
+        raise SystemExit(f"compiled teacher differs from eager by {diff:.3g} (max |eager| "
+                         f"{figures['max_abs_eager']:.3g}, allowed {tol} relative)")
 
 
 if __name__ == "__main__":
