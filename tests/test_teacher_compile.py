@@ -2,7 +2,6 @@
 and logits, compile once for all blocks, and a LET run with it gives the same losses."""
 
 import dataclasses
-import os
 
 import pytest
 import torch
