@@ -10,7 +10,8 @@
 # its dependencies, psutil) is installed from the --wheels folder, offline, into a private target
 # folder (the image's site-packages are not touched). Then megatron_let/runtime/gpu_check.py runs
 # `pytest -m gpu`, the cosine-alignment benchmark and the training benchmark (~1B student, seq 1280,
-# a random teacher with SmolLM2-135M's architecture) and writes gpu_check_report.{md,json}.
+# a random teacher with SmolLM2-135M's architecture), that teacher's forward eager vs
+# --teacher-compile, and writes gpu_check_report.{md,json}.
 # Environment: PYTHON (default python3) is the interpreter to use.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"

@@ -27,7 +27,8 @@ def test_dry_run_runs_every_step_and_reports_its_figures(dry_run):
     assert report["mode"] == "cpu-dry-run" and report["ok"]
     assert report["environment"]["megatron-core"] == "0.16.1"
     steps = {s["name"]: s for s in report["steps"]}
-    assert list(steps) == ["pytest -m gpu", "bench_cosine_align fp32", "bench_training"]
+    assert list(steps) == ["pytest -m gpu", "bench_cosine_align fp32", "bench_training",
+                           "bench_teacher_compile"]
     assert all(s["status"] == "passed" and s["rc"] == 0 for s in steps.values()), steps
 
     tests = {t["test"].split("::")[-1]: t for t in steps["pytest -m gpu"]["figures"]["tests"]}
@@ -48,8 +49,13 @@ def test_dry_run_runs_every_step_and_reports_its_figures(dry_run):
     assert set(training["objectives"]) == {"baseline", "let"}
     assert training["objectives"]["let"]["step_s_active"] > 0 and training["objectives"]["let"]["step_s_after_stop"] > 0
 
+    compiled = steps["bench_teacher_compile"]["figures"]
+    assert compiled["eager_ms"] > 0 and compiled["compiled_ms"] > 0
+    assert compiled["max_abs_diff"] <= 1e-5 * max(1.0, compiled["max_abs_eager"])  # compiled = eager
+
     md = (out / "gpu_check_report.md").read_text()
-    for heading in ("## Environment", "## Steps", "## pytest -m gpu", "## bench_cosine_align fp32", "## bench_training"):
+    for heading in ("## Environment", "## Steps", "## pytest -m gpu", "## bench_cosine_align fp32", "## bench_training",
+                    "## bench_teacher_compile"):
         assert heading in md
     assert "max_rel_err_grad_h_m=" in md and "| let |" in md
 

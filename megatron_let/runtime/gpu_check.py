@@ -7,7 +7,9 @@ Steps (each a subprocess with its own time limit, all within one overall budget)
    attach with ``record_property`` come back through pytest's JUnit XML;
 2. ``benchmarks/bench_cosine_align.py`` in bf16 and fp32 (16x1280 tokens, 2048->576, 4096->2048);
 3. ``benchmarks/bench_training.py``: baseline / LET / RKD / SALT step time and memory with a ~1B
-   student (``llama-1b``), sequence 1280, and a random teacher with SmolLM2-135M's architecture.
+   student (``llama-1b``), sequence 1280, and a random teacher with SmolLM2-135M's architecture;
+4. ``benchmarks/bench_teacher_compile.py``: that teacher's forward (bf16, 4x1280) eager vs
+   ``--teacher-compile``.
 
 ``--cpu-dry-run`` runs the same steps at tiny size on CPU (the gpu tests under
 ``MEGATRON_LET_GPU_DRY_RUN=1``), so CI keeps the script working without a GPU. The report
@@ -87,6 +89,14 @@ def plan(out: str, dry: bool) -> List[Step]:
                 "--iters", "12", "--warmup", "3"]
     steps.append(Step("bench_training", [py, os.path.join(bench, "bench_training.py"), *size, "--json", js],
                       cap_s=DRY_RUN_CAP_S if dry else 300, json_out=js))
+    # --teacher-compile: teacher forward eager vs compiled (the dry run uses aot_eager: no C++ build)
+    js = os.path.join(out, "bench_teacher_compile.json")
+    size = (["--device", "cpu", "--tiny", "--micro-batch-size", "2", "--seq-length", "32", "--iters", "3",
+             "--warmup", "1", "--backend", "aot_eager"] if dry else
+            ["--device", "cuda", "--dtype", "bf16", "--teacher-like", "smollm2-135m", "--micro-batch-size", "4",
+             "--seq-length", "1280", "--iters", "20", "--warmup", "3"])
+    steps.append(Step("bench_teacher_compile", [py, os.path.join(bench, "bench_teacher_compile.py"), *size,
+                                                "--json", js], cap_s=DRY_RUN_CAP_S if dry else 150, json_out=js))
     return steps
 
 
@@ -227,6 +237,13 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {name} | {r['step_s_active']:.4f} | {r['throughput_vs_baseline']:.3f} | "
                              f"{r['peak_memory_MB']:.0f} | {r['peak_memory_vs_baseline']:.3f} | "
                              f"{_fmt(r['step_s_after_stop'])} |")
+        elif s["name"] == "bench_teacher_compile" and "eager_ms" in fig:
+            lines += ["", "## bench_teacher_compile", "", "settings: " + ", ".join(
+                f"{k}={v}" for k, v in fig["settings"].items()), "",
+                "| teacher forward eager ms | compiled ms | speed-up | first compiled call s | max abs diff |",
+                "|---|---|---|---|---|",
+                f"| {fig['eager_ms']:.3f} | {fig['compiled_ms']:.3f} | {fig['speedup_eager_over_compiled']:.3f} | "
+                f"{fig['first_compiled_call_s']:.1f} | {fig['max_abs_diff']:.3g} |"]
     return "\n".join(lines) + "\n"
 
 

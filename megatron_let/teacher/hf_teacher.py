@@ -69,6 +69,8 @@ class TeacherConfig:
             arbitrary Python from the folder.
         bos: prepend the teacher tokenizer's BOS token when its encoding adds one (see
             :func:`teacher_bos_token_id`); ``--no-teacher-bos`` turns it off.
+        compile: run the teacher's blocks under ``torch.compile`` (``--teacher-compile``, see
+            :mod:`megatron_let.teacher.compile`).
     """
 
     path: str
@@ -76,6 +78,7 @@ class TeacherConfig:
     dtype: str = "auto"
     trust_remote_code: bool = False
     bos: bool = True
+    compile: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.path, (str, os.PathLike)) or not str(self.path):
@@ -542,6 +545,12 @@ class HFTeacher:
         positions = teacher_max_positions(config)
         self._max_positions = positions[1] if positions is not None else None
         self._head_ok: Optional[bool] = None  # vocabulary-sliced LM head checked (first use)
+        if cfg.compile:
+            from megatron_let.teacher.compile import check_compile_available, compile_blocks
+
+            check_compile_available(self._device)
+            blocks = self._layers if self._layers is not None else _find_layer_list(base, self._num_layers)
+            compile_blocks(list(blocks)[: self._layer])  # the blocks after layer k never run
 
     @classmethod
     def load(cls, cfg: TeacherConfig, device: Union[str, torch.device] = "cpu") -> "HFTeacher":
@@ -803,7 +812,8 @@ class HFTeacher:
             diff = float("nan")
             if ok:
                 probe = input_ids[:1, :16]
-                with torch.no_grad():
+                # eager: a check of the head, at a shape --teacher-compile need not compile for
+                with torch.no_grad(), torch.compiler.set_stance("force_eager"):
                     ref = self.model(input_ids=probe, use_cache=False).logits.float()
                     got = self._head_logits(self._final_hidden(probe, None), 0, self._vocab_size)
                 diff = float((got.float() - ref).abs().max()) if got.shape == ref.shape else float("inf")

@@ -94,6 +94,7 @@ class TeacherArgs:
     trust_remote_code: bool = False
     tokenizer_mismatch: bool = False
     bos: bool = True  # prepend the teacher tokenizer's BOS when it adds one (--no-teacher-bos)
+    compile: bool = False  # the teacher's blocks under torch.compile (--teacher-compile)
 
 
 @dataclass
@@ -245,6 +246,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--teacher-trust-remote-code", action="store_true")
     g.add_argument("--no-teacher-bos", action="store_true",
                    help="do not prepend the teacher tokenizer's BOS token to the teacher's input")
+    g.add_argument("--teacher-compile", action="store_true",
+                   help="run the frozen teacher's transformer blocks under torch.compile")
     g.add_argument("--let-tokenizer-mismatch", action="store_true",
                    help="teacher and student tokenizers differ: align by character offsets (LET†)")
     for cls in objectives.values():
@@ -402,7 +405,7 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
             a.eval_downstream_tasks.split(",") if a.eval_downstream_tasks else None,
             wandb=wandb_config_from_args(a.wandb_project, a.wandb_exp_name, a.wandb_save_dir, a.save)),
         teacher=TeacherArgs(a.teacher_path, a.teacher_trust_remote_code, a.let_tokenizer_mismatch,
-                            not a.no_teacher_bos),
+                            not a.no_teacher_bos, compile=a.teacher_compile),
         objective=a.objective, objective_config=objective_config, device=a.device, bf16=a.bf16,
         seed=a.seed, dry_run=a.dry_run, exit_interval=a.exit_interval,
         check_for_nan_in_loss_and_grad=a.check_for_nan_in_loss_and_grad, raw=a, perf=perf,

@@ -34,6 +34,7 @@ import numpy as np
 import torch
 
 from megatron_let.training import checkpoint_integrity as integrity
+from megatron_let.training import optimizer_conversion as conversion
 from megatron_let.training.errors import CheckpointError
 from megatron_let.training.optimizer_checkpoint import OPTIMIZER_METADATA, check_optimizer_format
 
@@ -332,6 +333,8 @@ def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
     state = _sharded_state_dict(model, optimizer, is_loading=False, with_optimizer=True)
     state["scheduler"] = scheduler.state_dict()
     state["extra"] = extra
+    # where the distributed optimizer keeps each parameter: lets a run without it load this one
+    state.update(conversion.layout_state(optimizer, _chunks(model)))
     return write_checkpoint(root, iteration, state, with_rng=True)
 
 
@@ -437,12 +440,15 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
     extra = common.get("extra") if isinstance(common, dict) else None
     if check is not None and isinstance(extra, dict):
         check(extra, path)
+    convert = None
     if load_optim:
-        check_optimizer_format(path, optimizer)
+        convert = check_optimizer_format(path, optimizer)
         # torch's AdamW creates its state lazily; materialise it so the sharded keys exist.
         optimizer.init_state_fn(optimizer.optimizer, optimizer.config) if hasattr(
             optimizer, "init_state_fn") and optimizer.init_state_fn else None
-    state = _sharded_state_dict(model, optimizer, is_loading=True, with_optimizer=load_optim)
+    # a layout conversion reads the optimizer state in a second pass, once the weights are in
+    state = _sharded_state_dict(model, optimizer, is_loading=True,
+                                with_optimizer=load_optim and convert is None)
     state["scheduler"] = None
     state["extra"] = None
     try:
@@ -458,7 +464,14 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
                               strict=True)
     if load_optim:
         with torch.no_grad():  # the distributed optimizer's fp32 shards are views of leaf params
-            optimizer.load_state_dict(loaded["optimizer"])
+            if convert == "to_regular":
+                conversion.load_distributed_into_regular(path, optimizer, _chunks(model))
+                log(f"converted the optimizer state of {path} from --use-distributed-optimizer's layout")
+            elif convert == "to_distributed":
+                conversion.load_regular_into_distributed(path, optimizer, _chunks(model), MODEL_PREFIX)
+                log(f"converted the optimizer state of {path} to --use-distributed-optimizer's layout")
+            else:
+                optimizer.load_state_dict(loaded["optimizer"])
         scheduler.load_state_dict(loaded["scheduler"])
     rng_file = os.path.join(path, "rng", f"rank_{_rank_world()[0]:05d}.pt")
     if load_rng and os.path.isfile(rng_file):

@@ -3,8 +3,8 @@
 The distributed optimizer writes its bucket-space shards (``dp_reshardable``, Megatron-LM's default:
 reshardable across data-parallel sizes; megatron-core's own default, ``fully_sharded_model_space``,
 fails to save in 0.16.1 with "flattened_range is not supported"). The regular optimizers write one
-state tensor per model parameter. The two layouts are not interchangeable, so a resume that switches
-``--use-distributed-optimizer`` on or off must either keep the flag or pass ``--no-load-optim``.
+state tensor per model parameter. A resume that switches ``--use-distributed-optimizer`` on or off
+converts the state between the two (:mod:`optimizer_conversion`).
 """
 
 from __future__ import annotations
@@ -33,8 +33,10 @@ def saved_optimizer_layout(checkpoint_path: str):
     return "distributed" if "param_state_sharding_type" in (common["optimizer"] or {}) else "regular"
 
 
-def check_optimizer_format(checkpoint_path: str, optimizer) -> None:
-    """A clear error, before anything is read, when the checkpoint's optimizer layout is not this run's."""
+def check_optimizer_format(checkpoint_path: str, optimizer):
+    """A clear error, before anything is read, when the checkpoint holds no optimizer state; else
+    None when its layout is this run's, or the conversion the load needs: "to_regular" (saved with
+    --use-distributed-optimizer, this run without) or "to_distributed" (the reverse)."""
     layout = saved_optimizer_layout(checkpoint_path)
     if layout is None:
         raise ValueError(
@@ -44,10 +46,5 @@ def check_optimizer_format(checkpoint_path: str, optimizer) -> None:
     saved = layout == "distributed"
     here = is_distributed_optimizer(optimizer)
     if saved == here:
-        return
-    had, has = ("with", "without") if saved else ("without", "with")
-    raise ValueError(
-        f"--load {checkpoint_path}: its optimizer state was saved {had} --use-distributed-optimizer "
-        f"but this run is {has} it; the two layouts differ. Resume {had} --use-distributed-optimizer, "
-        "or pass --no-load-optim to load the weights and start a fresh optimizer and LR schedule"
-    )
+        return None
+    return "to_regular" if saved else "to_distributed"

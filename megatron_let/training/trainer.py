@@ -166,11 +166,18 @@ class Trainer:
         # schedules only switch the teacher off (objectives/base.py), so step 0 decides
         self.needs_teacher_ever = needs.teacher
         if not self.needs_teacher_ever:
+            if cfg.teacher.compile:
+                raise ValueError(f"--teacher-compile: --objective {cfg.objective} runs no teacher")
             return
         if not cfg.teacher.path:
             raise ValueError(f"--objective {cfg.objective} needs --teacher-path")
         from megatron_let.teacher.hf_teacher import check_vocab_compatible, inspect_teacher
 
+        if cfg.teacher.compile:  # before any compute: the compiler torch.compile needs here
+            from megatron_let.runtime.device import resolve_device
+            from megatron_let.teacher.compile import check_compile_available
+
+            check_compile_available(resolve_device(cfg.device))
         layer = needs.teacher_hidden_layer if needs.teacher_hidden_layer is not None else -1
         self.teacher_info = inspect_teacher(cfg.teacher.path, layer=layer,
                                             trust_remote_code=cfg.teacher.trust_remote_code,
@@ -396,10 +403,12 @@ class Trainer:
             self.teacher = HFTeacher.load(
                 TeacherConfig(path=self.cfg.teacher.path, layer=layer,
                               trust_remote_code=self.cfg.teacher.trust_remote_code,
-                              bos=self.cfg.teacher.bos),
+                              bos=self.cfg.teacher.bos, compile=self.cfg.teacher.compile),
                 self.device,
             )
-            self._log(f"teacher loaded on rank {self.rank}: {self.cfg.teacher.path}", all_ranks=True)
+            self._log(f"teacher loaded on rank {self.rank}: {self.cfg.teacher.path}"
+                      + (" (blocks under torch.compile)" if self.cfg.teacher.compile else ""),
+                      all_ranks=True)
         if needs.student_layer is not None and self.capture is None and here:
             self._install_capture(needs.student_layer)
         if not needs.teacher and self.teacher is not None:
