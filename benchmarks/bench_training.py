@@ -26,6 +26,10 @@ TP=1, at TP=N with the teacher's micro-batches shared out among the TP ranks (th
 TP=N with ``--no-teacher-tp-split``: the split should take about 1/N of the TP=1 teacher time.
 
     python benchmarks/bench_training.py --tensor-model-parallel-size 2 --objectives let
+
+``--compare-teacher-overlap`` runs the first teacher objective once more with
+``--no-teacher-overlap`` and reports its step time and teacher share with the overlap (the
+default on CUDA) and without (on CPU the flag is a no-op: both rows measure the same thing).
 """
 
 import argparse
@@ -142,6 +146,8 @@ def main():
                         "time per rank with TP=1 (module doc)")
     p.add_argument("--num-microbatches", type=int, default=None,
                    help="micro-batches per step (default: 1, or 2 x TP with TP > 1)")
+    p.add_argument("--compare-teacher-overlap", action="store_true",
+                   help="also run the first teacher objective with --no-teacher-overlap (module doc)")
     a = p.parse_args()
     tp = a.tensor_model_parallel_size
     if tp < 1:
@@ -202,6 +208,11 @@ def main():
                 teacher_runs[label] = run(first, a, teacher, os.path.join(tmp, f"{first}-{t}-{len(more)}.jsonl"),
                                           runs[first] + more, tp=t)
                 print(f"  measured {first} at {label}", flush=True)
+        overlap_off = None
+        if a.compare_teacher_overlap and first is not None:
+            overlap_off = run(first, a, teacher, os.path.join(tmp, f"{first}-no-overlap.jsonl"),
+                              runs[first] + ["--no-teacher-overlap"], tp=tp)
+            print(f"  measured {first} with --no-teacher-overlap", flush=True)
 
     def median_time(rows, lo, hi):
         return statistics.median(r["step time"] for r in rows if lo < r["iteration"] <= hi)
@@ -234,6 +245,15 @@ def main():
             print(f"  {label:16s} {t:8.4f} s  ({t / ref:.2f}x TP=1; {n:.0f} teacher micro-batches on the busiest rank)")
             teacher_figures[label] = {"teacher_s_per_step": t, "vs_tp1": t / ref,
                                       "teacher_microbatches_busiest_rank": n}
+    overlap_figures = {}
+    if overlap_off is not None:
+        hi = a.iters if first == "rkd" else stop
+        print(f"\n{first} with and without --teacher-overlap (teacher-active steps):")
+        for label, rows in (("overlap on", results[first]), ("overlap off", overlap_off)):
+            t = median_time(rows, a.warmup, hi)
+            share = statistics.median(r["teacher time share"] for r in rows if a.warmup < r["iteration"] <= hi)
+            print(f"  {label:12s} step {t:8.4f} s  teacher share {100 * share:5.1f}%")
+            overlap_figures[label] = {"step_s": t, "teacher_share": share}
     if a.json:
         settings = {k: getattr(a, k) for k in ("preset", "vocab_size", "seq_length", "micro_batch_size",
                                                "iters", "warmup", "device", "bf16")}
@@ -241,7 +261,8 @@ def main():
                         tensor_model_parallel_size=tp, num_microbatches=a.num_microbatches)
         with open(a.json, "w") as f:
             json.dump({"settings": settings, "objectives": figures,
-                       "teacher_time_per_rank": teacher_figures}, f, indent=1)
+                       "teacher_time_per_rank": teacher_figures,
+                       "teacher_overlap": overlap_figures}, f, indent=1)
 
 
 if __name__ == "__main__":
