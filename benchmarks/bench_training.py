@@ -17,6 +17,19 @@ Without --teacher-path a random Llama teacher ~10x smaller than the student is g
 paper's ratio), sharing the student's vocabulary; ``--teacher-like smollm2-135m`` generates one with
 SmolLM2-135M's architecture instead (random weights, nothing downloaded; needs --vocab-size 49152).
 ``--json FILE`` writes every figure for reports (scripts/gpu_check.sh).
+
+``--tensor-model-parallel-size N`` (N > 1) runs every objective at TP=N under torchrun (N processes
+on this machine, ``OMP_NUM_THREADS`` = cores / N each, also for the TP=1 reference) with
+``--num-microbatches`` (default 2N) micro-batches per step, and measures the teacher's time per
+rank and step (teacher time share × step time, the busiest rank) of the first teacher objective at
+TP=1, at TP=N with the teacher's micro-batches shared out among the TP ranks (the default) and at
+TP=N with ``--no-teacher-tp-split``: the split should take about 1/N of the TP=1 teacher time.
+
+    python benchmarks/bench_training.py --tensor-model-parallel-size 2 --objectives let
+
+``--compare-teacher-overlap`` runs the first teacher objective once more with
+``--no-teacher-overlap`` and reports its step time and teacher share with the overlap (the
+default on CUDA) and without (on CPU the flag is a no-op: both rows measure the same thing).
 """
 
 import argparse
@@ -69,8 +82,11 @@ def make_teacher(path, vocab, student_params):
     return hidden, layers
 
 
-def run(objective, args, teacher, metrics, extra):
-    cmd = [sys.executable, os.path.join(ROOT, "pretrain_let.py"), "--objective", objective,
+def run(objective, args, teacher, metrics, extra, tp=1):
+    launcher = [sys.executable] if tp == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(tp),
+        "--master_addr", "127.0.0.1", "--master_port", str(_free_port())]
+    cmd = launcher + [os.path.join(ROOT, "pretrain_let.py"), "--objective", objective,
            "--mock-data", "--vocab-size", str(args.vocab_size), "--seq-length", str(args.seq_length),
            "--micro-batch-size", str(args.micro_batch_size), "--train-iters", str(args.iters),
            "--device", args.device, "--log-interval", str(args.iters), "--metrics-jsonl", metrics,
@@ -82,12 +98,31 @@ def run(objective, args, teacher, metrics, extra):
         cmd.append("--bf16")
     if objective != "baseline":
         cmd += ["--teacher-path", teacher]
+    if args.num_microbatches:
+        cmd += ["--global-batch-size", str(args.num_microbatches * args.micro_batch_size)]
+    if tp > 1:
+        cmd += ["--tensor-model-parallel-size", str(tp)]
     cmd += extra
     env = dict(os.environ, PYTHONWARNINGS="ignore")
-    env.setdefault("OMP_NUM_THREADS", str(os.cpu_count() or 1))
+    # the same threads per process at every TP of one benchmark: teacher times compare work per rank
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.tensor_model_parallel_size)))
     subprocess.run(cmd, check=True, env=env, stdout=subprocess.DEVNULL)
     rows = [json.loads(line) for line in open(metrics)]
     return [r for r in rows if r["split"] == "train"]
+
+
+def _free_port():
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def teacher_seconds(rows, lo, hi):
+    """Median teacher time per step on the busiest rank (the step line's share × step time)."""
+    return statistics.median(r["teacher time share"] * r["step time"] for r in rows
+                             if lo < r["iteration"] <= hi)
 
 
 def main():
@@ -106,7 +141,21 @@ def main():
     p.add_argument("--objectives", default="baseline,let,rkd,salt",
                    help="comma-separated objectives to measure (baseline is always measured)")
     p.add_argument("--json", help="write the figures to this JSON file")
+    p.add_argument("--tensor-model-parallel-size", type=int, default=1,
+                   help="run the objectives at this TP under torchrun and compare the teacher's "
+                        "time per rank with TP=1 (module doc)")
+    p.add_argument("--num-microbatches", type=int, default=None,
+                   help="micro-batches per step (default: 1, or 2 x TP with TP > 1)")
+    p.add_argument("--compare-teacher-overlap", action="store_true",
+                   help="also run the first teacher objective with --no-teacher-overlap (module doc)")
     a = p.parse_args()
+    tp = a.tensor_model_parallel_size
+    if tp < 1:
+        p.error(f"--tensor-model-parallel-size must be >= 1, got {tp}")
+    if a.num_microbatches is None and tp > 1:
+        a.num_microbatches = 2 * tp
+    if a.num_microbatches is not None and a.num_microbatches < 1:
+        p.error(f"--num-microbatches must be >= 1, got {a.num_microbatches}")
     objectives = ["baseline"] + [o for o in a.objectives.split(",") if o and o != "baseline"]
     unknown = sorted(set(objectives) - {"baseline", "let", "rkd", "salt"})
     if unknown:
@@ -146,9 +195,24 @@ def main():
         runs = {name: runs[name] for name in objectives}
         results = {}
         for name, extra in runs.items():
-            rows = run(name, a, teacher, os.path.join(tmp, f"{name}.jsonl"), extra)
+            rows = run(name, a, teacher, os.path.join(tmp, f"{name}.jsonl"), extra, tp=tp)
             results[name] = rows
-            print(f"  measured {name}: {len(rows)} iterations", flush=True)
+            print(f"  measured {name}{f' at TP={tp}' if tp > 1 else ''}: {len(rows)} iterations",
+                  flush=True)
+        teacher_runs = {}
+        first = next((o for o in objectives if o != "baseline"), None)
+        if tp > 1 and first is not None:
+            # the first teacher objective's teacher time per rank: TP=1, TP=N split, TP=N replicated
+            teacher_runs[f"TP={tp} split"] = results[first]
+            for label, t, more in (("TP=1", 1, []), (f"TP={tp} replicated", tp, ["--no-teacher-tp-split"])):
+                teacher_runs[label] = run(first, a, teacher, os.path.join(tmp, f"{first}-{t}-{len(more)}.jsonl"),
+                                          runs[first] + more, tp=t)
+                print(f"  measured {first} at {label}", flush=True)
+        overlap_off = None
+        if a.compare_teacher_overlap and first is not None:
+            overlap_off = run(first, a, teacher, os.path.join(tmp, f"{first}-no-overlap.jsonl"),
+                              runs[first] + ["--no-teacher-overlap"], tp=tp)
+            print(f"  measured {first} with --no-teacher-overlap", flush=True)
 
     def median_time(rows, lo, hi):
         return statistics.median(r["step time"] for r in rows if lo < r["iteration"] <= hi)
@@ -168,13 +232,37 @@ def main():
                          "peak_memory_MB": mem, "peak_memory_vs_baseline": mem / base_mem,
                          "step_s_after_stop": None if after != after else after}
     memory_kind = "max_memory_allocated" if a.device == "cuda" else "process max RSS (includes the teacher and Python)"
-    print(f"\nbaseline median step: {base:.4f}s; device {a.device}; peak memory is {memory_kind}")
+    print(f"\nbaseline median step: {base:.4f}s; device {a.device}; peak memory is {memory_kind}"
+          + (f"; TP={tp}, {a.num_microbatches} micro-batches per step" if tp > 1 else ""))
+    teacher_figures = {}
+    if teacher_runs:
+        hi = a.iters if first == "rkd" else stop
+        ref = teacher_seconds(teacher_runs["TP=1"], a.warmup, hi)
+        print(f"\n{first} teacher time per rank and step (busiest rank), {a.num_microbatches} micro-batches:")
+        for label in ("TP=1", f"TP={tp} split", f"TP={tp} replicated"):
+            t = teacher_seconds(teacher_runs[label], a.warmup, hi)
+            n = max(r.get("teacher micro-batches", float("nan")) for r in teacher_runs[label])
+            print(f"  {label:16s} {t:8.4f} s  ({t / ref:.2f}x TP=1; {n:.0f} teacher micro-batches on the busiest rank)")
+            teacher_figures[label] = {"teacher_s_per_step": t, "vs_tp1": t / ref,
+                                      "teacher_microbatches_busiest_rank": n}
+    overlap_figures = {}
+    if overlap_off is not None:
+        hi = a.iters if first == "rkd" else stop
+        print(f"\n{first} with and without --teacher-overlap (teacher-active steps):")
+        for label, rows in (("overlap on", results[first]), ("overlap off", overlap_off)):
+            t = median_time(rows, a.warmup, hi)
+            share = statistics.median(r["teacher time share"] for r in rows if a.warmup < r["iteration"] <= hi)
+            print(f"  {label:12s} step {t:8.4f} s  teacher share {100 * share:5.1f}%")
+            overlap_figures[label] = {"step_s": t, "teacher_share": share}
     if a.json:
         settings = {k: getattr(a, k) for k in ("preset", "vocab_size", "seq_length", "micro_batch_size",
                                                "iters", "warmup", "device", "bf16")}
-        settings.update(teacher=teacher_desc, let_stop_step=stop, memory=memory_kind)
+        settings.update(teacher=teacher_desc, let_stop_step=stop, memory=memory_kind,
+                        tensor_model_parallel_size=tp, num_microbatches=a.num_microbatches)
         with open(a.json, "w") as f:
-            json.dump({"settings": settings, "objectives": figures}, f, indent=1)
+            json.dump({"settings": settings, "objectives": figures,
+                       "teacher_time_per_rank": teacher_figures,
+                       "teacher_overlap": overlap_figures}, f, indent=1)
 
 
 if __name__ == "__main__":

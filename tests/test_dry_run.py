@@ -137,7 +137,8 @@ def test_plan_llama_1b_let_pp4(monkeypatch, smollm2_135m):
     tokens = 16 * 1280
     assert m0.in_flight_microbatches == 4  # 1F1B: PP - stage
     assert m0.activations == pytest.approx(tokens * (6 * 2048 + 2 * 2048 + 3 * 5461) * 2 * 6 * 4)
-    assert m0.teacher == pytest.approx(2 * 134_515_008 + tokens * 576 * 2)
+    # the GPU overlap (default on with CUDA) prefetches the step: all 8 micro-batches' targets
+    assert m0.teacher == pytest.approx(2 * 134_515_008 + 8 * tokens * 576 * 2)
     assert m0.logits == 0
     m3 = plan.memory[3]
     assert m3.in_flight_microbatches == 1 and m3.teacher == 0
@@ -156,7 +157,7 @@ def test_plan_llama_1b_let_pp4(monkeypatch, smollm2_135m):
 
 
 def test_plan_llama_7b_rkd_teacher_on_last_stage(monkeypatch, smollm2_17b):
-    from megatron_let.training.dry_run import plan_run
+    from megatron_let.training.dry_run import format_plan, plan_run
 
     monkeypatch.setenv("WORLD_SIZE", "64")
     cfg = _cfg(PAPER_7B + ["--tensor-model-parallel-size", "2", "--pipeline-model-parallel-size",
@@ -170,12 +171,38 @@ def test_plan_llama_7b_rkd_teacher_on_last_stage(monkeypatch, smollm2_17b):
     ranks = [r.rank for r in plan.layout.placements(use.stages) if r.teacher]
     assert ranks == list(range(48, 64))  # pp_rank 3 = ranks TP*DP*3 .. 63
     tokens = 4 * 1280
-    assert plan.memory[3].logits == pytest.approx(tokens * 49152 / 2 * 6 + tokens * 49152 * 2)
-    assert plan.memory[3].teacher == pytest.approx(2 * 1_711_376_384)
+    # the teacher's logits: this rank's vocabulary slice only
+    assert plan.memory[3].logits == pytest.approx(tokens * 49152 / 2 * 6 + tokens * 49152 / 2 * 2)
+    # TP split: the final hidden states (full sequence, width 2048) of the step's 64 micro-batches
+    assert plan.num_microbatches == 64
+    assert plan.memory[3].teacher == pytest.approx(2 * 1_711_376_384 + 64 * tokens * 2048 * 2)
     blocks = 1_711_376_384 - 49152 * 2048
     teacher = 2 * (blocks + 49152 * 2048) + 4 * 24 * 1280 * 2048  # + LM head (tied, still a matmul)
     assert plan.flops.teacher_per_step == pytest.approx(teacher * 2048 * 1280)
     assert plan.flops.overhead_run == pytest.approx(plan.flops.overhead_active)
+    # each TP rank runs the teacher on 32 of the 64 micro-batches: PP x the job's share
+    assert plan.flops.overhead_on_teacher_ranks == pytest.approx(plan.flops.overhead_active * 4)
+    text = format_plan(plan)
+    assert "each runs 32 of the step's 64 (--teacher-tp-split)" in text
+    assert f"final hidden states held per step on a teacher rank: {64 * tokens * 2048 * 2 / 2**20:.1f} MiB" in text
+
+
+def test_plan_teacher_states_without_split_or_overlap(monkeypatch, smollm2_135m):
+    """LET at TP=2 + SP: the split's all-to-all keeps s/TP positions of each of the step's
+    micro-batches; --no-teacher-tp-split --no-teacher-overlap holds one micro-batch, as before."""
+    from megatron_let.training.dry_run import plan_run
+
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    base = PAPER_1B + ["--ffn-hidden-size", "5632", "--tensor-model-parallel-size", "2",
+                       "--sequence-parallel", "--teacher-path", smollm2_135m]
+    split = plan_run(_cfg(base + ["--no-teacher-overlap"]))
+    m, tokens = split.num_microbatches, 16 * 1280
+    assert m == 4
+    assert split.memory[0].teacher == pytest.approx(2 * 134_515_008 + m * tokens / 2 * 576 * 2)
+    assert split.flops.overhead_on_teacher_ranks == pytest.approx(split.flops.overhead_active)
+    inline = plan_run(_cfg(base + ["--no-teacher-tp-split", "--no-teacher-overlap"]))
+    assert inline.memory[0].teacher == pytest.approx(2 * 134_515_008 + tokens * 576 * 2)
+    assert inline.flops.overhead_on_teacher_ranks == pytest.approx(inline.flops.overhead_active * 2)
 
 
 @pytest.mark.parametrize("extra,expected", [

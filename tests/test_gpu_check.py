@@ -48,6 +48,8 @@ def test_dry_run_runs_every_step_and_reports_its_figures(dry_run):
     training = steps["bench_training"]["figures"]
     assert set(training["objectives"]) == {"baseline", "let"}
     assert training["objectives"]["let"]["step_s_active"] > 0 and training["objectives"]["let"]["step_s_after_stop"] > 0
+    assert set(training["teacher_overlap"]) == {"overlap on", "overlap off"}
+    assert all(r["step_s"] > 0 and 0 < r["teacher_share"] < 1 for r in training["teacher_overlap"].values())
 
     compiled = steps["bench_teacher_compile"]["figures"]
     assert compiled["eager_ms"] > 0 and compiled["compiled_ms"] > 0
@@ -57,7 +59,7 @@ def test_dry_run_runs_every_step_and_reports_its_figures(dry_run):
     for heading in ("## Environment", "## Steps", "## pytest -m gpu", "## bench_cosine_align fp32", "## bench_training",
                     "## bench_teacher_compile"):
         assert heading in md
-    assert "max_rel_err_grad_h_m=" in md and "| let |" in md
+    assert "max_rel_err_grad_h_m=" in md and "| let |" in md and "| overlap off |" in md
 
 
 def test_bad_invocations_are_clear_errors(tmp_path):

@@ -87,6 +87,7 @@ def plan(out: str, dry: bool) -> List[Step]:
         size = ["--device", "cuda", "--bf16", "--preset", "llama-1b", "--seq-length", "1280",
                 "--micro-batch-size", "4", "--vocab-size", "49152", "--teacher-like", "smollm2-135m",
                 "--iters", "12", "--warmup", "3"]
+    size.append("--compare-teacher-overlap")  # --teacher-overlap on/off (a no-op in the dry run)
     steps.append(Step("bench_training", [py, os.path.join(bench, "bench_training.py"), *size, "--json", js],
                       cap_s=DRY_RUN_CAP_S if dry else 300, json_out=js))
     # --teacher-compile: teacher forward eager vs compiled (the dry run uses aot_eager: no C++ build)
@@ -237,6 +238,10 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {name} | {r['step_s_active']:.4f} | {r['throughput_vs_baseline']:.3f} | "
                              f"{r['peak_memory_MB']:.0f} | {r['peak_memory_vs_baseline']:.3f} | "
                              f"{_fmt(r['step_s_after_stop'])} |")
+            if fig.get("teacher_overlap"):
+                lines += ["", "| teacher overlap | step s | teacher share |", "|---|---|---|"]
+                for label, r in fig["teacher_overlap"].items():
+                    lines.append(f"| {label} | {r['step_s']:.4f} | {100 * r['teacher_share']:.1f}% |")
         elif s["name"] == "bench_teacher_compile" and "eager_ms" in fig:
             lines += ["", "## bench_teacher_compile", "", "settings: " + ", ".join(
                 f"{k}={v}" for k, v in fig["settings"].items()), "",

@@ -612,6 +612,11 @@ class HFTeacher:
         return self._hidden_size
 
     @property
+    def final_hidden_size(self) -> int:
+        """Width of the final hidden state (what the LM head reads, :meth:`final_hidden_states`)."""
+        return _hidden_size(self.model.config, final=True)
+
+    @property
     def num_layers(self) -> int:
         return self._num_layers
 
@@ -764,6 +769,31 @@ class HFTeacher:
                 return self._head_logits(hidden, start, stop)
             out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return out.logits[:, self._prefix:, start:stop].contiguous()
+
+    def final_hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The final hidden state ``[batch, seq, final_hidden_size]`` the LM head reads (BOS
+        position dropped), under no_grad: :meth:`head_logits` turns it into a vocabulary slice,
+        so TP ranks can exchange it instead of logits (teacher/step_prefetch.py)."""
+        input_ids, _ = self._check_inputs(input_ids, None)
+        input_ids, _ = self._with_bos(input_ids, None)
+        with torch.no_grad():
+            return self._final_hidden(input_ids, None)[:, self._prefix:]
+
+    def head_logits(self, final_hidden: torch.Tensor,
+                    vocab_range: Optional[tuple[int, int]] = None) -> torch.Tensor:
+        """Columns ``vocab_range`` of the logits for a :meth:`final_hidden_states` output: the
+        same values :meth:`logits` returns (when :meth:`sliced_head_ok`)."""
+        start, stop = self._check_vocab_range(vocab_range)
+        if start == stop:
+            return final_hidden.new_empty((*final_hidden.shape[:2], 0))
+        with torch.no_grad():
+            return self._head_logits(final_hidden, start, stop)
+
+    def sliced_head_ok(self, input_ids: torch.Tensor) -> bool:
+        """Whether :meth:`head_logits` reproduces this family's logits (checked once)."""
+        input_ids, _ = self._check_inputs(input_ids, None)
+        input_ids, _ = self._with_bos(input_ids, None)
+        return self._sliced_head_ok(input_ids)
 
     def _check_vocab_range(self, vocab_range: Optional[tuple[int, int]]) -> tuple[int, int]:
         if vocab_range is None:

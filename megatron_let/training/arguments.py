@@ -95,6 +95,8 @@ class TeacherArgs:
     tokenizer_mismatch: bool = False
     bos: bool = True  # prepend the teacher tokenizer's BOS when it adds one (--no-teacher-bos)
     compile: bool = False  # the teacher's blocks under torch.compile (--teacher-compile)
+    tp_split: Optional[bool] = None  # --[no-]teacher-tp-split; None: on when TP > 1
+    overlap: Optional[bool] = None  # --[no-]teacher-overlap; None: on with CUDA (no-op on CPU)
 
 
 @dataclass
@@ -248,6 +250,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="do not prepend the teacher tokenizer's BOS token to the teacher's input")
     g.add_argument("--teacher-compile", action="store_true",
                    help="run the frozen teacher's transformer blocks under torch.compile")
+    g.add_argument("--teacher-tp-split", action=argparse.BooleanOptionalAction, default=None,
+                   help="share the step's teacher micro-batches out among the TP ranks and "
+                        "exchange the results (default: on when TP > 1)")
+    g.add_argument("--teacher-overlap", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the step's teacher forwards on a side CUDA stream, overlapped with "
+                        "the student (default: on with CUDA; no-op on CPU)")
     g.add_argument("--let-tokenizer-mismatch", action="store_true",
                    help="teacher and student tokenizers differ: align by character offsets (LET†)")
     for cls in objectives.values():
@@ -405,7 +413,8 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
             a.eval_downstream_tasks.split(",") if a.eval_downstream_tasks else None,
             wandb=wandb_config_from_args(a.wandb_project, a.wandb_exp_name, a.wandb_save_dir, a.save)),
         teacher=TeacherArgs(a.teacher_path, a.teacher_trust_remote_code, a.let_tokenizer_mismatch,
-                            not a.no_teacher_bos, compile=a.teacher_compile),
+                            not a.no_teacher_bos, compile=a.teacher_compile,
+                            tp_split=a.teacher_tp_split, overlap=a.teacher_overlap),
         objective=a.objective, objective_config=objective_config, device=a.device, bf16=a.bf16,
         seed=a.seed, dry_run=a.dry_run, exit_interval=a.exit_interval,
         check_for_nan_in_loss_and_grad=a.check_for_nan_in_loss_and_grad, raw=a, perf=perf,

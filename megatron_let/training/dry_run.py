@@ -303,7 +303,11 @@ def estimate_memory(cfg: RunConfig, model: LlamaConfig, layout: ParallelLayout,
       flash-attention estimate already counts as free;
     * logits (last stage, one micro-batch): s·b·V_pad/TP·(act bytes + 4), the logits and the fp32
       softmax that vocab-parallel cross entropy keeps; KD adds the teacher's logits s·b·V_T·2;
-    * teacher: 2·N_T bytes (bf16) on the stages that hold it, plus its LET target s·b·d_T·2.
+    * teacher: 2·N_T bytes (bf16) on the stages that hold it, plus its LET target s·b·d_T·2; when
+      the step's teacher work is prefetched (the TP split or the GPU overlap,
+      :func:`teacher_step_prefetch`), the states of all m micro-batches instead:
+      m·b·s·d_T·2 (s/TP for LET under sequence parallelism with the split; KD holds the final
+      hidden state, full sequence, and one micro-batch's V/TP logits slice).
     """
     tp, pp, dp = layout.tp, layout.pp, layout.dp
     bf16 = cfg.bf16
@@ -339,12 +343,12 @@ def estimate_memory(cfg: RunConfig, model: LlamaConfig, layout: ParallelLayout,
         if p == pp - 1:
             logits = s * b * model.padded_vocab_size(tp) / tp * (act + 4)
             if use is not None and use.lm_head and teacher is not None:
-                logits += s * b * teacher.vocab_size * 2
+                # the vocabulary-sliced teacher logits: this rank's columns only
+                logits += s * b * min(teacher.vocab_size, model.padded_vocab_size(tp) // tp) * 2
         teacher_bytes = 0.0
         if use is not None and teacher is not None and p in use.stages:
-            teacher_bytes = 2.0 * teacher.num_parameters
-            if not use.lm_head:
-                teacher_bytes += s * b * teacher.output_width * 2
+            teacher_bytes = 2.0 * teacher.num_parameters + teacher_state_memory(
+                cfg, model, layout, num_microbatches, teacher, use)
         stages.append(StageMemory(
             pp_rank=p, parameters=params, weights=params * (2 if bf16 else 4),
             gradients=params * 4.0, optimizer=params * opt_per_param,
@@ -352,6 +356,31 @@ def estimate_memory(cfg: RunConfig, model: LlamaConfig, layout: ParallelLayout,
             teacher=teacher_bytes, in_flight_microbatches=in_flight,
         ))
     return stages
+
+
+def teacher_step_prefetch(cfg: RunConfig, layout: ParallelLayout) -> Tuple[bool, bool]:
+    """``(split, overlap)``: whether each TP rank runs the teacher on only its share of the step's
+    micro-batches, and whether its forwards are overlapped on a side CUDA stream (the dry run plans
+    a GPU run unless ``--device cpu``). Either prefetches the step (teacher/step_prefetch.py)."""
+    t = cfg.teacher
+    split = layout.tp > 1 and t.tp_split is not False
+    overlap = t.overlap is not False and cfg.device != "cpu"
+    return split, overlap
+
+
+def teacher_state_memory(cfg: RunConfig, model: LlamaConfig, layout: ParallelLayout,
+                         num_microbatches: int, teacher: TeacherSummary, use: TeacherUse) -> float:
+    """Bytes of teacher outputs held on one teacher rank during a step (bf16)."""
+    from megatron_let.teacher.step_prefetch import teacher_state_bytes
+
+    b, s = cfg.batch.micro_batch_size, model.seq_length
+    split, overlap = teacher_step_prefetch(cfg, layout)
+    width = teacher.hidden_size if use.lm_head else teacher.output_width
+    if not (split or overlap):
+        return 0.0 if use.lm_head else float(s * b * width * 2)  # one micro-batch, inline
+    return float(teacher_state_bytes(num_microbatches, b, s, width, 2, layout.tp,
+                                     cfg.parallel.sequence_parallel and split,
+                                     shard_sequence=not use.lm_head))
 
 
 @dataclass
@@ -364,6 +393,7 @@ class FlopEstimate:
     train_iters: int
     tp: int
     pp: int
+    teacher_tp_split: bool = False  # the TP ranks share the teacher's micro-batches
 
     @property
     def overhead_active(self) -> float:
@@ -379,9 +409,10 @@ class FlopEstimate:
 
     @property
     def overhead_on_teacher_ranks(self) -> float:
-        """Ratio on the GPUs that run it: the teacher is replicated over TP and runs on one
-        pipeline stage, so each such GPU does TP·PP times its share of the job's teacher work."""
-        return self.overhead_active * self.tp * self.pp
+        """Ratio on the GPUs that run it: the teacher runs on one pipeline stage, replicated over
+        TP unless the TP ranks share its micro-batches, so each such GPU does PP (or TP·PP) times
+        its share of the job's teacher work."""
+        return self.overhead_active * (1 if self.teacher_tp_split else self.tp) * self.pp
 
 
 def student_flops_per_token(model: LlamaConfig, tp: int) -> float:
@@ -401,14 +432,15 @@ def teacher_flops_per_token(teacher: TeacherSummary, use: TeacherUse, seq_length
 
 def estimate_flops(model: LlamaConfig, tokens_per_step: int, train_iters: int,
                    layout: ParallelLayout, teacher: Optional[TeacherSummary],
-                   use: Optional[TeacherUse]) -> FlopEstimate:
+                   use: Optional[TeacherUse], teacher_tp_split: bool = False) -> FlopEstimate:
     student = student_flops_per_token(model, layout.tp) * tokens_per_step
     t = 0.0
     active = 0
     if teacher is not None and use is not None:
         t = teacher_flops_per_token(teacher, use, model.seq_length) * tokens_per_step
         active = use.active_steps
-    return FlopEstimate(student, t, active, train_iters, layout.tp, layout.pp)
+    return FlopEstimate(student, t, active, train_iters, layout.tp, layout.pp,
+                        teacher_tp_split=teacher_tp_split and layout.tp > 1)
 
 
 def teacher_active_steps(objective, train_iters: int) -> int:
@@ -537,7 +569,7 @@ def plan_run(cfg: RunConfig, world_size: Optional[int] = None) -> DryRunPlan:
         use = objective_teacher_use(objective, layout, teacher, cfg.batch.train_iters)
     memory = estimate_memory(cfg, model, layout, num_microbatches, teacher, use)
     flops = estimate_flops(model, gbs * model.seq_length, cfg.batch.train_iters, layout, teacher,
-                           use)
+                           use, teacher_tp_split=teacher_step_prefetch(cfg, layout)[0])
     return DryRunPlan(cfg, model, layout, num_microbatches, gbs, objective, teacher, use, memory,
                       flops, data, _gpus_per_node(), pre)
 
@@ -620,6 +652,19 @@ def format_plan(plan: DryRunPlan) -> str:
     if use is not None:
         where = ", ".join(f"stage {s}" for s in sorted(use.stages))
         out.append(f"  teacher loaded on every rank of {where} (replicated over TP and DP)")
+        split, overlap = teacher_step_prefetch(cfg, layout)
+        m = plan.num_microbatches
+        if split:
+            out.append(f"  teacher micro-batches shared out among the TP ranks: each runs "
+                       f"{-(-m // layout.tp)} of the step's {m} (--teacher-tp-split)")
+        if overlap:
+            out.append("  teacher forwards overlapped with the student on a side CUDA stream "
+                       "(--teacher-overlap)")
+        if plan.teacher is not None and use.stages:
+            held = teacher_state_memory(cfg, model, layout, m, plan.teacher, use)
+            what = "final hidden states" if use.lm_head else "hidden states"
+            out.append(f"  teacher {what} held per step on a teacher rank: {held / 2**20:.1f} MiB"
+                       + (f" ({m} micro-batches prefetched)" if split or overlap else ""))
         layer_k = plan.objective.needs(0).student_layer
         if layout.vpp and layer_k is not None:
             out.append(f"  student layer {layer_k} is in model chunk {layout.chunk_of_layer(layer_k)} "

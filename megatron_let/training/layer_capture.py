@@ -98,11 +98,14 @@ class LayerCapture:
         self._fired_at_step_start = 0
         self._handle = layer.register_forward_hook(self._hook)
 
-    def set_pending(self, teacher_hidden_bsd: torch.Tensor, loss_mask_bs: torch.Tensor) -> None:
-        """Teacher states ``[b, s, d_T]`` and the loss mask ``[b, s]`` of the next micro-batch."""
+    def set_pending(self, teacher_hidden_bsd: torch.Tensor, loss_mask_bs: torch.Tensor,
+                    teacher_sharded: bool = False) -> None:
+        """Teacher states ``[b, s, d_T]`` and the loss mask ``[b, s]`` of the next micro-batch;
+        ``teacher_sharded``: the states are already this rank's sequence shard ``[b, s/TP, d_T]``
+        (the TP-split teacher's all-to-all delivers only those)."""
         teacher = teacher_hidden_bsd.transpose(0, 1)
         mask = loss_mask_bs.transpose(0, 1)
-        self._pending = (sequence_shard(teacher, self.sequence_parallel),
+        self._pending = (teacher if teacher_sharded else sequence_shard(teacher, self.sequence_parallel),
                          sequence_shard(mask, self.sequence_parallel))
 
     def clear(self) -> None:

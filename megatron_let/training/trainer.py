@@ -99,6 +99,8 @@ class Trainer:
         self.metrics = MetricAccumulator()
         self.teacher_time = 0.0
         self._teacher_events = []  # (start, end) CUDA events of this step's teacher forwards
+        self.step_teacher = None  # the teacher's work per step (teacher/step_prefetch.py)
+        self.teacher_microbatches = 0  # teacher forwards on this rank in the last step
         self._forward_only = False
         self.save_lock = None
         self.capture_chunk: Optional[int] = None  # the model chunk holding student layer k
@@ -409,17 +411,52 @@ class Trainer:
             self._log(f"teacher loaded on rank {self.rank}: {self.cfg.teacher.path}"
                       + (" (blocks under torch.compile)" if self.cfg.teacher.compile else ""),
                       all_ranks=True)
+            self.step_teacher = self._build_step_teacher()
         if needs.student_layer is not None and self.capture is None and here:
             self._install_capture(needs.student_layer)
         if not needs.teacher and self.teacher is not None:
             # Schedules only decay: once a step needs no teacher, no later step does.
             self.teacher.release()
             self.teacher = None
+            self.step_teacher = None
             if self.capture is not None:
                 self.capture.remove()
                 self.capture = None
                 self.capture_chunk = None
             self._log(f"teacher released at iteration {step}", all_ranks=False)
+
+    def _build_step_teacher(self):
+        from megatron.core import parallel_state
+        from megatron_let.teacher.step_prefetch import StepTeacher
+
+        t = self.cfg.teacher
+        tp = parallel_state.get_tensor_model_parallel_world_size()
+        split = t.tp_split if t.tp_split is not None else tp > 1
+        overlap = t.overlap if t.overlap is not None else self.device.type == "cuda"
+        return StepTeacher(self.teacher, self.aligner,
+                           tp_group=parallel_state.get_tensor_model_parallel_group(),
+                           split=split and tp > 1, sequence_parallel=self.cfg.parallel.sequence_parallel,
+                           overlap=overlap, timer=self._teacher_timer)
+
+    def _begin_teacher_step(self, data_iterator):
+        """Prefetch the step's micro-batches and run (or enqueue) this rank's share of the
+        teacher's work on them; the schedule then reads the prefetched batches."""
+        from megatron_let.teacher.step_prefetch import StepWork, prefetch_step
+
+        st = self.step_teacher
+        if st is None:
+            return data_iterator
+        needs = self.objective.needs(self.iteration)
+        work = StepWork(
+            hidden=self.capture is not None and needs.teacher_hidden_layer is not None,
+            logits=needs.teacher_logits and any(c.post_process for c in self.student_chunks),
+            vocab_range=self.objective.teacher_logits_range())
+        if not st.eager or not (work.hidden or work.logits):
+            st.begin_step(None, work)
+            return data_iterator
+        batches, data_iterator = prefetch_step(data_iterator, self.num_microbatches)
+        st.begin_step(batches, work)
+        return data_iterator
 
     def _install_capture(self, student_layer: int) -> None:
         from megatron_let.training.layer_capture import LayerCapture, find_layer_in_chunks
@@ -440,7 +477,11 @@ class Trainer:
 
     # ------------------------------------------------------------------ one step
     def _forward_step(self, data_iterator, model):
+        from megatron_let.teacher.step_prefetch import StepBatches
+
         batch = next(data_iterator)
+        # the micro-batch's index in the step when its teacher work was prefetched
+        j = data_iterator.index if isinstance(data_iterator, StepBatches) else None
         tokens = batch["tokens"].to(self.device)
         position_ids = batch["position_ids"].to(self.device)
         loss_mask = batch["loss_mask"].to(self.device)
@@ -451,16 +492,13 @@ class Trainer:
         post_process = self.student_chunks[chunk].post_process
         teacher_logits = None
         if not self._forward_only and self.teacher is not None:
-            with self._teacher_timer():
-                if holds_k and needs.teacher_hidden_layer is not None:
-                    if self.aligner is not None:  # LET†: teacher has its own tokenizer
-                        hidden = self.aligner.teacher_hidden(self.teacher, tokens)
-                    else:
-                        hidden = self.teacher.hidden_states(tokens)
-                    self.capture.set_pending(hidden, loss_mask)
-                if needs.teacher_logits and post_process:
-                    teacher_logits = self.teacher.logits(
-                        tokens, vocab_range=self.objective.teacher_logits_range())
+            # LET† (aligner: the teacher has its own tokenizer) is handled by the step teacher
+            if holds_k and needs.teacher_hidden_layer is not None:
+                hidden, sharded = self.step_teacher.hidden(j, tokens)
+                self.capture.set_pending(hidden, loss_mask, teacher_sharded=sharded)
+            if needs.teacher_logits and post_process:
+                teacher_logits = self.step_teacher.logits(
+                    j, tokens, self.objective.teacher_logits_range())
         output = model(tokens, position_ids, None)
         if holds_k:
             self.capture.clear()
@@ -483,7 +521,8 @@ class Trainer:
 
     def _step_teacher_time(self) -> float:
         if self._teacher_events:
-            self._teacher_events[-1][1].synchronize()
+            for _, end in self._teacher_events:  # on the main and (overlap) the side stream
+                end.synchronize()
             self.teacher_time += sum(s.elapsed_time(e) for s, e in self._teacher_events) / 1000.0
             self._teacher_events = []
         return self.teacher_time
@@ -520,6 +559,7 @@ class Trainer:
         forward_backward = get_forward_backward_func()
         if self.capture is not None:
             self.capture.start_step()
+        data_iterator = self._begin_teacher_step(data_iterator)
         forward_backward(
             forward_step_func=self._forward_step, data_iterator=data_iterator, model=self.model,
             num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
@@ -529,6 +569,9 @@ class Trainer:
                 is not None:
             # layer k's stage: the alignment loss entered the backward once per micro-batch
             self.capture.check_step(self.num_microbatches)
+        if self.step_teacher is not None:
+            self.teacher_microbatches = self.step_teacher.forwards
+            self.step_teacher.end_step()
         update_ok, grad_norm, _ = self.optimizer.step()
         self._grad_norm_known = grad_norm is not None  # None with --clip-grad 0: nothing to check
         if update_ok:
@@ -616,6 +659,8 @@ class Trainer:
             values["tokens per sec"] = tokens_per_step / max(step_time, 1e-9)
             values["peak memory MB"] = peak_memory_mb()
             values["teacher time share"] = self._teacher_share(step_time)  # after reduce: synced
+            if getattr(self, "needs_teacher_ever", False):
+                values.update(self._teacher_counts())
             self.writer.scalars(self.iteration, values)
             last = values
             averages.add(values, skipped=bool(step_stats["skipped"]))
@@ -686,6 +731,16 @@ class Trainer:
                          device=self._collective_device())
         torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX)
         return float(t[0] / t[1]) if t[1] > 0 else 0.0
+
+    def _teacher_counts(self) -> Dict[str, float]:
+        """Teacher forwards this step: the most on any rank (⌈m/TP⌉ with the TP split, m without)
+        and the total over all ranks (m per TP group and teacher stage with the split)."""
+        counts = torch.zeros(self.world, dtype=torch.float64, device=self._collective_device())
+        counts[self.rank] = self.teacher_microbatches
+        torch.distributed.all_reduce(counts)
+        self.teacher_microbatches = 0
+        return {"teacher micro-batches": float(counts.max()),
+                "teacher micro-batches total": float(counts.sum())}
 
     def _run_eval(self) -> None:
         ev = self.evaluate()
