@@ -1,6 +1,6 @@
 # shellcheck shell=bash
 # Sizes and hyper-parameters of examples/reproduce/run.sh (sourced). Two profiles:
-#   full   the committed results (docs/results.md): ~2.5 h on a shared 2-core CPU (timings in the page)
+#   full   the committed results (docs/results.md): ~1 h on a shared 2-core CPU (timings in the page)
 #   smoke  tiny sizes and few steps: every stage and artefact in a few minutes (tests/test_reproduce.py)
 # Any variable may be overridden from the environment (`:=` keeps a value already set).
 
