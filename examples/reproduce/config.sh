@@ -1,7 +1,7 @@
 # shellcheck shell=bash
 # Sizes and hyper-parameters of examples/reproduce/run.sh (sourced). Two profiles:
-#   full   the committed results (docs/results.md): ~45 min on a busy shared 2-core CPU (main four: ~12 min)
-#   smoke  tiny sizes and few steps: every stage and artefact in about a minute (tests/test_reproduce.py)
+#   full   the committed results (docs/results.md): ~1 h on a shared 2-core CPU (timings in the page)
+#   smoke  tiny sizes and few steps: every stage and artefact in a few minutes (tests/test_reproduce.py)
 # Any variable may be overridden from the environment (`:=` keeps a value already set).
 
 # The paper (LET, appendix B): 2048 x 1280 tokens per step, 20B tokens => ~7630 steps, S_stop = 1500,
@@ -10,7 +10,7 @@ PAPER_TOTAL_STEPS=7630
 PAPER_STOP_STEP=1500
 
 if [[ "${REPRO_PROFILE}" == "smoke" ]]; then
-    : "${CORPUS_FLAGS:=--sources shakespeare --max-train-mb 0.4 --max-heldout-docs 2 --heldout-every 10}"
+    : "${CORPUS_FLAGS:=--sources shakespeare --max-train-mb 0.6 --max-heldout-docs 2 --heldout-every 10}"
     : "${MIN_CORPUS_MB:=0}"
     : "${VOCAB_SIZE:=600}" "${TOKENIZER_SENTENCES:=20000}"
     # teacher: 1 layer x 32; student: 4 layers x 64 (k = 3 exists; 8x the teacher's non-embedding params)
@@ -19,8 +19,9 @@ if [[ "${REPRO_PROFILE}" == "smoke" ]]; then
     : "${SEQ:=32}" "${MBS:=2}" "${TEACHER_MBS:=2}"
     : "${TEACHER_ITERS:=6}" "${TRAIN_ITERS:=8}" "${EVAL_INTERVAL:=2}" "${EVAL_ITERS:=1}" "${LOG_INTERVAL:=1}"
     : "${STUDENT_MID_LAYER:=2}" "${STUDENT_LAST_LAYER:=4}" "${TEACHER_MID_LAYER:=1}"
-    : "${ABLATION_LAMBDAS:=0.01 1}"
-    : "${ABLATION_PAIRS:=L2L M2E}"
+    : "${SEEDS:=1234 2345}"
+    : "${GRID_LAMBDAS:=1}" "${GRID_STOP_PERCENTS:=20 40}" "${BEST_SETTINGS:=1}"
+    : "${LAYER_PAIRS:=M2E}"
 elif [[ "${REPRO_PROFILE}" == "full" ]]; then
     : "${CORPUS_FLAGS:=}"
     : "${MIN_CORPUS_MB:=20}"
@@ -30,17 +31,21 @@ elif [[ "${REPRO_PROFILE}" == "full" ]]; then
     : "${TEACHER_MODEL:=--num-layers 3 --hidden-size 64 --ffn-hidden-size 176 --num-attention-heads 4}"
     : "${STUDENT_MODEL:=--num-layers 6 --hidden-size 128 --ffn-hidden-size 352 --num-attention-heads 4}"
     : "${SEQ:=128}" "${MBS:=8}" "${TEACHER_MBS:=16}"
-    # the teacher sees ~5x the tokens of one student run: it stands for a "late" (well-trained) model
-    : "${TEACHER_ITERS:=1000}" "${TRAIN_ITERS:=400}" "${EVAL_INTERVAL:=20}" "${EVAL_ITERS:=8}" "${LOG_INTERVAL:=10}"
+    # the teacher sees ~6x the tokens of one student run: it stands for a "late" (well-trained) model
+    : "${TEACHER_ITERS:=600}" "${TRAIN_ITERS:=200}" "${EVAL_INTERVAL:=10}" "${EVAL_ITERS:=4}" "${LOG_INTERVAL:=10}"
     : "${STUDENT_MID_LAYER:=4}" "${STUDENT_LAST_LAYER:=6}" "${TEACHER_MID_LAYER:=2}"
-    : "${ABLATION_LAMBDAS:=0.01 0.3 1 3}"
-    : "${ABLATION_PAIRS:=L2M L2L M2E}"
+    : "${SEEDS:=1234 2345 3456}"
+    : "${GRID_LAMBDAS:=0.1 1 3 10}" "${GRID_STOP_PERCENTS:=10 20 40}" "${BEST_SETTINGS:=2}"
+    : "${LAYER_PAIRS:=L2M L2L M2E}"
 else
     echo "examples/reproduce/config.sh: REPRO_PROFILE must be full or smoke, got '${REPRO_PROFILE}'" >&2
     return 2
 fi
 
-: "${LR:=2e-3}" "${MIN_LR:=2e-4}" "${TEACHER_LR:=3e-3}" "${SEED:=1234}" "${TEACHER_SEED:=4321}"
+# corpus mixes the students train on (examples/reproduce/make_mixes.py): all = every source,
+# pyshake = Python docs + Shakespeare only
+: "${MIXES:=all pyshake}"
+: "${LR:=2e-3}" "${MIN_LR:=2e-4}" "${TEACHER_LR:=3e-3}" "${TEACHER_SEED:=4321}"
 : "${LET_LAMBDA:=0.1}" "${LET_STUDENT_LAYER:=3}"
 # S_stop scaled to this run as in the paper: round(1500/7630 x TRAIN_ITERS), at least 1
 : "${LET_STOP_STEP:=$(( (TRAIN_ITERS * PAPER_STOP_STEP + PAPER_TOTAL_STEPS / 2) / PAPER_TOTAL_STEPS ))}"

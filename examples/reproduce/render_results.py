@@ -7,6 +7,7 @@
 Markers in the template:
   {{table:GROUP}}   the markdown table tools/compare_runs.py wrote to REPORT/GROUP.md
   {{setup}}         REPORT/setup.md (examples/reproduce/summarize.py: corpus, sizes, timings)
+  {{claims}}        REPORT/claims.md (examples/reproduce/study.py claims: one computed line per claim)
   {{generated}}     a line naming the report folder and the UTC time of rendering
 A missing table is rendered as an explicit "not run" note (and reported on stderr), so a partial
 run still yields an honest page.
@@ -21,7 +22,7 @@ import time
 from pathlib import Path
 from typing import List, Optional
 
-MARKER = re.compile(r"\{\{(table:[A-Za-z0-9_]+|setup|generated)\}\}")
+MARKER = re.compile(r"\{\{(table:[A-Za-z0-9_]+|setup|claims|generated)\}\}")
 
 
 def _shown(path: Path) -> str:
@@ -39,7 +40,7 @@ def render(template: str, report: Path) -> str:
         key = m.group(1)
         if key == "generated":
             return f"_Generated from `{_shown(report)}` at {time.strftime('%Y-%m-%d %H:%M', time.gmtime())} UTC._"
-        path = report / ("setup.md" if key == "setup" else key.split(":", 1)[1] + ".md")
+        path = report / (f"{key}.md" if key in ("setup", "claims") else key.split(":", 1)[1] + ".md")
         if not path.is_file():
             print(f"render_results: {path} missing: marked as not run", file=sys.stderr)
             return f"_Not run: `{path.name}` was not produced by this run._"

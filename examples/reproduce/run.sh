@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Reproduce the LET paper's claims at small scale, end to end, on a CPU (docs/results.md).
+# Reproduce the LET paper's claims at small scale, end to end, on a CPU, over seeds (docs/results.md).
 #
 #   bash examples/reproduce/run.sh                       # full profile: corpus -> ... -> tables/plots
 #   REPRO_PROFILE=smoke bash examples/reproduce/run.sh   # tiny, seconds per stage (tests)
@@ -7,23 +7,29 @@
 # Stages (a finished stage or run is reused when its command is unchanged; delete its folder to redo):
 #   1 corpus      examples/reproduce/build_corpus.py: Shakespeare + Python docs + Linux kernel docs,
 #                 held-out valid/test documents (>= 20 MB in the full profile)
-#   2 tokenizer   tools/train_tokenizer.py: sentencepiece BPE on the training split only
-#   3 tokenize    tools/preprocess_data.py
-#   4 teacher     pretrain a small teacher T (baseline objective), export it with tools/export_hf.py
-#                 (--verify: HF logits == megatron_let logits); every student uses it via --teacher-path
-#   5 init        the student M's initial checkpoint (--train-iters 0 --save): every method loads it
-#                 (--no-load-optim --no-load-rng), and the data order is fixed by --seed: same start,
-#                 same batches
-#   6 main        M four ways: baseline, LET (λ0, k, S_stop scaled from the paper), RKD, SALT
-#   7 ablations   (ABLATIONS=1) λ0 sweep; teacher->student layer pairs L2M, L2L, M2E (L2E = LET)
-#   8 report      tools/compare_runs.py tables + tools/plot_runs.py figures under OUT_DIR/report;
-#                 PUBLISH=1 copies them to docs/figures/reproduce_*.{csv,png} and renders docs/results.md
-#                 from examples/reproduce/results_template.md (render_results.py)
+#   2 mixes       examples/reproduce/make_mixes.py: the training documents dealt into halves A/B;
+#                 student mixes `all` (half A, every source) and `pyshake` (half A, Python docs +
+#                 Shakespeare), and the disjoint teacher's set (half B)
+#   3 tokenizer   tools/train_tokenizer.py: sentencepiece BPE on the training split only
+#   4 tokenize    tools/preprocess_data.py, one dataset per mix
+#   5 teachers    pretrain two small teachers T (baseline objective): `same` on the students' data
+#                 (mix all), `disjoint` on half B; export each with tools/export_hf.py (--verify)
+#   6 init        one initial student checkpoint per seed (--train-iters 0 --save); every run of that
+#                 seed loads it (--no-load-optim --no-load-rng) and reads the batches --seed orders
+#   7 main        per mix and seed: baseline, LET (cosine), LET (logsum), SALT; RKD at the first seed
+#   8 teacher     LET with the disjoint teacher, first seed, each mix
+#   9 grid        λ0 x S_stop grid (GRID_LAMBDAS x GRID_STOP_PERCENTS of the run), first seed, mix all
+#  10 best        the BEST_SETTINGS grid settings of lowest final validation loss, at the other seeds
+#  11 layers      teacher->student layer pairs (LAYER_PAIRS of L2M L2L M2E; L2E = LET), first seed
+#  12 report      tools/compare_runs.py tables per seed, examples/reproduce/study.py mean ± sd tables
+#                 over seeds, the grid and the figures under OUT_DIR/report; PUBLISH=1 copies them to
+#                 docs/figures/reproduce_*.{csv,png} and renders docs/results.md from
+#                 examples/reproduce/results_template.md (render_results.py)
 #
 # Environment: REPRO_PROFILE full|smoke (default full); OUT_DIR (default runs/reproduce/<profile>);
-# SOURCES_DIR (archive cache, default runs/reproduce/sources); ABLATIONS 0|1 (default 1:
-# run them); PARALLEL_RUNS (student runs at once, default 4, so the four methods share the machine alike; each uses OMP_NUM_THREADS=1);
-# PUBLISH 0|1 (default 0); any variable of examples/reproduce/config.sh.
+# SOURCES_DIR (archive cache, default runs/reproduce/sources); PARALLEL_RUNS (student runs at once,
+# default 4, each with OMP_NUM_THREADS=1); PUBLISH 0|1 (default 0); STAGES (default: every stage
+# after tokenize, space-separated, e.g. "main report"); any variable of examples/reproduce/config.sh.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -36,16 +42,29 @@ case "${REPRO_PROFILE}" in full|smoke) ;; *) die "REPRO_PROFILE must be full or 
 source "${HERE}/config.sh"
 OUT_DIR="${OUT_DIR:-${ROOT}/runs/reproduce/${REPRO_PROFILE}}"
 SOURCES_DIR="${SOURCES_DIR:-${ROOT}/runs/reproduce/sources}"
-ABLATIONS="${ABLATIONS:-1}"
 PARALLEL_RUNS="${PARALLEL_RUNS:-4}"
 PUBLISH="${PUBLISH:-0}"
-case "${ABLATIONS}" in 0|1) ;; *) die "ABLATIONS must be 0 or 1, got '${ABLATIONS}'" ;; esac
+ALL_STAGES="teachers init main teacher grid best layers report"
+STAGES="${STAGES:-${ALL_STAGES}}"
 case "${PUBLISH}" in 0|1) ;; *) die "PUBLISH must be 0 or 1, got '${PUBLISH}'" ;; esac
 [[ "${PARALLEL_RUNS}" =~ ^[1-9][0-9]*$ ]] || die "PARALLEL_RUNS must be a positive integer, got '${PARALLEL_RUNS}'"
 [[ -x "${PY}" ]] || die "python ${PY} not found (create the venv: bash scripts/install.sh)"
-for v in TRAIN_ITERS TEACHER_ITERS EVAL_INTERVAL EVAL_ITERS LET_STOP_STEP; do
+for v in TRAIN_ITERS TEACHER_ITERS EVAL_INTERVAL EVAL_ITERS LET_STOP_STEP BEST_SETTINGS; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "${v} must be a positive integer, got '${!v}'"
 done
+for st in ${STAGES}; do
+    [[ " ${ALL_STAGES} " == *" ${st} "* ]] || die "unknown stage '${st}' in STAGES (choose from: ${ALL_STAGES})"
+done
+read -r -a SEED_LIST <<< "${SEEDS}"
+(( ${#SEED_LIST[@]} >= 2 )) || die "SEEDS needs at least two seeds for a spread, got '${SEEDS}'"
+for sd in "${SEED_LIST[@]}"; do [[ "${sd}" =~ ^[0-9]+$ ]] || die "SEEDS must be integers, got '${sd}'"; done
+SEED0="${SEED_LIST[0]}"
+read -r -a MIX_LIST <<< "${MIXES}"
+for m in "${MIX_LIST[@]}"; do case "${m}" in all|pyshake) ;; *) die "MIXES: unknown mix '${m}' (all, pyshake)" ;; esac; done
+for pct in ${GRID_STOP_PERCENTS}; do
+    [[ "${pct}" =~ ^[1-9][0-9]?$ ]] || die "GRID_STOP_PERCENTS must be integers in 1..99, got '${pct}'"
+done
+wants() { [[ " ${STAGES} " == *" $1 "* ]]; }
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
 
 mkdir -p "${OUT_DIR}" "${SOURCES_DIR}"
@@ -77,7 +96,12 @@ CORPUS="${OUT_DIR}/corpus"
 cmd=("${PY}" "${HERE}/build_corpus.py" --out "${CORPUS}" --cache "${SOURCES_DIR}" --min-total-mb "${MIN_CORPUS_MB}" ${CORPUS_FLAGS})
 if is_done "${CORPUS}" "${cmd[*]}"; then echo "reusing ${CORPUS}"; else
     rm -rf "${CORPUS}"; "${cmd[@]}"; mark_done "${CORPUS}" "${cmd[*]}"; fi
-SPLIT="$("${PY}" -c 'import json,sys; print(json.load(open(sys.argv[1]))["megatron_split"])' "${CORPUS}/manifest.json")"
+
+stage mixes
+MIX_DIR="${OUT_DIR}/mixes"
+cmd=("${PY}" "${HERE}/make_mixes.py" --corpus "${CORPUS}" --out "${MIX_DIR}")
+if is_done "${MIX_DIR}" "${cmd[*]} $(cat "${CORPUS}/.done")"; then echo "reusing ${MIX_DIR}"; else
+    rm -rf "${MIX_DIR}"; "${cmd[@]}"; mark_done "${MIX_DIR}" "${cmd[*]} $(cat "${CORPUS}/.done")"; fi
 
 stage tokenizer
 TOK="${OUT_DIR}/tokenizer"
@@ -89,18 +113,28 @@ TOKENIZER=(--tokenizer-type SentencePieceTokenizer --tokenizer-model "${TOK}/spm
 
 stage tokenize
 DATA_DIR="${OUT_DIR}/data"
-DATA="${DATA_DIR}/corpus_text_document"
-cmd=("${PY}" "${ROOT}/tools/preprocess_data.py" --input "${CORPUS}/corpus.jsonl" --output-prefix "${DATA_DIR}/corpus"
-     "${TOKENIZER[@]}" --append-eod --workers 2 --log-interval 1000)
-if is_done "${DATA_DIR}" "${cmd[*]} $(cat "${TOK}/.done")"; then echo "reusing ${DATA}"; else
-    rm -rf "${DATA_DIR}"; mkdir -p "${DATA_DIR}"; "${cmd[@]}"; mark_done "${DATA_DIR}" "${cmd[*]} $(cat "${TOK}/.done")"; fi
-DATA_ARGS=(--data-path "${DATA}" --split "${SPLIT}" --data-cache-path "${DATA_DIR}/cache" "${TOKENIZER[@]}")
-UPSTREAM="$(cat "${DATA_DIR}/.done")"
+# data NAME: the trainer's data flags of one tokenized set (student_all, student_pyshake, teacher_disjoint)
+declare -A DATA_FLAGS=()
+for set_name in student_all student_pyshake teacher_disjoint; do
+    dir="${DATA_DIR}/${set_name}"
+    cmd=("${PY}" "${ROOT}/tools/preprocess_data.py" --input "${MIX_DIR}/${set_name}/corpus.jsonl"
+         --output-prefix "${dir}/corpus" "${TOKENIZER[@]}" --append-eod --workers 2 --log-interval 1000)
+    upstream="$(cat "${TOK}/.done") $(cat "${MIX_DIR}/.done")"
+    if is_done "${dir}" "${cmd[*]} ${upstream}"; then echo "reusing ${dir}"; else
+        rm -rf "${dir}"; mkdir -p "${dir}"; "${cmd[@]}"; mark_done "${dir}" "${cmd[*]} ${upstream}"; fi
+    split="$("${PY}" -c 'import json,sys; print(json.load(open(sys.argv[1]))["megatron_split"])' \
+        "${MIX_DIR}/${set_name}/manifest.json")"
+    DATA_FLAGS[${set_name}]="--data-path ${dir}/corpus_text_document --split ${split} --data-cache-path ${dir}/cache"
+done
+UPSTREAM="$(cat "${DATA_DIR}"/*/.done | cksum)"
 
-# pretrain DIR ARGS...: one pretrain_let.py process writing DIR/{train.log,metrics.jsonl,tensorboard/}
+# pretrain DIR SET ARGS...: one pretrain_let.py process on data set SET writing
+# DIR/{train.log,metrics.jsonl,tensorboard/}
 pretrain() {
-    local dir=$1; shift
-    local -a cmd=("${PY}" "${ROOT}/pretrain_let.py" "$@" --device cpu "${DATA_ARGS[@]}"
+    local dir=$1 set_name=$2; shift 2
+    local -a data
+    read -r -a data <<< "${DATA_FLAGS[${set_name}]}"
+    local -a cmd=("${PY}" "${ROOT}/pretrain_let.py" "$@" --device cpu "${data[@]}" "${TOKENIZER[@]}"
                   --tensorboard-dir "${dir}/tensorboard" --metrics-jsonl "${dir}/metrics.jsonl")
     if is_done "${dir}" "${cmd[*]} ${UPSTREAM}"; then echo "reusing ${dir}"; return 0; fi
     rm -rf "${dir}"; mkdir -p "${dir}"
@@ -113,120 +147,184 @@ pretrain() {
     fi
     echo "$(( SECONDS - t0 ))" > "${dir}/wall_seconds"
     mark_done "${dir}" "${cmd[*]} ${UPSTREAM}"
-    echo "finished ${dir##*/} in $(( SECONDS - t0 )) s"
+    echo "finished ${dir#"${OUT_DIR}"/} in $(( SECONDS - t0 )) s"
 }
 
-# ------------------------------------------------------------------------------------------------
-stage teacher
-TEACHER="${OUT_DIR}/teacher"
-# shellcheck disable=SC2086
-pretrain "${TEACHER}/train" ${TEACHER_MODEL} --tie-embeddings-and-output-weights --seq-length "${SEQ}" \
-    --micro-batch-size "${TEACHER_MBS}" --train-iters "${TEACHER_ITERS}" --lr "${TEACHER_LR}" --min-lr "${MIN_LR}" \
-    --lr-warmup-fraction 0.1 --lr-decay-style cosine --weight-decay 0.01 --clip-grad 1.0 --seed "${TEACHER_SEED}" \
-    --objective baseline --log-interval "${LOG_INTERVAL}" --eval-interval "${TEACHER_ITERS}" --eval-iters "${EVAL_ITERS}" \
-    --save "${TEACHER}/ckpt"
-TEACHER_HF="${TEACHER}/hf"
-if is_done "${TEACHER_HF}" "$(cat "${TEACHER}/train/.done")"; then echo "reusing ${TEACHER_HF}"; else
-    rm -rf "${TEACHER_HF}"
-    "${PY}" "${ROOT}/tools/export_hf.py" --load "${TEACHER}/ckpt" --out "${TEACHER_HF}" \
-        --tokenizer-model "${TOK}/spm.model" --dtype float32 --verify 2>&1 | tee "${TEACHER}/export.log"
-    mark_done "${TEACHER_HF}" "$(cat "${TEACHER}/train/.done")"
-fi
-
-# ------------------------------------------------------------------------------------------------
-# shellcheck disable=SC2206
-STUDENT=(${STUDENT_MODEL} --tie-embeddings-and-output-weights --seq-length "${SEQ}" --micro-batch-size "${MBS}"
-         --lr "${LR}" --min-lr "${MIN_LR}" --lr-warmup-fraction 0.1 --lr-decay-style cosine --weight-decay 0.01
-         --clip-grad 1.0 --seed "${SEED}")
-stage init
-INIT="${OUT_DIR}/student_init"
-pretrain "${INIT}/log" "${STUDENT[@]}" --train-iters 0 --objective baseline --save "${INIT}/ckpt"
-
-RUNS="${OUT_DIR}/runs"
-COMMON=("${STUDENT[@]}" --train-iters "${TRAIN_ITERS}" --load "${INIT}/ckpt" --no-load-optim --no-load-rng
-        --log-interval "${LOG_INTERVAL}" --eval-interval "${EVAL_INTERVAL}" --eval-iters "${EVAL_ITERS}")
-LET_ARGS=(--objective let --teacher-path "${TEACHER_HF}" --let-stop-step "${LET_STOP_STEP}")
-KD_ARGS=(--teacher-path "${TEACHER_HF}" --kd-weight "${KD_WEIGHT}" --kd-temperature "${KD_TEMPERATURE}")
-
-# student NAME ARGS...: queue one student run (at most PARALLEL_RUNS at once); wait_runs joins them
+# queue CMD...: run one job in the background (at most PARALLEL_RUNS at once); wait_runs joins them
 PIDS=()
-student() {
-    local name=$1; shift
+queue() {
     while (( $(jobs -rp | wc -l) >= PARALLEL_RUNS )); do wait -n || true; done
-    pretrain "${RUNS}/${name}" "${COMMON[@]}" "$@" &
+    "$@" &
     PIDS+=($!)
 }
 wait_runs() {
     local pid failed=0
     for pid in "${PIDS[@]}"; do wait "${pid}" || failed=1; done
     PIDS=()
-    (( failed == 0 )) || die "a student run failed (see its train.log above)"
+    (( failed == 0 )) || die "a run failed (see its train.log above)"
 }
 
-stage main
-echo "S_stop = ${LET_STOP_STEP} of ${TRAIN_ITERS} steps (paper: ${PAPER_STOP_STEP} of ~${PAPER_TOTAL_STEPS})"
-student baseline --objective baseline
-student let "${LET_ARGS[@]}" --let-lambda "${LET_LAMBDA}" --let-student-layer "${LET_STUDENT_LAYER}"
-student rkd --objective rkd "${KD_ARGS[@]}"
-student salt --objective salt "${KD_ARGS[@]}" --kd-stop-step "${KD_STOP_STEP}" --kd-transition step
+# ------------------------------------------------------------------------------------------------
+TEACHERS="${OUT_DIR}/teachers"
+declare -A TEACHER_SET=([same]=student_all [disjoint]=teacher_disjoint)
+teacher_run() {  # NAME: pretrain teacher NAME on its set, then export it to TEACHERS/NAME/hf
+    local name=$1 dir="${TEACHERS}/$1"
+    # shellcheck disable=SC2086
+    pretrain "${dir}/train" "${TEACHER_SET[${name}]}" ${TEACHER_MODEL} --tie-embeddings-and-output-weights \
+        --seq-length "${SEQ}" --micro-batch-size "${TEACHER_MBS}" --train-iters "${TEACHER_ITERS}" \
+        --lr "${TEACHER_LR}" --min-lr "${MIN_LR}" --lr-warmup-fraction 0.1 --lr-decay-style cosine \
+        --weight-decay 0.01 --clip-grad 1.0 --seed "${TEACHER_SEED}" --objective baseline \
+        --log-interval "${LOG_INTERVAL}" --eval-interval "${TEACHER_ITERS}" --eval-iters "${EVAL_ITERS}" \
+        --save "${dir}/ckpt" || return 1
+    if is_done "${dir}/hf" "$(cat "${dir}/train/.done")"; then echo "reusing ${dir}/hf"; return 0; fi
+    rm -rf "${dir}/hf"
+    "${PY}" "${ROOT}/tools/export_hf.py" --load "${dir}/ckpt" --out "${dir}/hf" \
+        --tokenizer-model "${TOK}/spm.model" --dtype float32 --verify > "${dir}/export.log" 2>&1 \
+        || { cat "${dir}/export.log" >&2; return 1; }
+    mark_done "${dir}/hf" "$(cat "${dir}/train/.done")"
+}
+if wants teachers; then
+    stage teachers
+    queue teacher_run same
+    queue teacher_run disjoint
+fi
+
+# shellcheck disable=SC2206
+STUDENT=(${STUDENT_MODEL} --tie-embeddings-and-output-weights --seq-length "${SEQ}" --micro-batch-size "${MBS}"
+         --lr "${LR}" --min-lr "${MIN_LR}" --lr-warmup-fraction 0.1 --lr-decay-style cosine --weight-decay 0.01
+         --clip-grad 1.0)
+INIT="${OUT_DIR}/student_init"
+if wants init; then
+    stage init  # (runs alongside the teachers: it needs no teacher)
+    for sd in "${SEED_LIST[@]}"; do
+        queue pretrain "${INIT}/s${sd}/log" student_all "${STUDENT[@]}" --seed "${sd}" --train-iters 0 \
+            --objective baseline --save "${INIT}/s${sd}/ckpt"
+    done
+fi
 wait_runs
 
-if [[ "${ABLATIONS}" == 1 ]]; then
-    stage ablations
-    for lam in ${ABLATION_LAMBDAS}; do
-        student "let_lambda${lam}" "${LET_ARGS[@]}" --let-lambda "${lam}" --let-student-layer "${LET_STUDENT_LAYER}"
+RUNS="${OUT_DIR}/runs"
+# student MIX SEED NAME ARGS...: queue one student run RUNS/MIX/sSEED/NAME from that seed's init
+student() {
+    local mix=$1 sd=$2 name=$3; shift 3
+    queue pretrain "${RUNS}/${mix}/s${sd}/${name}" "student_${mix}" "${STUDENT[@]}" --seed "${sd}" \
+        --train-iters "${TRAIN_ITERS}" --load "${INIT}/s${sd}/ckpt" --no-load-optim --no-load-rng \
+        --log-interval "${LOG_INTERVAL}" --eval-interval "${EVAL_INTERVAL}" --eval-iters "${EVAL_ITERS}" "$@"
+}
+LET=(--objective let --teacher-path "${TEACHERS}/same/hf" --let-student-layer "${LET_STUDENT_LAYER}")
+KD=(--teacher-path "${TEACHERS}/same/hf" --kd-weight "${KD_WEIGHT}" --kd-temperature "${KD_TEMPERATURE}")
+stop_at() { local s=$(( (TRAIN_ITERS * $1 + 50) / 100 )); (( s >= 1 )) || s=1; echo "${s}"; }
+
+if wants main; then
+    stage main
+    echo "S_stop = ${LET_STOP_STEP} of ${TRAIN_ITERS} steps (paper: ${PAPER_STOP_STEP} of ~${PAPER_TOTAL_STEPS})"
+    for mix in "${MIX_LIST[@]}"; do
+        for sd in "${SEED_LIST[@]}"; do
+            student "${mix}" "${sd}" baseline --objective baseline
+            student "${mix}" "${sd}" let "${LET[@]}" --let-lambda "${LET_LAMBDA}" --let-stop-step "${LET_STOP_STEP}"
+            student "${mix}" "${sd}" let_logsum "${LET[@]}" --let-lambda "${LET_LAMBDA}" \
+                --let-stop-step "${LET_STOP_STEP}" --let-loss logsum
+            student "${mix}" "${sd}" salt --objective salt "${KD[@]}" --kd-stop-step "${KD_STOP_STEP}" --kd-transition step
+        done
+        student "${mix}" "${SEED0}" rkd --objective rkd "${KD[@]}"
     done
-    for pair in ${ABLATION_PAIRS}; do
+fi
+if wants teacher; then
+    stage teacher
+    for mix in "${MIX_LIST[@]}"; do
+        student "${mix}" "${SEED0}" let_disjoint --objective let --teacher-path "${TEACHERS}/disjoint/hf" \
+            --let-student-layer "${LET_STUDENT_LAYER}" --let-lambda "${LET_LAMBDA}" --let-stop-step "${LET_STOP_STEP}"
+    done
+fi
+grid_name() { echo "grid_l$1_s$2"; }  # LAMBDA PERCENT
+if wants grid; then
+    stage grid
+    for lam in ${GRID_LAMBDAS}; do
+        for pct in ${GRID_STOP_PERCENTS}; do
+            student all "${SEED0}" "$(grid_name "${lam}" "${pct}")" "${LET[@]}" --let-lambda "${lam}" \
+                --let-stop-step "$(stop_at "${pct}")"
+        done
+    done
+fi
+wait_runs  # the grid decides the next stage
+
+REPORT="${OUT_DIR}/report"
+mkdir -p "${REPORT}"
+STUDY=("${PY}" "${HERE}/study.py")
+GRID_SPECS=()
+for lam in ${GRID_LAMBDAS}; do
+    for pct in ${GRID_STOP_PERCENTS}; do GRID_SPECS+=("${lam}:${pct}=$(grid_name "${lam}" "${pct}")"); done
+done
+if wants best; then
+    stage best
+    mapfile -t BEST < <("${STUDY[@]}" best --runs-dir "${RUNS}/all/s${SEED0}" --grid "${GRID_SPECS[@]}" \
+                        --top "${BEST_SETTINGS}")
+    echo "best grid settings (lowest final validation loss at seed ${SEED0}): ${BEST[*]}"
+    for setting in "${BEST[@]}"; do
+        lam="${setting%%:*}" pct="${setting##*:}"
+        for sd in "${SEED_LIST[@]:1}"; do
+            student all "${sd}" "$(grid_name "${lam}" "${pct}")" "${LET[@]}" --let-lambda "${lam}" \
+                --let-stop-step "$(stop_at "${pct}")"
+        done
+    done
+fi
+if wants layers; then
+    stage layers
+    for pair in ${LAYER_PAIRS}; do
         case "${pair}" in  # teacher layer (-1 = last) -> student layer
             L2M) layers=(--let-teacher-layer -1 --let-student-layer "${STUDENT_MID_LAYER}") ;;
             L2L) layers=(--let-teacher-layer -1 --let-student-layer "${STUDENT_LAST_LAYER}") ;;
             M2E) layers=(--let-teacher-layer "${TEACHER_MID_LAYER}" --let-student-layer "${LET_STUDENT_LAYER}") ;;
-            *) die "unknown layer pair '${pair}' in ABLATION_PAIRS (L2M, L2L, M2E)" ;;
+            *) die "unknown layer pair '${pair}' in LAYER_PAIRS (L2M, L2L, M2E)" ;;
         esac
-        student "let_${pair}" "${LET_ARGS[@]}" --let-lambda "${LET_LAMBDA}" "${layers[@]}"
+        student all "${SEED0}" "let_${pair}" --objective let --teacher-path "${TEACHERS}/same/hf" \
+            --let-lambda "${LET_LAMBDA}" --let-stop-step "${LET_STOP_STEP}" "${layers[@]}"
     done
-    wait_runs
 fi
+wait_runs
 
 # ------------------------------------------------------------------------------------------------
-stage report
-REPORT="${OUT_DIR}/report"
-rm -rf "${REPORT}"; mkdir -p "${REPORT}"
-# report NAME RUN=DIR...: comparison table (md/csv) and figures of one group of runs
-report() {
-    local group=$1; shift
-    local -a specs=() present=()
-    local spec
-    for spec in "$@"; do [[ -f "${spec#*=}/.done" ]] && specs+=("${spec%%=*}=${spec#*=}/tensorboard"); done
-    (( ${#specs[@]} >= 2 )) || { echo "report ${group}: fewer than two finished runs, skipped"; return 0; }
-    "${PY}" "${ROOT}/tools/compare_runs.py" --runs "${specs[@]}" --baseline baseline \
-        --out "${REPORT}/${group}.md" "${REPORT}/${group}.csv"
-    "${PY}" "${ROOT}/tools/plot_runs.py" --runs "${specs[@]}" --out "${REPORT}/${group}_plots" --smooth 5
-}
-report main baseline="${RUNS}/baseline" LET="${RUNS}/let" RKD="${RUNS}/rkd" SALT="${RUNS}/salt"
-if [[ "${ABLATIONS}" == 1 ]]; then
-    lam_specs=(baseline="${RUNS}/baseline" "lambda${LET_LAMBDA}=${RUNS}/let")
-    for lam in ${ABLATION_LAMBDAS}; do lam_specs+=("lambda${lam}=${RUNS}/let_lambda${lam}"); done
-    report lambda "${lam_specs[@]}"
-    pair_specs=(baseline="${RUNS}/baseline" L2E="${RUNS}/let")
-    for pair in ${ABLATION_PAIRS}; do pair_specs+=("${pair}=${RUNS}/let_${pair}"); done
-    report layers "${pair_specs[@]}"
-fi
-"${PY}" "${HERE}/summarize.py" --out-dir "${OUT_DIR}" --teacher-model "${TEACHER_MODEL}" \
-    --student-model "${STUDENT_MODEL}" > "${REPORT}/setup.md"
-cat "${REPORT}/setup.md"
-
-if [[ "${PUBLISH}" == 1 ]]; then
-    FIG="${ROOT}/docs/figures"
-    mkdir -p "${FIG}"
-    for f in "${REPORT}"/*.csv; do cp "${f}" "${FIG}/reproduce_$(basename "${f}")"; done
-    for d in "${REPORT}"/*_plots; do
-        g="$(basename "${d}" _plots)"
-        for f in "${d}"/*.png; do cp "${f}" "${FIG}/reproduce_${g}_$(basename "${f}")"; done
+if wants report; then
+    stage report
+    rm -rf "${REPORT}"; mkdir -p "${REPORT}"
+    MAIN_SPECS=(baseline=baseline LET=let "LET-logsum=let_logsum" SALT=salt RKD=rkd)
+    for mix in "${MIX_LIST[@]}"; do
+        "${STUDY[@]}" seeds --root "${RUNS}/${mix}" --seeds "${SEED_LIST[@]}" --runs "${MAIN_SPECS[@]}" \
+            --pairs LET:SALT LET:LET-logsum LET:RKD --out "${REPORT}/main_${mix}" --title "mix ${mix}"
+        "${STUDY[@]}" seeds --root "${RUNS}/${mix}" --seeds "${SEED0}" --runs baseline=baseline \
+            "LET (same-data teacher)=let" "LET (disjoint teacher)=let_disjoint" \
+            --pairs "LET (disjoint teacher):LET (same-data teacher)" --out "${REPORT}/teacher_${mix}" --title "mix ${mix}, seed ${SEED0}"
     done
-    "${PY}" "${HERE}/render_results.py" --report "${REPORT}" --template "${HERE}/results_template.md" \
-        --out "${ROOT}/docs/results.md"
-    echo "published ${REPORT} to ${FIG}/reproduce_* and docs/results.md"
+    "${STUDY[@]}" grid --runs-dir "${RUNS}/all/s${SEED0}" --grid "${GRID_SPECS[@]}" --train-iters "${TRAIN_ITERS}" \
+        --out "${REPORT}/grid"
+    best_specs=(baseline=baseline "LET (λ0 ${LET_LAMBDA}, S_stop ${LET_STOP_STEP})=let")
+    mapfile -t BEST < <("${STUDY[@]}" best --runs-dir "${RUNS}/all/s${SEED0}" --grid "${GRID_SPECS[@]}" \
+                        --top "${BEST_SETTINGS}")
+    for setting in "${BEST[@]}"; do
+        lam="${setting%%:*}" pct="${setting##*:}"
+        best_specs+=("λ0 ${lam}, S_stop ${pct}%=$(grid_name "${lam}" "${pct}")")
+    done
+    "${STUDY[@]}" seeds --root "${RUNS}/all" --seeds "${SEED_LIST[@]}" --runs "${best_specs[@]}" \
+        --out "${REPORT}/best" --title "mix all, best grid settings"
+    layer_specs=(baseline=baseline L2E=let)
+    for pair in ${LAYER_PAIRS}; do layer_specs+=("${pair}=let_${pair}"); done
+    "${STUDY[@]}" seeds --root "${RUNS}/all" --seeds "${SEED0}" --runs "${layer_specs[@]}" \
+        --out "${REPORT}/layers" --title "mix all, seed ${SEED0}"
+    "${STUDY[@]}" claims --report "${REPORT}" --mixes "${MIX_LIST[@]}"
+    "${PY}" "${HERE}/summarize.py" --out-dir "${OUT_DIR}" --teacher-model "${TEACHER_MODEL}" \
+        --student-model "${STUDENT_MODEL}" > "${REPORT}/setup.md"
+    cat "${REPORT}/setup.md"
+    if [[ "${PUBLISH}" == 1 ]]; then
+        FIG="${ROOT}/docs/figures"
+        mkdir -p "${FIG}"
+        rm -f "${FIG}"/reproduce_*
+        for f in "${REPORT}"/*.csv "${REPORT}"/*.png; do
+            [[ -e "${f}" ]] && cp "${f}" "${FIG}/reproduce_$(basename "${f}")"
+        done
+        "${PY}" "${HERE}/render_results.py" --report "${REPORT}" --template "${HERE}/results_template.md" \
+            --out "${ROOT}/docs/results.md"
+        echo "published ${REPORT} to ${FIG}/reproduce_* and docs/results.md"
+    fi
 fi
 end_stage
 printf '%-12s %6d s\n' total $(( SECONDS - T_ALL )) >> "${TIMINGS}"

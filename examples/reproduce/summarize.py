@@ -4,9 +4,9 @@
     python examples/reproduce/summarize.py --out-dir runs/reproduce/full \\
         --teacher-model "--num-layers 3 ..." --student-model "--num-layers 6 ..."
 
-Reads ``corpus/manifest.json`` (sources, sizes, split), the exported teacher (``teacher/hf``:
-parameters counted from its safetensors), the token count of the tokenized corpus, each run's
-``wall_seconds``/``command.sh`` and ``timings.txt``. Non-embedding parameters of the student are
+Reads ``corpus/manifest.json`` (sources, sizes), ``mixes/*/manifest.json`` (the training sets),
+the exported teachers (``teachers/*/hf``: parameters counted from their safetensors), the token
+counts of the tokenized sets, the runs' ``wall_seconds`` and ``timings.txt``. Non-embedding parameters of the student are
 computed from its architecture flags with the same formula as for the teacher, which is checked
 against the teacher's exported tensors (so the formula cannot silently drift from the model).
 """
@@ -94,42 +94,56 @@ def main(argv: Optional[List[str]] = None) -> int:
     manifest = json.loads(manifest_path.read_text())
     teacher, student = Arch.from_flags(a.teacher_model), Arch.from_flags(a.student_model)
     t_formula = teacher.non_embedding_params()
-    t_exported = hf_non_embedding_params(out / "teacher" / "hf")
-    if t_formula != t_exported:
-        raise ValueError(f"teacher non-embedding parameters: formula {t_formula} != exported {t_exported}")
     s_params = student.non_embedding_params()
-    t_metrics = out / "teacher" / "train" / "metrics.jsonl"
-    t_valid = [r for r in map(json.loads, t_metrics.read_text().splitlines()) if r.get("split") == "valid"] \
-        if t_metrics.is_file() else []
-    idx = out / "data" / "corpus_text_document.idx"
     lines = ["## Setup (computed from the run's artefacts)", ""]
-    lines.append(f"- corpus: {manifest['total_mb']} MB of text, `--split {manifest['megatron_split']}` "
-                 "(train, valid, test documents)")
+    lines.append(f"- corpus: {manifest['total_mb']} MB of text (train, valid, test documents: "
+                 f"{manifest['megatron_split']})")
     for arc in manifest["archives"]:
         lines.append(f"  - {arc['source']}: {arc['package']} `{arc['file']}` (sha256 `{arc['sha256'][:16]}…`), "
                      f"{arc['documents']} documents, {arc['selection']}")
-    for s, v in manifest["splits"].items():
-        lines.append(f"  - {s}: {v['documents']} documents, {v['bytes'] / 2**20:.2f} MB, {v['by_source']}")
-    if idx.is_file():
-        from megatron.core.datasets.indexed_dataset import IndexedDataset
+    lines.append("- training sets (examples/reproduce/make_mixes.py; the training documents dealt alternately "
+                 "into halves A and B):")
+    for mix in sorted((out / "mixes").glob("*/manifest.json")):
+        m = json.loads(mix.read_text())
+        tokens = ""
+        idx = out / "data" / mix.parent.name / "corpus_text_document.idx"
+        if idx.is_file():
+            from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-        ds = IndexedDataset(str(idx)[:-4])
-        lines.append(f"- tokens (sentencepiece, all splits): {int(ds.sequence_lengths.sum()):,}")
-    lines.append(f"- teacher T: {teacher.layers} layers x {teacher.hidden} (FFN {teacher.ffn}, {teacher.heads} heads), "
-                 f"{t_exported:,} non-embedding parameters (counted in the exported HF folder)")
-    if t_valid:
-        last = t_valid[-1]
-        lines.append(f"  - after {last['iteration']} steps: validation loss {last['lm loss']:.4f} "
-                     f"(ppl {math.exp(last['lm loss']):.1f}) on the same held-out documents as the students")
+            ds = IndexedDataset(str(idx)[:-4])
+            tokens = f", {int(ds.sequence_lengths.sum()):,} tokens in all splits"
+        sp = m["splits"]
+        lines.append(f"  - {mix.parent.name}: half {m['half']}, train {sp['train']['documents']} documents "
+                     f"{sp['train']['bytes'] / 2**20:.2f} MB {sp['train']['by_source']}; held out "
+                     f"{sp['valid']['documents']} valid / {sp['test']['documents']} test documents "
+                     f"(`--split {m['megatron_split']}`){tokens}")
+    for name in ("same", "disjoint"):
+        folder = out / "teachers" / name
+        if not (folder / "hf").is_dir():
+            continue
+        t_exported = hf_non_embedding_params(folder / "hf")
+        if t_formula != t_exported:
+            raise ValueError(f"teacher non-embedding parameters: formula {t_formula} != exported {t_exported}")
+        t_metrics = folder / "train" / "metrics.jsonl"
+        t_valid = [r for r in map(json.loads, t_metrics.read_text().splitlines()) if r.get("split") == "valid"] \
+            if t_metrics.is_file() else []
+        data = "student_all (the students' documents)" if name == "same" else \
+            "teacher_disjoint (no document of any student)"
+        lines.append(f"- teacher `{name}`: {teacher.layers} layers x {teacher.hidden} (FFN {teacher.ffn}, "
+                     f"{teacher.heads} heads), {t_exported:,} non-embedding parameters (counted in the exported "
+                     f"HF folder), trained on {data}")
+        if t_valid:
+            last = t_valid[-1]
+            lines.append(f"  - after {last['iteration']} steps: validation loss {last['lm loss']:.4f} "
+                         f"(ppl {math.exp(last['lm loss']):.1f}) on every held-out document")
     lines.append(f"- student M: {student.layers} layers x {student.hidden} (FFN {student.ffn}, {student.heads} heads), "
-                 f"{s_params:,} non-embedding parameters = {s_params / t_exported:.1f}x T")
-    runs = out / "runs"
-    if runs.is_dir():
-        lines += ["", "| run | wall-clock (s, whole process) |", "|---|---|"]
-        for d in sorted(runs.iterdir()):
-            w = d / "wall_seconds"
-            if w.is_file():
-                lines.append(f"| {d.name} | {w.read_text().strip()} |")
+                 f"{s_params:,} non-embedding parameters = {s_params / t_formula:.1f}x T")
+    walls = sorted((out / "runs").glob("*/*/*/wall_seconds")) if (out / "runs").is_dir() else []
+    if walls:
+        secs = [int(w.read_text().strip()) for w in walls]
+        lines.append(f"- {len(walls)} student runs, {sum(secs) / 3600:.2f} h of process wall-clock in all "
+                     f"(median {sorted(secs)[len(secs) // 2]} s per run, {min(secs)}–{max(secs)} s; runs "
+                     "shared the cores, so these are not speed measurements)")
     t = out / "timings.txt"
     if t.is_file():
         lines += ["", "Stage timings:", "", "```", t.read_text().rstrip(), "```"]

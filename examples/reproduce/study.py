@@ -1,0 +1,549 @@
+#!/usr/bin/env python
+"""Tables and figures of the seed study (docs/results.md), computed from the runs' own logs.
+
+    python examples/reproduce/study.py seeds --root RUNS/all --seeds 1234 2345 3456 \\
+        --runs baseline=baseline LET=let SALT=salt --out REPORT/main_all --title "mix all"
+    python examples/reproduce/study.py grid --runs-dir RUNS/all/s1234 --grid 0.1:10=grid_l0.1_s10 ... \\
+        --train-iters 200 --out REPORT/grid
+    python examples/reproduce/study.py best --runs-dir RUNS/all/s1234 --grid 0.1:10=grid_l0.1_s10 ... --top 2
+
+``seeds``: run NAME of seed S is ``ROOT/sS/DIR`` (its TensorBoard logs). Every seed is compared with
+its own baseline by ``tools/compare_runs.py`` (same initial checkpoint and batches within a seed), the
+per-seed tables are written to ``OUT_sSEED.csv``, and ``OUT.md`` / ``OUT.csv`` give over the seeds:
+mean ± standard deviation (n - 1) of the final validation loss, of its paired difference to the
+baseline and of the step and compute speed-ups, and whether the difference exceeds the seed-to-seed
+spread: a paired t-test on the per-seed differences, two-sided at 95 % (|t| above the t
+distribution's 97.5 % point for n - 1 degrees of freedom); ``--pairs A:B`` adds the same test between
+two methods. ``OUT.png``: mean ± sd validation loss
+and its difference to the baseline against the step.
+
+``grid``: the λ0 x S_stop grid at one seed against that seed's baseline (``OUT.md``, ``OUT.csv``,
+heat map ``OUT.png``). ``best``: prints the ``--top`` settings (``LAMBDA:PERCENT``) of lowest final
+validation loss, one per line (run.sh reruns them at the other seeds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import math
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
+from compare_runs import Comparison, compare, write_outputs  # noqa: E402
+from plot_runs import VALID_LOSS, Run, load_run  # noqa: E402
+
+# two-sided 95 % critical values of Student's t for 1..10 degrees of freedom
+T_CRIT_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
+
+
+def t_critical(dof: int) -> float:
+    if dof < 1:
+        raise ValueError("a t-test needs at least two seeds")
+    return T_CRIT_95[dof - 1] if dof <= len(T_CRIT_95) else 1.96
+
+
+def parse_specs(specs: Sequence[str]) -> List[Tuple[str, str]]:
+    out = []
+    for spec in specs:
+        name, sep, path = spec.partition("=")
+        if not sep or not name or not path:
+            raise ValueError(f"run spec {spec!r} must be NAME=DIR")
+        out.append((name, path))
+    names = [n for n, _ in out]
+    if len(set(names)) != len(names):
+        raise ValueError(f"run names must be unique, got {names}")
+    return out
+
+
+def _load(name: str, run_dir: Path) -> Optional[Run]:
+    """The run's logs, or None when that run was not made (no finished marker)."""
+    if not (run_dir / ".done").is_file():
+        return None
+    return load_run(name, str(run_dir / "tensorboard"))
+
+
+@dataclass
+class Stat:
+    values: List[float] = field(default_factory=list)
+
+    @property
+    def n(self) -> int:
+        return len(self.values)
+
+    @property
+    def mean(self) -> float:
+        return float(np.mean(self.values)) if self.values else math.nan
+
+    @property
+    def sd(self) -> float:
+        return float(np.std(self.values, ddof=1)) if self.n >= 2 else math.nan
+
+    def fmt(self, spec: str = ".4f", suffix: str = "") -> str:
+        if not self.values:
+            return "n/a"
+        if self.n == 1:
+            return f"{self.mean:{spec}}{suffix}"
+        return f"{self.mean:{spec}} ± {self.sd:{spec.lstrip('+')}}{suffix}"
+
+    def t(self, null: float = 0.0) -> Optional[float]:
+        """Paired / one-sample t statistic against ``null`` (None below two values)."""
+        if self.n < 2:
+            return None
+        sd = self.sd
+        if sd == 0.0:
+            return math.copysign(math.inf, self.mean - null) if self.mean != null else 0.0
+        return (self.mean - null) / (sd / math.sqrt(self.n))
+
+
+def verdict(stat: Stat, null: float, lower: str, higher: str) -> str:
+    t = stat.t(null)
+    if t is None:
+        return "one seed: no spread"
+    crit = t_critical(stat.n - 1)
+    tt = "inf" if math.isinf(t) else f"{t:+.1f}"
+    if abs(t) > crit:
+        return f"yes: {lower if t < 0 else higher} (t = {tt}, |t| > {crit})"
+    return f"no (t = {tt}, |t| <= {crit})"
+
+
+@dataclass
+class SeedSummary:
+    name: str
+    seeds: List[int]
+    final: Stat
+    delta: Stat  # final loss - the same seed's baseline
+    step_speedup: Stat
+    compute_speedup: Stat
+    reached: int
+
+    def row(self, baseline: str) -> List[str]:
+        if not self.seeds:
+            return [self.name, "0", "not run", "", "", "", "", ""]
+        n = len(self.seeds)
+        base = self.name == baseline
+        return [
+            self.name + (" (reference)" if base else ""), str(n), self.final.fmt(),
+            "0" if base else self.delta.fmt("+.4f"),
+            "" if base else verdict(self.delta, 0.0, "lower", "higher"),
+            f"{self.reached}/{n}",
+            self.step_speedup.fmt(".2f", "x") if self.reached else "not reached",
+            self.compute_speedup.fmt(".2f", "x") if self.reached else "not reached",
+        ]
+
+
+def summarize_seeds(root: Path, seeds: Sequence[int], specs: Sequence[Tuple[str, str]],
+                    out: Optional[Path] = None) -> Tuple[List[SeedSummary], Dict[int, Dict[str, Run]]]:
+    """Compare every seed's runs with that seed's baseline (the first spec) and aggregate."""
+    baseline = specs[0][0]
+    per_seed: Dict[int, Dict[str, Run]] = {}
+    rows: Dict[int, Dict[str, Comparison]] = {}
+    for sd in seeds:
+        runs = {}
+        for name, sub in specs:
+            run = _load(name, root / f"s{sd}" / sub)
+            if run is not None:
+                runs[name] = run
+        if baseline not in runs:
+            raise FileNotFoundError(f"seed {sd}: the baseline run {root / f's{sd}' / specs[0][1]} was not made")
+        per_seed[sd] = runs
+        comp = compare(list(runs.values()), baseline)
+        rows[sd] = {c.run: c for c in comp}
+        if out is not None:
+            write_outputs(comp, baseline, [f"{out}_s{sd}.csv"])
+    summaries = []
+    for name, sub in specs:
+        seen = [sd for sd in seeds if name in rows[sd]]
+        if not seen:
+            print(f"study: run {name!r} ({sub}) was not made at any seed: reported as not run", file=sys.stderr)
+        s = SeedSummary(name, seen, Stat(), Stat(), Stat(), Stat(), 0)
+        for sd in seen:
+            c, b = rows[sd][name], rows[sd][baseline]
+            s.final.values.append(c.final_valid_loss)
+            s.delta.values.append(c.final_valid_loss - b.final_valid_loss)
+            if c.step_speedup is not None:
+                s.reached += 1
+                s.step_speedup.values.append(c.step_speedup)
+            if c.compute_speedup is not None:
+                s.compute_speedup.values.append(c.compute_speedup)
+        summaries.append(s)
+    return summaries, per_seed
+
+
+HEAD = ["run", "seeds", "final valid loss", "Δ vs baseline (paired)", "Δ exceeds the seed spread?",
+        "reached baseline's final loss", "speed-up (steps)", "speed-up (compute)"]
+
+
+def seeds_markdown(summaries: Sequence[SeedSummary], baseline: str, title: str, seeds: Sequence[int]) -> str:
+    lines = ["| " + " | ".join(HEAD) + " |", "|" + "---|" * len(HEAD)]
+    for s in summaries:
+        lines.append("| " + " | ".join(s.row(baseline)) + " |")
+    lines.append("")
+    lines.append(f"{title}; seeds {', '.join(map(str, seeds))} (initialisation and data order); mean ± sd over "
+                 "the seeds (sd with n - 1). Δ = final validation loss minus the same seed's baseline; it exceeds "
+                 "the spread when a paired t-test over the seeds rejects Δ = 0 at 95 % (two-sided). Speed-ups: "
+                 "baseline's steps (FLOPs: student training + teacher forward) to its own final validation loss / "
+                 "the run's, over the seeds that reached it.")
+    return "\n".join(lines) + "\n"
+
+
+def pair_stats(summaries: Sequence[SeedSummary], pairs: Sequence[str]) -> List[Tuple[str, str, Stat]]:
+    """Paired difference of the final validation loss between two runs over their common seeds."""
+    by_name = {s.name: s for s in summaries}
+    out = []
+    for pair in pairs:
+        a, sep, b = pair.partition(":")
+        if not sep or a not in by_name or b not in by_name:
+            raise ValueError(f"--pairs {pair!r} must be A:B with A and B among the runs {sorted(by_name)}")
+        sa, sb = by_name[a], by_name[b]
+        common = [sd for sd in sa.seeds if sd in sb.seeds]
+        # delta = final - the seed's baseline, so delta_a - delta_b = final_a - final_b
+        da = dict(zip(sa.seeds, sa.final.values))
+        db = dict(zip(sb.seeds, sb.final.values))
+        out.append((a, b, Stat([da[sd] - db[sd] for sd in common])))
+    return out
+
+
+def pairs_markdown(pairs: Sequence[Tuple[str, str, Stat]]) -> str:
+    lines = ["| comparison | seeds | Δ final valid loss (paired) | exceeds the seed spread? |", "|---|---|---|---|"]
+    for a, b, st in pairs:
+        cell = st.fmt("+.4f") if st.n else "no common seed"
+        v = verdict(st, 0.0, f"{a} lower", f"{b} lower") if st.n else ""
+        lines.append(f"| {a} − {b} | {st.n} | {cell} | {v} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_seeds_csv(path: Path, summaries: Sequence[SeedSummary]) -> None:
+    with open(path, "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["run", "seeds", "final_loss_mean", "final_loss_sd", "delta_mean", "delta_sd", "delta_t",
+                    "reached", "step_speedup_mean", "step_speedup_sd", "compute_speedup_mean",
+                    "compute_speedup_sd"])
+        for s in summaries:
+            t = s.delta.t()
+            w.writerow([s.name, " ".join(map(str, s.seeds)), _num(s.final.mean), _num(s.final.sd),
+                        _num(s.delta.mean), _num(s.delta.sd), "" if t is None else _num(t), s.reached,
+                        _num(s.step_speedup.mean), _num(s.step_speedup.sd),
+                        _num(s.compute_speedup.mean), _num(s.compute_speedup.sd)])
+
+
+def _num(v: float) -> str:
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else repr(float(v))
+
+
+def _curve(run: Run) -> Tuple[np.ndarray, np.ndarray]:
+    s = run.scalars[VALID_LOSS]
+    return np.asarray(s.steps), np.asarray(s.values, dtype=float)
+
+
+def plot_seeds(path: Path, summaries: Sequence[SeedSummary], per_seed: Dict[int, Dict[str, Run]],
+               baseline: str, title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax, dax) = plt.subplots(1, 2, figsize=(12, 4.5))
+    for i, s in enumerate(summaries):
+        if not s.seeds:
+            continue
+        steps, curves, deltas = None, [], []
+        for sd in s.seeds:
+            st, v = _curve(per_seed[sd][s.name])
+            bst, bv = _curve(per_seed[sd][baseline])
+            if steps is None:
+                steps = st
+            if not (np.array_equal(st, steps) and np.array_equal(bst, steps)):
+                raise ValueError(f"{s.name}: seeds were evaluated at different steps; cannot average curves")
+            curves.append(v)
+            deltas.append(v - bv)
+        color = f"C{i}"
+        label = f"{s.name} (n={len(s.seeds)})"
+        for axis, data in ((ax, np.array(curves)), (dax, np.array(deltas))):
+            mean = data.mean(axis=0)
+            axis.plot(steps, mean, color=color, label=label)
+            if len(data) > 1:
+                sd_ = data.std(axis=0, ddof=1)
+                axis.fill_between(steps, mean - sd_, mean + sd_, color=color, alpha=0.2)
+    ax.set(title=f"validation loss, mean ± sd over seeds ({title})", xlabel="step", ylabel="lm loss")
+    dax.set(title="difference to the same seed's baseline", xlabel="step", ylabel="Δ lm loss")
+    dax.axhline(0.0, color="black", lw=0.8)
+    ax.legend(fontsize=8)
+    dax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_seeds(a: argparse.Namespace) -> None:
+    specs = parse_specs(a.runs)
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    summaries, per_seed = summarize_seeds(Path(a.root), a.seeds, specs, out)
+    baseline = specs[0][0]
+    md = seeds_markdown(summaries, baseline, a.title, a.seeds)
+    if a.pairs:
+        pairs = pair_stats(summaries, a.pairs)
+        md += "\n" + pairs_markdown(pairs)
+        with open(f"{out}_pairs.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["a", "b", "seeds", "diff_mean", "diff_sd", "t"])
+            for x, y, st in pairs:
+                t = st.t()
+                w.writerow([x, y, st.n, _num(st.mean), _num(st.sd), "" if t is None else _num(t)])
+    Path(f"{out}.md").write_text(md)
+    write_seeds_csv(Path(f"{out}.csv"), summaries)
+    plot_seeds(Path(f"{out}.png"), summaries, per_seed, baseline, a.title)
+    print(md)
+
+
+# ------------------------------------------------------------------------------------------------ grid
+def parse_grid(specs: Sequence[str]) -> List[Tuple[str, str, str]]:
+    """``LAMBDA:PERCENT=DIR`` -> (lambda, percent, dir)."""
+    out = []
+    for spec in specs:
+        key, sep, path = spec.partition("=")
+        lam, colon, pct = key.partition(":")
+        if not sep or not colon or not path:
+            raise ValueError(f"grid spec {spec!r} must be LAMBDA:PERCENT=DIR")
+        float(lam), int(pct)  # noqa: B018  (validates)
+        out.append((lam, pct, path))
+    return out
+
+
+def grid_rows(runs_dir: Path, grid: Sequence[Tuple[str, str, str]]) -> List[dict]:
+    base = _load("baseline", runs_dir / "baseline")
+    if base is None:
+        raise FileNotFoundError(f"{runs_dir / 'baseline'} was not made")
+    runs = [base]
+    keys = {}
+    for lam, pct, sub in grid:
+        run = _load(f"{lam}:{pct}", runs_dir / sub)
+        if run is None:
+            raise FileNotFoundError(f"grid run {runs_dir / sub} (λ0 {lam}, S_stop {pct}%) was not made")
+        runs.append(run)
+        keys[run.name] = (lam, pct)
+    comp = {c.run: c for c in compare(runs, "baseline")}
+    b = comp["baseline"]
+    rows = []
+    for name, (lam, pct) in keys.items():
+        c = comp[name]
+        rows.append({"lambda": lam, "stop_percent": pct, "final_valid_loss": c.final_valid_loss,
+                     "delta": c.final_valid_loss - b.final_valid_loss, "steps_to_target": c.steps_to_target,
+                     "step_speedup": c.step_speedup, "compute_speedup": c.compute_speedup,
+                     "baseline_final_valid_loss": b.final_valid_loss})
+    return rows
+
+
+def best_settings(rows: Sequence[dict], top: int) -> List[str]:
+    if top > len(rows):
+        raise ValueError(f"--top {top} exceeds the {len(rows)} grid settings")
+    ranked = sorted(rows, key=lambda r: r["final_valid_loss"])
+    return [f"{r['lambda']}:{r['stop_percent']}" for r in ranked[:top]]
+
+
+def grid_markdown(rows: Sequence[dict], train_iters: int) -> str:
+    lams = sorted({r["lambda"] for r in rows}, key=float)
+    pcts = sorted({r["stop_percent"] for r in rows}, key=int)
+    cell = {(r["lambda"], r["stop_percent"]): r for r in rows}
+    head = ["λ0 \\ S_stop"] + [f"{p}% ({max(1, (train_iters * int(p) + 50) // 100)} steps)" for p in pcts]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for lam in lams:
+        cells = [lam]
+        for p in pcts:
+            r = cell.get((lam, p))
+            if r is None:
+                cells.append("not run")
+                continue
+            sp = f"{r['step_speedup']:.2f}x" if r["step_speedup"] is not None else "not reached"
+            cells.append(f"{r['final_valid_loss']:.4f} (Δ {r['delta']:+.4f}, {sp})")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines.append("")
+    lines.append(f"Each cell: final validation loss (difference to the baseline's "
+                 f"{rows[0]['baseline_final_valid_loss']:.4f}, step speed-up to the baseline's final loss); "
+                 "one seed, so a difference smaller than the main table's seed spread is not a finding.")
+    return "\n".join(lines) + "\n"
+
+
+def plot_grid(path: Path, rows: Sequence[dict]) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    lams = sorted({r["lambda"] for r in rows}, key=float)
+    pcts = sorted({r["stop_percent"] for r in rows}, key=int)
+    data = np.full((len(lams), len(pcts)), np.nan)
+    for r in rows:
+        data[lams.index(r["lambda"]), pcts.index(r["stop_percent"])] = r["delta"]
+    fig, ax = plt.subplots(figsize=(5.5, 4))
+    lim = float(np.nanmax(np.abs(data))) or 1.0
+    im = ax.imshow(data, cmap="RdBu_r", vmin=-lim, vmax=lim)
+    for i in range(len(lams)):
+        for j in range(len(pcts)):
+            if not np.isnan(data[i, j]):
+                ax.text(j, i, f"{data[i, j]:+.3f}", ha="center", va="center", fontsize=9)
+    ax.set_xticks(range(len(pcts)), [f"{p}%" for p in pcts])
+    ax.set_yticks(range(len(lams)), lams)
+    ax.set(xlabel="S_stop (share of the run)", ylabel="λ0", title="final valid loss − baseline's")
+    fig.colorbar(im, ax=ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_grid(a: argparse.Namespace) -> None:
+    rows = grid_rows(Path(a.runs_dir), parse_grid(a.grid))
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = grid_markdown(rows, a.train_iters)
+    Path(f"{out}.md").write_text(md)
+    with open(f"{out}.csv", "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=list(rows[0]))
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: ("" if v is None else v) for k, v in r.items()})
+    plot_grid(Path(f"{out}.png"), rows)
+    print(md)
+
+
+def cmd_best(a: argparse.Namespace) -> None:
+    for s in best_settings(grid_rows(Path(a.runs_dir), parse_grid(a.grid)), a.top):
+        print(s)
+
+
+# ------------------------------------------------------------------------------------------------ claims
+def _read_csv(path: Path) -> List[dict]:
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: run the report stage first")
+    with open(path, newline="") as fh:
+        return list(csv.DictReader(fh))
+
+
+def _f(row: dict, key: str) -> Optional[float]:
+    v = row.get(key, "")
+    return float(v) if v not in ("", None) else None
+
+
+def _verdict_t(t: Optional[float], n: int) -> str:
+    if t is None or n < 2:
+        return "one seed"
+    crit = t_critical(n - 1)
+    return "exceeds the seed spread" if abs(t) > crit else "within the seed spread"
+
+
+def _pm(mean: Optional[float], sd: Optional[float], spec: str, suffix: str = "") -> str:
+    if mean is None:
+        return "n/a"
+    return f"{mean:{spec}}" + (f" ± {sd:{spec.lstrip('+')}}" if sd is not None else "") + suffix
+
+
+def claims_markdown(report: Path, mixes: Sequence[str]) -> str:
+    """One computed line per claim of the paper, from the report's CSV files."""
+    out: List[str] = []
+    let_sd: Dict[str, Optional[float]] = {}
+    for mix in mixes:
+        rows = {r["run"]: r for r in _read_csv(report / f"main_{mix}.csv")}
+        let = rows["LET"]
+        n = len(let["seeds"].split())
+        let_sd[mix] = _f(let, "delta_sd")
+        sp = _pm(_f(let, "step_speedup_mean"), _f(let, "step_speedup_sd"), ".2f", "x")
+        cp = _pm(_f(let, "compute_speedup_mean"), _f(let, "compute_speedup_sd"), ".2f", "x")
+        out.append(f"- **Claim 1, mix `{mix}`** (LET ends better than the baseline): Δ final validation loss "
+                   f"{_pm(_f(let, 'delta_mean'), _f(let, 'delta_sd'), '+.4f')} over {n} seeds, "
+                   f"{_verdict_t(_f(let, 'delta_t'), n)}; LET reached the baseline's final loss in "
+                   f"{let['reached']}/{n} seeds, step speed-up {sp}, compute speed-up {cp} (over the seeds that reached it).")
+        for r in _read_csv(report / f"main_{mix}_pairs.csv"):
+            k = int(r["seeds"])
+            if k == 0:
+                continue
+            claim = {"SALT": "2", "RKD": "2", "LET-logsum": "5"}.get(r["b"], "?")
+            out.append(f"- **Claim {claim}, mix `{mix}`** ({r['a']} vs {r['b']}): {r['a']} − {r['b']} = "
+                       f"{_pm(_f(r, 'diff_mean'), _f(r, 'diff_sd'), '+.4f')} over {k} seed(s), "
+                       f"{_verdict_t(_f(r, 't'), k)}.")
+    grid = _read_csv(report / "grid.csv")
+    ranked = sorted(grid, key=lambda r: float(r["final_valid_loss"]))
+    best = ranked[0]
+    default = [r for r in grid if float(r["lambda"]) == 0.1]
+    out.append(f"- **Claim 3** (λ0 = 0.1 is best): in the one-seed grid the lowest final loss is at λ0 "
+               f"{best['lambda']}, S_stop {best['stop_percent']}% (Δ {float(best['delta']):+.4f} vs the "
+               f"baseline); the best λ0 = 0.1 cell has Δ "
+               + (f"{min(float(r['delta']) for r in default):+.4f}" if default else "n/a (not in the grid)")
+               + "; over the seeds, see the best-settings table:")
+    for r in _read_csv(report / "best.csv"):
+        if r["run"] == "baseline":
+            continue
+        n = len(r["seeds"].split())
+        out.append(f"  - {r['run']}: Δ {_pm(_f(r, 'delta_mean'), _f(r, 'delta_sd'), '+.4f')} over {n} seeds, "
+                   f"{_verdict_t(_f(r, 'delta_t'), n)}")
+    layers = [r for r in _read_csv(report / "layers.csv") if r["run"] != "baseline" and r["seeds"]]
+    if layers:
+        order = sorted(layers, key=lambda r: float(r["final_loss_mean"]))
+        spread = max(float(r["final_loss_mean"]) for r in layers) - min(float(r["final_loss_mean"]) for r in layers)
+        sd = let_sd.get(mixes[0])
+        out.append(f"- **Claim 4** (L2E best): one seed; order by final loss "
+                   f"{' < '.join(r['run'] for r in order)}; the pairs span {spread:.4f} nats"
+                   + (f", against a seed sd of LET's Δ of {sd:.4f} on mix `{mixes[0]}`" if sd is not None else ""))
+    for mix in mixes:
+        rows = {r["run"]: r for r in _read_csv(report / f"teacher_{mix}.csv")}
+        same, dis = rows.get("LET (same-data teacher)"), rows.get("LET (disjoint teacher)")
+        if same and dis and same["seeds"] and dis["seeds"]:
+            diff = float(dis["final_loss_mean"]) - float(same["final_loss_mean"])
+            sd = let_sd.get(mix)
+            out.append(f"- **Disjoint teacher, mix `{mix}`**: LET with the disjoint teacher − LET with the "
+                       f"same-data teacher = {diff:+.4f} (one seed; Δ vs the baseline "
+                       f"{float(dis['delta_mean']):+.4f} vs {float(same['delta_mean']):+.4f})"
+                       + (f"; LET's seed sd on this mix is {sd:.4f}" if sd is not None else ""))
+    out.append("")
+    out.append("Lines computed by `examples/reproduce/study.py claims` from the CSV files behind the tables "
+               "(paired t-test over seeds, two-sided 95 %).")
+    return "\n".join(out) + "\n"
+
+
+def cmd_claims(a: argparse.Namespace) -> None:
+    md = claims_markdown(Path(a.report), a.mixes)
+    Path(a.report, "claims.md").write_text(md)
+    print(md)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("seeds", help="mean ± sd tables over seeds")
+    s.add_argument("--root", required=True, help="folder holding sSEED/DIR runs")
+    s.add_argument("--seeds", type=int, nargs="+", required=True)
+    s.add_argument("--runs", nargs="+", required=True, metavar="NAME=DIR", help="the first is the baseline")
+    s.add_argument("--out", required=True, help="output prefix (.md, .csv, .png, _sSEED.csv)")
+    s.add_argument("--title", default="")
+    s.add_argument("--pairs", nargs="*", default=[], metavar="A:B",
+                   help="also test run A against run B (paired over their common seeds)")
+    s.set_defaults(func=cmd_seeds)
+    for name, func in (("grid", cmd_grid), ("best", cmd_best)):
+        g = sub.add_parser(name)
+        g.add_argument("--runs-dir", required=True, help="one seed's runs (holds baseline/)")
+        g.add_argument("--grid", nargs="+", required=True, metavar="LAMBDA:PERCENT=DIR")
+        if name == "grid":
+            g.add_argument("--train-iters", type=int, required=True)
+            g.add_argument("--out", required=True)
+        else:
+            g.add_argument("--top", type=int, default=2)
+        g.set_defaults(func=func)
+    c = sub.add_parser("claims", help="one computed line per claim of the paper (REPORT/claims.md)")
+    c.add_argument("--report", required=True)
+    c.add_argument("--mixes", nargs="+", required=True)
+    c.set_defaults(func=cmd_claims)
+    a = p.parse_args(argv)
+    a.func(a)
+    return 0
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except (FileNotFoundError, ValueError) as err:
+        sys.exit(f"study.py: error: {err}")
