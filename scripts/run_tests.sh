@@ -19,6 +19,6 @@ if ! command -v shellcheck >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1
 fi
 cd "${ROOT}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-echo "[run_tests] running pytest (the whole of tests/: about 20 minutes on 2 cores)"
+echo "[run_tests] running pytest (the whole of tests/: about 28 minutes on 2 cores)"
 # -ra (pyproject's addopts) lists skip reasons; no path given: pyproject's testpaths (tests/).
 exec "${ROOT}/.venv/bin/python" -m pytest -q -o console_output_style=count --durations=25 "$@"
