@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -67,6 +68,7 @@ def build_mixes(corpus: Path, out: Path, names: Sequence[str] = tuple(MIXES)) ->
         docs[split] = read_jsonl(path)
     half = halves(docs["train"])
     manifests = {}
+    train_docs = {}  # name -> its training documents' (source, path), for the disjointness check
     for name in names:
         which, sources = MIXES[name]
         keep = (lambda d: True) if sources is None else (lambda d, s=frozenset(sources): d["source"] in s)
@@ -87,37 +89,25 @@ def build_mixes(corpus: Path, out: Path, names: Sequence[str] = tuple(MIXES)) ->
             "megatron_split": ",".join(str(len(parts[s])) for s in SPLITS),
             "splits": {s: {"documents": len(parts[s]),
                            "bytes": sum(len(d["text"].encode("utf-8")) for d in parts[s]),
-                           "by_source": _count(parts[s])} for s in SPLITS},
+                           "by_source": dict(Counter(d["source"] for d in parts[s]))} for s in SPLITS},
         }
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         manifests[name] = manifest
+        train_docs[name] = {(d["source"], d["path"]) for d in parts["train"]}
         print(f"make_mixes: {name}: train {len(parts['train'])} docs "
               f"{manifest['splits']['train']['bytes'] / 2**20:.2f} MB {manifest['splits']['train']['by_source']}, "
               f"--split {manifest['megatron_split']}", file=sys.stderr)
-    _check_disjoint(manifests, out)
+    _check_disjoint(train_docs)
     return manifests
 
 
-def _count(docs: Sequence[dict]) -> Dict[str, int]:
-    out: Dict[str, int] = {}
-    for d in docs:
-        out[d["source"]] = out.get(d["source"], 0) + 1
-    return out
-
-
-def _check_disjoint(manifests: Dict[str, dict], out: Path) -> None:
+def _check_disjoint(train_docs: Dict[str, set]) -> None:
     """The disjoint teacher must share no training document with any student set."""
-    if "teacher_disjoint" not in manifests:
+    teacher = train_docs.get("teacher_disjoint")
+    if teacher is None:
         return
-
-    def train_paths(name: str) -> set:
-        n = manifests[name]["splits"]["train"]["documents"]
-        rows = read_jsonl(out / name / "corpus.jsonl")[:n]
-        return {(r["source"], r["path"]) for r in rows}
-
-    teacher = train_paths("teacher_disjoint")
-    for name in manifests:
-        if name.startswith("student_") and teacher & train_paths(name):
+    for name, docs in train_docs.items():
+        if name.startswith("student_") and teacher & docs:
             raise AssertionError(f"teacher_disjoint shares training documents with {name}")
 
 

@@ -68,6 +68,18 @@ def _load(name: str, run_dir: Path) -> Optional[Run]:
     return load_run(name, str(run_dir / "tensorboard"))
 
 
+def fmt_pm(mean: Optional[float], sd: Optional[float], spec: str, suffix: str = "") -> str:
+    """``mean ± sd`` (just the mean without an sd; "n/a" without a mean)."""
+    if mean is None:
+        return "n/a"
+    return f"{mean:{spec}}" + (f" ± {sd:{spec.lstrip('+')}}" if sd is not None else "") + suffix
+
+
+def exceeds_spread(t: float, n: int) -> bool:
+    """Whether a t statistic over ``n`` seeds rejects "no difference" (two-sided 95 %)."""
+    return abs(t) > t_critical(n - 1)
+
+
 @dataclass
 class Stat:
     values: List[float] = field(default_factory=list)
@@ -85,11 +97,7 @@ class Stat:
         return float(np.std(self.values, ddof=1)) if self.n >= 2 else math.nan
 
     def fmt(self, spec: str = ".4f", suffix: str = "") -> str:
-        if not self.values:
-            return "n/a"
-        if self.n == 1:
-            return f"{self.mean:{spec}}{suffix}"
-        return f"{self.mean:{spec}} ± {self.sd:{spec.lstrip('+')}}{suffix}"
+        return fmt_pm(self.mean if self.values else None, self.sd if self.n >= 2 else None, spec, suffix)
 
     def t(self, null: float = 0.0) -> Optional[float]:
         """Paired / one-sample t statistic against ``null`` (None below two values)."""
@@ -107,7 +115,7 @@ def verdict(stat: Stat, null: float, lower: str, higher: str) -> str:
         return "one seed: no spread"
     crit = t_critical(stat.n - 1)
     tt = "inf" if math.isinf(t) else f"{t:+.1f}"
-    if abs(t) > crit:
+    if exceeds_spread(t, stat.n):
         return f"yes: {lower if t < 0 else higher} (t = {tt}, |t| > {crit})"
     return f"no (t = {tt}, |t| <= {crit})"
 
@@ -202,7 +210,6 @@ def pair_stats(summaries: Sequence[SeedSummary], pairs: Sequence[str]) -> List[T
             raise ValueError(f"--pairs {pair!r} must be A:B with A and B among the runs {sorted(by_name)}")
         sa, sb = by_name[a], by_name[b]
         common = [sd for sd in sa.seeds if sd in sb.seeds]
-        # delta = final - the seed's baseline, so delta_a - delta_b = final_a - final_b
         da = dict(zip(sa.seeds, sa.final.values))
         db = dict(zip(sb.seeds, sb.final.values))
         out.append((a, b, Stat([da[sd] - db[sd] for sd in common])))
@@ -433,14 +440,7 @@ def _f(row: dict, key: str) -> Optional[float]:
 def _verdict_t(t: Optional[float], n: int) -> str:
     if t is None or n < 2:
         return "one seed"
-    crit = t_critical(n - 1)
-    return "exceeds the seed spread" if abs(t) > crit else "within the seed spread"
-
-
-def _pm(mean: Optional[float], sd: Optional[float], spec: str, suffix: str = "") -> str:
-    if mean is None:
-        return "n/a"
-    return f"{mean:{spec}}" + (f" ± {sd:{spec.lstrip('+')}}" if sd is not None else "") + suffix
+    return "exceeds the seed spread" if exceeds_spread(t, n) else "within the seed spread"
 
 
 def claims_markdown(report: Path, mixes: Sequence[str]) -> str:
@@ -452,10 +452,10 @@ def claims_markdown(report: Path, mixes: Sequence[str]) -> str:
         let = rows["LET"]
         n = len(let["seeds"].split())
         let_sd[mix] = _f(let, "delta_sd")
-        sp = _pm(_f(let, "step_speedup_mean"), _f(let, "step_speedup_sd"), ".2f", "x")
-        cp = _pm(_f(let, "compute_speedup_mean"), _f(let, "compute_speedup_sd"), ".2f", "x")
+        sp = fmt_pm(_f(let, "step_speedup_mean"), _f(let, "step_speedup_sd"), ".2f", "x")
+        cp = fmt_pm(_f(let, "compute_speedup_mean"), _f(let, "compute_speedup_sd"), ".2f", "x")
         out.append(f"- **Claim 1, mix `{mix}`** (LET ends better than the baseline): Δ final validation loss "
-                   f"{_pm(_f(let, 'delta_mean'), _f(let, 'delta_sd'), '+.4f')} over {n} seeds, "
+                   f"{fmt_pm(_f(let, 'delta_mean'), _f(let, 'delta_sd'), '+.4f')} over {n} seeds, "
                    f"{_verdict_t(_f(let, 'delta_t'), n)}; LET reached the baseline's final loss in "
                    f"{let['reached']}/{n} seeds, step speed-up {sp}, compute speed-up {cp} (over the seeds that reached it).")
         for r in _read_csv(report / f"main_{mix}_pairs.csv"):
@@ -464,7 +464,7 @@ def claims_markdown(report: Path, mixes: Sequence[str]) -> str:
                 continue
             claim = {"SALT": "2", "RKD": "2", "LET-logsum": "5"}.get(r["b"], "?")
             out.append(f"- **Claim {claim}, mix `{mix}`** ({r['a']} vs {r['b']}): {r['a']} − {r['b']} = "
-                       f"{_pm(_f(r, 'diff_mean'), _f(r, 'diff_sd'), '+.4f')} over {k} seed(s), "
+                       f"{fmt_pm(_f(r, 'diff_mean'), _f(r, 'diff_sd'), '+.4f')} over {k} seed(s), "
                        f"{_verdict_t(_f(r, 't'), k)}.")
     grid = _read_csv(report / "grid.csv")
     ranked = sorted(grid, key=lambda r: float(r["final_valid_loss"]))
@@ -479,7 +479,7 @@ def claims_markdown(report: Path, mixes: Sequence[str]) -> str:
         if r["run"] == "baseline":
             continue
         n = len(r["seeds"].split())
-        out.append(f"  - {r['run']}: Δ {_pm(_f(r, 'delta_mean'), _f(r, 'delta_sd'), '+.4f')} over {n} seeds, "
+        out.append(f"  - {r['run']}: Δ {fmt_pm(_f(r, 'delta_mean'), _f(r, 'delta_sd'), '+.4f')} over {n} seeds, "
                    f"{_verdict_t(_f(r, 'delta_t'), n)}")
     layers = [r for r in _read_csv(report / "layers.csv") if r["run"] != "baseline" and r["seeds"]]
     if layers:
