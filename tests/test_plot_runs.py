@@ -1,4 +1,5 @@
-"""tools/plot_runs.py and tools/compare_runs.py on TensorBoard logs with known scalars.
+"""megatron_let.analysis (runs, compare, plots) and its command lines tools/plot_runs.py and
+tools/compare_runs.py on TensorBoard logs with known scalars.
 
 Three fake runs are written with torch's SummaryWriter; every expected number below is worked out
 by hand from the scalars written (binary-exact loss values, so float32 storage changes nothing).
@@ -9,20 +10,21 @@ import importlib.util
 import json
 import math
 import os
-import sys
 
 import numpy as np
 import pytest
+
+from megatron_let.analysis import compare as cmp
+from megatron_let.analysis import plots
+from megatron_let.analysis import runs as runlog
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TOOLS = os.path.join(ROOT, "tools")
 
 
 def _load(name):
-    sys.path.insert(0, TOOLS)  # compare_runs imports plot_runs as a sibling module
     spec = importlib.util.spec_from_file_location(name, os.path.join(TOOLS, f"{name}.py"))
     mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up; compare_runs imports plot_runs
     spec.loader.exec_module(mod)
     return mod
 
@@ -80,7 +82,7 @@ def specs(logs, names=("baseline", "LET", "slow")):
 
 
 def test_loader_reads_every_scalar(logs):
-    run = plot_runs.load_run("LET", logs["LET"])
+    run = runlog.load_run("LET", logs["LET"])
     assert run.source == "tensorboard"
     assert set(run.scalars) == {"train/lm_loss", "train/step_time", "train/lambda",
                                 "train/cosine_similarity", "valid/lm_loss", "valid/ppl"}
@@ -90,7 +92,7 @@ def test_loader_reads_every_scalar(logs):
     assert lam.value_at(1) == pytest.approx(0.1) and lam.value_at(31) == 0.0
     # training seconds = cumulative step_time: 30 x 0.75 + 10 x 0.5 at step 40
     assert run.train_seconds().values[39] == pytest.approx(27.5)
-    slow = plot_runs.load_run("slow", logs["slow"])
+    slow = runlog.load_run("slow", logs["slow"])
     t = slow.train_seconds()  # event-time fallback: 2 s per step since step 1
     assert t.values[0] == 0.0 and t.values[-1] == pytest.approx(198.0)
 
@@ -105,8 +107,8 @@ def test_jsonl_fallback_equals_tensorboard(logs, tmp_path):
         for step, v in zip(EVAL_STEPS, VALID["LET"]):
             fh.write(json.dumps({"iteration": step, "split": "valid", "time": 1000.0 + step,
                                  "lm loss": v, "ppl": math.exp(v)}) + "\n")
-    from_jsonl = plot_runs.load_run("LET", str(tmp_path))  # a folder with metrics.jsonl only
-    from_tb = plot_runs.load_run("LET", logs["LET"])
+    from_jsonl = runlog.load_run("LET", str(tmp_path))  # a folder with metrics.jsonl only
+    from_tb = runlog.load_run("LET", logs["LET"])
     assert from_jsonl.source == "jsonl"
     for tag in ("valid/lm_loss", "train/lambda", "train/step_time", "train/lm_loss"):
         np.testing.assert_array_equal(from_jsonl.scalars[tag].steps, from_tb.scalars[tag].steps)
@@ -137,7 +139,7 @@ def test_panels_without_data_are_skipped(logs, tmp_path, capsys):
 
 
 def test_moving_average_by_hand():
-    got = plot_runs.moving_average(np.array([1.0, 2.0, 3.0, 4.0]), 2)
+    got = plots.moving_average(np.array([1.0, 2.0, 3.0, 4.0]), 2)
     np.testing.assert_allclose(got, [1.0, 1.5, 2.5, 3.5])
 
 
@@ -189,8 +191,8 @@ def test_compute_to_target_counts_the_teacher(tmp_path):
             w.add_scalar("config/teacher_active_steps", n, 0)
             w.close()
         paths[name] = str(d)
-    runs = plot_runs.load_runs([f"{n}={p}" for n, p in paths.items()])
-    rows = {c.run: c for c in compare_runs.compare(runs, "baseline")}
+    runs = runlog.load_runs([f"{n}={p}" for n, p in paths.items()])
+    rows = {c.run: c for c in cmp.compare(runs, "baseline")}
     # baseline: 100 steps x 6e12; LET: 60 x 6e12 + 30 x 1.5e12 (its teacher stopped at step 30)
     assert rows["baseline"].flops_to_target == pytest.approx(6e14)
     assert rows["LET"].flops_to_target == pytest.approx(3.6e14 + 4.5e13)
@@ -198,13 +200,13 @@ def test_compute_to_target_counts_the_teacher(tmp_path):
     assert rows["LET"].step_speedup == pytest.approx(100 / 60)
     assert rows["baseline"].compute_speedup == 1.0
     assert rows["slow"].flops_to_target is None and rows["slow"].compute_speedup is None
-    table = compare_runs.to_markdown(list(rows.values()), "baseline")
+    table = cmp.to_markdown(list(rows.values()), "baseline")
     assert "| 4.050e+14 | 1.48x |" in table and "| not reached | n/a |" in table
 
 
 def test_another_baseline_changes_the_target(logs):
-    runs = plot_runs.load_runs(specs(logs, ("LET", "slow")))
-    rows = compare_runs.compare(runs, "slow")  # target 2.5: slow reaches at 100, LET at 40
+    runs = runlog.load_runs(specs(logs, ("LET", "slow")))
+    rows = cmp.compare(runs, "slow")  # target 2.5: slow reaches at 100, LET at 40
     let = rows[0]
     assert let.target_loss == 2.5 and let.steps_to_target == 40
     assert let.step_speedup == pytest.approx(100 / 40)
@@ -212,22 +214,22 @@ def test_another_baseline_changes_the_target(logs):
 
 def test_bad_inputs_raise_clear_errors(logs, tmp_path, capsys):
     with pytest.raises(ValueError, match="not NAME=PATH"):
-        plot_runs.parse_run_specs(["justapath"])
+        runlog.parse_run_specs(["justapath"])
     with pytest.raises(ValueError, match="twice"):
-        plot_runs.parse_run_specs(["a=x", "a=y"])
+        runlog.parse_run_specs(["a=x", "a=y"])
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        plot_runs.load_runs([f"a={tmp_path / 'missing'}"])
+        runlog.load_runs([f"a={tmp_path / 'missing'}"])
     empty = tmp_path / "empty"
     empty.mkdir()
     with pytest.raises(FileNotFoundError, match="no TensorBoard event files"):
-        plot_runs.load_run("e", str(empty))
+        runlog.load_run("e", str(empty))
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"iteration": 1}\n')
     with pytest.raises(ValueError, match="bad.jsonl:1"):
-        plot_runs.load_run("b", str(bad))
-    runs = plot_runs.load_runs(specs(logs, ("LET",)))
+        runlog.load_run("b", str(bad))
+    runs = runlog.load_runs(specs(logs, ("LET",)))
     with pytest.raises(ValueError, match="--baseline 'nope'"):
-        compare_runs.compare(runs, "nope")
+        cmp.compare(runs, "nope")
     assert compare_runs.main(["--runs", *specs(logs), "--out", str(tmp_path / "t.txt")]) == 2
     assert "use a .md, .csv or .json" in capsys.readouterr().err
     assert plot_runs.main(["--runs", f"x={tmp_path / 'missing'}", "--out", str(tmp_path / "p")]) == 2
@@ -240,6 +242,6 @@ def test_run_without_validation_is_refused(tmp_path):
     w = SummaryWriter(log_dir=str(tmp_path / "tb"))
     w.add_scalar("train/lm_loss", 3.0, 1)
     w.close()
-    runs = plot_runs.load_runs([f"a={tmp_path}"])
+    runs = runlog.load_runs([f"a={tmp_path}"])
     with pytest.raises(ValueError, match="logged no valid/lm_loss"):
-        compare_runs.compare(runs, "a")
+        cmp.compare(runs, "a")

@@ -34,9 +34,8 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-from compare_runs import Comparison, compare, write_outputs  # noqa: E402
-from plot_runs import VALID_LOSS, Run, load_run  # noqa: E402
+from megatron_let.analysis.compare import Comparison, compare, write_outputs
+from megatron_let.analysis.runs import VALID_LOSS, Run, load_run
 
 # two-sided 95 % critical values of Student's t for 1..10 degrees of freedom
 T_CRIT_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
