@@ -9,16 +9,7 @@ files are searched below it, so a run folder holding ``tensorboard/`` works too)
 ``--metrics-jsonl`` file, or a folder holding ``metrics.jsonl`` but no event files. Scalars are keyed
 as in TensorBoard: ``train/<name>`` / ``valid/<name>`` with spaces turned into underscores.
 
-Figures (a figure is skipped, with a message, when no run logged its scalar):
-
-  train_loss_vs_step.png    train/lm_loss per step (raw, faint) and its moving average
-  train_loss_vs_time.png    the same against wall-clock seconds: the cumulative sum of
-                            train/step_time when logged, else event time since the first step
-  valid_loss_vs_step.png    valid/lm_loss per evaluation
-  schedules.png             λ (train/lambda, LET) and ω (train/kd_weight, RKD/SALT) per step
-  cosine_similarity.png     train/cosine_similarity of the aligned layers (LET paper fig. 6)
-
-Runs are read by megatron_let.analysis.runs and drawn by megatron_let.analysis.plots.
+Runs are read by megatron_let.analysis.runs and drawn by megatron_let.analysis.plots (its figures below).
 """
 
 from __future__ import annotations
@@ -28,12 +19,14 @@ import os
 import sys
 from typing import Optional, Sequence
 
+from megatron_let.analysis import plots
 from megatron_let.analysis.plots import PlotConfig, plot_all
 from megatron_let.analysis.runs import load_runs
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(description=__doc__, epilog=plots.__doc__.split("\n\n", 1)[1],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--runs", nargs="+", required=True, metavar="NAME=PATH",
                    help="runs to plot: TensorBoard folder, metrics jsonl, or a folder with either")
     p.add_argument("--out", required=True, help="folder for the PNG files")

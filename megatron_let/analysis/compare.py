@@ -22,7 +22,7 @@ Every number is computed from the logged scalars:
   speed-up (compute)       baseline's FLOPs to target / run's FLOPs to target (the paper counts
                            steps only; this charges LET/SALT for their teacher)
 
-:func:`write_outputs` writes the markdown table to ``.md`` files and the raw numbers to ``.csv`` /
+``write_outputs`` writes the markdown table to ``.md`` files and the raw numbers to ``.csv`` /
 ``.json`` files (chosen by extension).
 """
 
