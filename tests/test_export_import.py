@@ -13,6 +13,7 @@ import torch
 from safetensors.torch import load_file
 
 from launch import ROOT, TINY_MODEL, run_pretrain, run_script
+from megatron_let.export.hf_import import HFImportConfig, import_hf
 
 # The TINY_MODEL architecture of tests/launch.py, as a Hugging Face config.
 TINY = dict(num_hidden_layers=4, hidden_size=64, intermediate_size=128, num_attention_heads=4,
@@ -44,8 +45,9 @@ def save_tiny_hf(path, *, tied, seed=0, vocab=200, rope_theta=10000.0, eps=1e-5,
 
 
 def _import(hf_dir, save, *extra):
-    tool = _tool("import_hf")
-    return tool.import_hf(tool.build_parser().parse_args(["--hf", str(hf_dir), "--save", str(save), *extra]))
+    """megatron_let.export.hf_import with the settings tools/import_hf.py parses from these flags."""
+    args = _tool("import_hf").build_parser().parse_args(["--hf", str(hf_dir), "--save", str(save), *extra])
+    return import_hf(HFImportConfig(**vars(args)))
 
 
 def _export(load, out, *extra):

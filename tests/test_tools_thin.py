@@ -11,8 +11,6 @@ MAX_LINES = 120
 NOT_YET_THIN = {
     "evaluate.py": "checkpoint loading and the ppl/downstream drivers still live in the tool; they move "
                    "to megatron_let.evaluation next",
-    "import_hf.py": "the HF -> Megatron checkpoint driver (tokenizer choice, build and save) still lives in "
-                    "the tool; it moves to megatron_let.export next",
     "select_data.py": "its scoring loop uses the trainer's dataset builder and the teacher API, both being "
                       "reshaped by the teacher-component work (issue 24 item 1); it moves after that lands",
 }
