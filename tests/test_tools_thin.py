@@ -9,8 +9,6 @@ from launch import ROOT
 MAX_LINES = 120
 # tool -> why it is still longer; an entry is removed once the tool is split (the test insists).
 NOT_YET_THIN = {
-    "evaluate.py": "checkpoint loading and the ppl/downstream drivers still live in the tool; they move "
-                   "to megatron_let.evaluation next",
     "select_data.py": "its scoring loop uses the trainer's dataset builder and the teacher API, both being "
                       "reshaped by the teacher-component work (issue 24 item 1); it moves after that lands",
 }
