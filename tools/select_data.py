@@ -21,10 +21,27 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from megatron_let.runtime.cli import quiet_backend_warnings  # noqa: E402
+
+quiet_backend_warnings()  # before megatron-core is imported
+
+import torch  # noqa: E402
+
+from megatron_let.data.tokenizers import build_tokenizer  # noqa: E402
+from megatron_let.objectives.salt import DEFAULT_KD_FRACTION  # noqa: E402
+from megatron_let.objectives.salt_select import score_candidates, write_selection  # noqa: E402
+from megatron_let.runtime.device import (  # noqa: E402
+    ParallelConfig,
+    destroy_distributed,
+    initialize_distributed,
+    resolve_device,
+)
+from megatron_let.teacher import HFTeacher, TeacherConfig, check_vocab_compatible, inspect_teacher  # noqa: E402
+from megatron_let.training.arguments import build_parser, parse_args  # noqa: E402
+from megatron_let.training.trainer import build_run_datasets  # noqa: E402
+
 
 def build_select_parser():
-    from megatron_let.training.arguments import build_parser
-
     p = build_parser()
     p.prog = "select_data.py"
     g = p.add_argument_group("SALT_DS selection")
@@ -40,19 +57,6 @@ def build_select_parser():
 
 
 def main(argv=None) -> int:
-    import numpy as np
-    import torch
-    from tqdm import tqdm
-
-    from megatron_let.data.tokenizers import build_tokenizer
-    from megatron_let.objectives.salt import DEFAULT_KD_FRACTION
-    from megatron_let.objectives.salt_score import salt_sequence_scores
-    from megatron_let.runtime.device import ParallelConfig, initialize_distributed, resolve_device
-    from megatron_let.teacher.hf_teacher import (HFTeacher, TeacherConfig, check_vocab_compatible,
-                                                 inspect_teacher)
-    from megatron_let.training.arguments import parse_args
-    from megatron_let.training.trainer import build_run_datasets
-
     parser = build_select_parser()
     try:
         cfg = parse_args(argv, parser=parser)
@@ -85,37 +89,13 @@ def main(argv=None) -> int:
     m = min(n, a.select_count or kd_steps * a.global_batch_size)
 
     teacher = HFTeacher.load(TeacherConfig(path=a.teacher_path, bos=cfg.teacher.bos), device)
-    mine = list(range(rank, n, world))
-    scores = torch.full((n,), float("-inf"), dtype=torch.float32)
     t0 = time.time()
-    bar = tqdm(total=len(mine), desc=f"scoring (rank {rank})", disable=rank != 0, unit="seq")
-    for start in range(0, len(mine), a.select_batch_size):
-        idx = mine[start:start + a.select_batch_size]
-        samples = [train_ds[i] for i in idx]
-        tokens = torch.stack([s["tokens"] for s in samples]).to(device)
-        labels = torch.stack([s["labels"] for s in samples]).to(device)
-        mask = torch.stack([s["loss_mask"] for s in samples]).to(device)
-        logits = teacher.logits(tokens)
-        s = salt_sequence_scores(logits, labels, a.select_top_k, mask, vocab_size=vocab)
-        scores[idx] = s.float().cpu()
-        bar.update(len(idx))
-    bar.close()
-    # every candidate is scored by exactly one rank; the others hold -inf there
-    gathered = scores.to(device if device.type == "cuda" else "cpu")
-    torch.distributed.all_reduce(gathered, op=torch.distributed.ReduceOp.MAX)
-    scores = gathered.cpu().numpy()
+    scores = score_candidates(teacher, train_ds, n, a.select_batch_size, a.select_top_k, vocab, device)
     if rank == 0:
-        order = np.argsort(-scores, kind="stable")[:m]
-        base = a.select_output[:-4] if a.select_output.endswith(".npy") else a.select_output
-        np.save(base + ".scores.npy", scores.astype(np.float32))
-        tmp = base + ".tmp.npy"
-        np.save(tmp, order.astype(np.int64))
-        os.replace(tmp, base + ".npy")
+        base = write_selection(a.select_output, scores, m)
         print(f"[select_data] scored {n} sequences in {time.time() - t0:.1f}s on {world} rank(s); "
               f"kept the top {m} -> {base}.npy (scores: {base}.scores.npy)", flush=True)
     teacher.release()
-    from megatron_let.runtime.device import destroy_distributed
-
     destroy_distributed()
     return 0
 
