@@ -10,6 +10,7 @@ test_reliability_doc_is_current keeps them in step). Each test names the case(s)
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import shutil
@@ -493,8 +494,11 @@ def test_non_finite_metric_names_term_and_rank(megatron_single_process):
 
 
 def test_reliability_doc_is_current():
-    sys.path.insert(0, os.path.join(ROOT, "tools"))
-    import reliability_table
+    # loaded by path: tools/ on sys.path would shadow packages by the tools' names (evaluate) for the
+    # rest of this worker's files
+    spec = importlib.util.spec_from_file_location("reliability_table", os.path.join(ROOT, "tools", "reliability_table.py"))
+    reliability_table = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(reliability_table)
 
     with open(os.path.join(ROOT, "docs", "reliability.md")) as f:
         current = reliability_table.generated_part(f.read())
