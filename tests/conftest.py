@@ -15,11 +15,11 @@ try:
 
     if not _torch.cuda.is_available():
         os.environ.setdefault("TRITON_INTERPRET", "1")
-    # Under pytest-xdist each worker computes in-process on its share of the cores (two workers with
-    # two OpenMP threads each on two cores oversubscribe); the processes tests start set their own.
-    _workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
-    if _workers > 1:
-        _torch.set_num_threads(max(1, (os.cpu_count() or 1) // _workers))
+    # under pytest-xdist: this worker's share of the cores; the processes tests start set their own
+    from launch import xdist_worker_threads
+
+    if xdist_worker_threads() is not None:
+        _torch.set_num_threads(xdist_worker_threads())
 except ImportError:
     pass
 os.environ.setdefault("HF_HUB_OFFLINE", "1")

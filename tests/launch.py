@@ -39,6 +39,15 @@ def build_once(out: Path, is_current: Callable[[Path], bool], build: Callable[[P
     return out
 
 
+def xdist_worker_threads(environ=os.environ, cpus=None):
+    """In-process torch threads for one pytest-xdist worker: its share of the cores (two workers with
+    two OpenMP threads each on two cores oversubscribe); None outside xdist or with one worker."""
+    workers = int(environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers <= 1:
+        return None
+    return max(1, (cpus or os.cpu_count() or 1) // workers)
+
+
 def base_env(threads: int = 1) -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),

@@ -1,12 +1,14 @@
-"""launch.build_once: a folder shared by pytest-xdist workers (the SmolLM2 teacher cache) is built by one
-worker while the others wait, never by two at once."""
+"""The suite on pytest-xdist workers: launch.build_once builds a shared folder (the SmolLM2 teacher cache)
+in one worker while the others wait, never in two at once; each worker computes on its share of the
+cores; scripts/run_tests.sh runs the workers and the dev extra installs what they need."""
 
 import os
+import re
 import subprocess
 import sys
 import time
 
-from launch import ROOT, base_env
+from launch import ROOT, base_env, xdist_worker_threads
 
 # One worker: waits for the start signal, then asks for the shared folder; its build takes a second, so
 # two unguarded workers would both find the folder missing and both build it.
@@ -48,3 +50,20 @@ def test_two_workers_build_the_shared_folder_once(tmp_path):
     log = (tmp_path / "builds.log").read_text().split()
     assert len(log) == 4 and log[0] == "start" and log[2] == "end", log  # one build, start to end
     assert os.listdir(tmp_path / "shared") == ["done"]
+
+
+def test_each_worker_gets_its_share_of_the_cores():
+    assert xdist_worker_threads({}, cpus=2) is None  # plain pytest: torch's default
+    assert xdist_worker_threads({"PYTEST_XDIST_WORKER_COUNT": "1"}, cpus=2) is None
+    assert xdist_worker_threads({"PYTEST_XDIST_WORKER_COUNT": "2"}, cpus=2) == 1
+    assert xdist_worker_threads({"PYTEST_XDIST_WORKER_COUNT": "4"}, cpus=2) == 1
+    assert xdist_worker_threads({"PYTEST_XDIST_WORKER_COUNT": "2"}, cpus=16) == 8
+
+
+def test_run_tests_uses_the_workers_the_dev_extra_installs():
+    script = open(os.path.join(ROOT, "scripts", "run_tests.sh")).read()
+    assert '-n "${WORKERS}" --dist loadfile' in script and 'WORKERS="${TEST_WORKERS:-2}"' in script
+    dev = re.search(r"^dev = \[(.*)\]$", open(os.path.join(ROOT, "pyproject.toml")).read(), re.M).group(1)
+    assert '"pytest-xdist' in dev and '"filelock' in dev, dev
+    # -n stays out of addopts: the nested `pytest -m gpu` of scripts/gpu_check.sh must run serially
+    assert "-n" not in re.search(r"^addopts = (.*)$", open(os.path.join(ROOT, "pyproject.toml")).read(), re.M).group(1)
