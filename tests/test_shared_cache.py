@@ -67,3 +67,18 @@ def test_run_tests_uses_the_workers_the_dev_extra_installs():
     assert '"pytest-xdist' in dev and '"filelock' in dev, dev
     # -n stays out of addopts: the nested `pytest -m gpu` of scripts/gpu_check.sh must run serially
     assert "-n" not in re.search(r"^addopts = (.*)$", open(os.path.join(ROOT, "pyproject.toml")).read(), re.M).group(1)
+
+
+def test_slowest_files_are_handed_out_first():
+    from pathlib import Path
+    from types import SimpleNamespace
+
+    from conftest import SLOW_FILES_FIRST, slow_files_first
+
+    names = ["test_a.py::x", "test_quickstart.py::e2e", "test_a.py::y", "test_reproduce.py::smoke",
+             "test_z.py::z", "test_gpu_check.py::dry", "test_quickstart.py::bad"]
+    items = [SimpleNamespace(path=Path("tests") / n.split("::")[0], name=n) for n in names]
+    slow_files_first(items)
+    assert [i.name for i in items] == ["test_reproduce.py::smoke", "test_gpu_check.py::dry", "test_quickstart.py::e2e",
+                                       "test_quickstart.py::bad", "test_a.py::x", "test_a.py::y", "test_z.py::z"]
+    assert all(os.path.isfile(os.path.join(ROOT, "tests", name)) for name in SLOW_FILES_FIRST)  # not renamed
