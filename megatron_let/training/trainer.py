@@ -21,6 +21,7 @@ import torch
 
 from megatron_let.objectives.base import Needs
 from megatron_let.training.arguments import RunConfig
+from megatron_let.training.estimates import flops_scalars, run_flops
 from megatron_let.training.metrics import (
     IntervalAverage,
     IntervalTimer,
@@ -142,8 +143,6 @@ class Trainer:
         )
         if self.writer.tb is not None or self.writer.jsonl is not None:
             # tools/compare_runs.py counts the compute spent to reach a target from these
-            from megatron_let.training.dry_run import flops_scalars, run_flops
-
             self.writer.scalars(self.iteration, flops_scalars(run_flops(
                 cfg, self.objective, getattr(self, "teacher_info", None), self.world,
                 self.global_batch_size)), prefix="config/")
