@@ -477,3 +477,70 @@ def flops_scalars(flops: FlopEstimate) -> dict:
     return {"student flops per step": flops.student_per_step,
             "teacher flops per step": flops.teacher_per_step,
             "teacher active steps": float(flops.active_steps)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Throughput (--log-throughput): Megatron-LM's model-FLOP count
+# ---------------------------------------------------------------------------------------------
+
+
+def megatron_training_flops(model: LlamaConfig, batch_size: int, tp: int = 1,
+                            causal: bool = True) -> float:
+    """FLOPs of one training step (forward + backward) of the student over ``batch_size``
+    sequences, counted as Megatron-LM's ``num_floating_point_operations`` counts a dense GPT:
+    every GEMM 3× (forward, data gradient, weight gradient) × 2 FLOPs per multiply-add; per token
+    the QKV projection h·(q + 2·kv) with q = heads·d_head and kv = groups·d_head (GQA), the output
+    projection q·h, the SwiGLU MLP 3·h·f (gate and up, then down) and the output layer h·V_pad
+    (a GEMM whether or not its weight is tied to the embedding); per sequence the core attention
+    QKᵀ and AV, 2·s²·q per layer, halved for the causal mask (``causal=False``: the dense count an
+    unmasked implementation performs). Norms, rotary embedding, softmax and the loss are not
+    counted (as in Megatron-LM)."""
+    h, f, layers = model.hidden_size, model.ffn_hidden_size, model.num_layers
+    heads = model.num_attention_heads
+    head_dim = getattr(model, "kv_channels", None) or h // heads
+    q = heads * head_dim
+    kv = (model.num_query_groups or heads) * head_dim
+    per_token = layers * (h * (q + 2 * kv) + q * h + 3 * h * f) + h * model.padded_vocab_size(tp)
+    core_per_sequence = layers * 2 * model.seq_length ** 2 * q * (0.5 if causal else 1.0)
+    return 3 * 2 * batch_size * (model.seq_length * per_token + core_per_sequence)
+
+
+def teacher_forward_flops(teacher: TeacherSummary, use: TeacherUse, seq_length: int,
+                          batch_size: int) -> float:
+    """Forward FLOPs of the teacher over ``batch_size`` sequences in the same convention (one
+    forward = a third of :func:`megatron_training_flops`): 2·(weights of the blocks run [+ LM
+    head]) per token plus the causal core attention s²·width per block and sequence. The block
+    weights include its norms (a rounding error) and the attention width is the hidden size."""
+    per_block = teacher.block_parameters / teacher.num_layers
+    matmul = use.layers_run * per_block + (teacher.head_parameters if use.lm_head else 0)
+    core = use.layers_run * seq_length ** 2 * teacher.hidden_size  # 2·s²·q / 2 (causal)
+    return 2.0 * batch_size * (seq_length * matmul + core)
+
+
+@dataclass
+class StepFlops:
+    """Model FLOPs of one training step of the whole job, split into student and teacher."""
+
+    student: float
+    teacher: float  # on a step that runs the teacher
+    teacher_active_steps: int
+
+    def at(self, step: int) -> Tuple[float, float]:
+        """(student, teacher) FLOPs of step ``step`` (0-based): no teacher once it is released."""
+        return self.student, (self.teacher if step < self.teacher_active_steps else 0.0)
+
+
+def run_step_flops(cfg: RunConfig, objective, teacher_info, world_size: int,
+                   global_batch_size: int) -> StepFlops:
+    """:class:`StepFlops` of a run being set up (``teacher_info`` as for :func:`run_flops`)."""
+    par = cfg.parallel
+    tp = par.tensor_model_parallel_size
+    student = megatron_training_flops(cfg.model, global_batch_size, tp)
+    if teacher_info is None or not objective.needs(0).teacher:
+        return StepFlops(student, 0.0, 0)
+    layout = ParallelLayout(world_size, tp, par.pipeline_model_parallel_size,
+                            cfg.model.num_layers)
+    teacher = teacher_summary(teacher_info, cfg.teacher.trust_remote_code)
+    use = objective_teacher_use(objective, layout, teacher, cfg.batch.train_iters)
+    return StepFlops(student, teacher_forward_flops(teacher, use, cfg.model.seq_length,
+                                                    global_batch_size), use.active_steps)
