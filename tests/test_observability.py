@@ -289,24 +289,34 @@ LAYOUT_FLAGS = ["--objective", "baseline", "--train-iters", "2", "--log-params-n
                 "--log-num-zeros-in-grad"]
 
 
-def _layout_run(path, extra, nproc):
-    run_pretrain(COMMON + LAYOUT_FLAGS + ["--metrics-jsonl", str(path)] + extra, nproc=nproc,
-                 timeout=600)
+def _layout_run(path, init, extra, nproc):
+    run_pretrain(COMMON + LAYOUT_FLAGS + ["--metrics-jsonl", str(path), "--load", init,
+                                          "--no-load-optim", "--no-load-rng"] + extra,
+                 nproc=nproc, timeout=600)
     return read_metrics(str(path))
 
 
 @pytest.fixture(scope="module")
-def single_process_norms(tmp_path_factory):
-    return _layout_run(tmp_path_factory.mktemp("single") / "m.jsonl", [], 1)
+def init_checkpoint(tmp_path_factory):
+    """The same initial weights for every layout (a pipeline stage initialises its own)."""
+    d = str(tmp_path_factory.mktemp("init"))
+    run_pretrain(COMMON + ["--objective", "baseline", "--train-iters", "0", "--save", d])
+    return d
+
+
+@pytest.fixture(scope="module")
+def single_process_norms(tmp_path_factory, init_checkpoint):
+    return _layout_run(tmp_path_factory.mktemp("single") / "m.jsonl", init_checkpoint, [], 1)
 
 
 @pytest.mark.parametrize("layout", [["--tensor-model-parallel-size", "2"],
                                     ["--pipeline-model-parallel-size", "2"], []])
-def test_params_norm_and_zeros_do_not_depend_on_the_layout(tmp_path, layout, single_process_norms):
+def test_params_norm_and_zeros_do_not_depend_on_the_layout(tmp_path, layout, single_process_norms,
+                                                           init_checkpoint):
     """TP duplicates (norm weights), pipeline stages and DP replicas each counted once: TP = 2,
     PP = 2 and DP = 2 log the single process's values."""
     ref = single_process_norms
-    got = _layout_run(tmp_path / "m.jsonl", layout, 2)
+    got = _layout_run(tmp_path / "m.jsonl", init_checkpoint, layout, 2)
     for i in (1, 2):
         assert got[i]["params-norm"] == pytest.approx(ref[i]["params-norm"], rel=1e-5)
         assert got[i]["num-zeros"] == ref[i]["num-zeros"]
