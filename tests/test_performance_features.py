@@ -212,7 +212,9 @@ def test_capture_invariant_raises_when_hook_misses_a_microbatch(megatron_single_
 def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let_trainer_cfg,
                                                     monkeypatch):
     """No .item()/float()/int()/bool() on a tensor while the step's micro-batches run (LET with the
-    teacher and full recompute, i.e. the capture's deferred path); metrics reduce once per step."""
+    teacher and full recompute, i.e. the capture's deferred path); metrics reduce once per step,
+    also with --log-params-norm/--log-num-zeros-in-grad/--log-timers-to-tensorboard/
+    --log-memory-to-tensorboard/--log-throughput (their values join that one reduction)."""
     import sys
 
     import megatron.core.pipeline_parallel as pp
@@ -266,11 +268,37 @@ def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let
         return wrapped
 
     monkeypatch.setattr(pp, "get_forward_backward_func", get_forward_backward_func)
-    cfg, metrics = let_trainer_cfg(RECOMPUTE["full-uniform"])
+
+    # Megatron-LM's logging flags add device tensors to the step's one reduction: no conversion
+    # and no collective of their own between the update and that reduction
+    from megatron_let.training.observability import StepObserver
+
+    real_accumulate = StepObserver.accumulate
+    collectives = {"n": 0}
+
+    def accumulate(self, *a, **k):
+        def no_collective(*_a, **_k):
+            collectives["n"] += 1
+            raise AssertionError("a collective inside StepObserver.accumulate")
+        with monkeypatch.context() as m:
+            for name in names:
+                m.setattr(torch.Tensor, name, forbidden(name))
+            m.setattr(torch.distributed, "all_reduce", no_collective)
+            out = real_accumulate(self, *a, **k)
+        state["accumulated"] = state.get("accumulated", 0) + 1
+        return out
+
+    monkeypatch.setattr(StepObserver, "accumulate", accumulate)
+    cfg, metrics = let_trainer_cfg(RECOMPUTE["full-uniform"] + [
+        "--log-params-norm", "--log-num-zeros-in-grad", "--log-timers-to-tensorboard",
+        "--log-memory-to-tensorboard", "--log-throughput"])
     trainer = _train(cfg)
     assert state["steps"] == 2 and trainer.capture is not None and trainer.capture.fired == 4
+    assert state["accumulated"] == 2 and collectives["n"] == 0
     m = read_metrics(metrics)
     assert m[1]["align loss"] != 0 and m[2]["lm loss"] > 4.0
+    for key in ("params-norm", "num-zeros", "forward-backward-time", "throughput"):
+        assert key in m[2], key
 
 
 def test_inject_loss_grad_output_is_not_a_view():
