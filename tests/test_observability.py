@@ -152,6 +152,76 @@ def test_observer_takes_the_peak_from_the_cuda_device_name(monkeypatch):
     assert make("cpu").throughput(1, 2.0)["teacher flops"] == 0.0  # the teacher is released
 
 
+def test_gpu_timers_memory_and_ranges_with_cuda_stand_ins(monkeypatch, tmp_path):
+    """The CUDA-only paths on CPU: timers from (recorded) CUDA events, the allocator's statistics
+    under Megatron-LM's names, NVTX ranges and the cudaProfilerApi window around the profile."""
+    from megatron_let.training import observability as obs
+    from megatron_let.training.observability_config import ObservabilityConfig
+
+    clock = iter(range(100))
+    calls = []
+
+    class Event:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self):
+            self.t = next(clock)  # recorded on the stream: no host wait
+
+        def synchronize(self):
+            calls.append("sync")
+
+        def elapsed_time(self, end):
+            return (end.t - self.t) * 250.0  # ms
+
+    monkeypatch.setattr(torch.cuda, "Event", Event)
+    timers = obs.StepTimers(enabled=True, cuda=True)
+    with timers("forward-backward"):
+        pass
+    with timers("optimizer"):
+        pass
+    with timers("forward-backward"):  # a second span adds up
+        pass
+    assert timers.pop() == {"forward-backward-time": 0.5, "optimizer-time": 0.25}
+    assert timers.pop() == {}
+
+    monkeypatch.setattr(torch.cuda, "memory_stats", lambda: {
+        "reserved_bytes.all.current": 4, "allocated_bytes.all.current": 3,
+        "allocated_bytes.all.peak": 5, "allocation.all.current": 7})
+    assert obs.memory_stats(cuda=True) == {"mem-reserved-bytes": 4, "mem-allocated-bytes": 3,
+                                           "mem-max-allocated-bytes": 5, "mem-allocated-count": 7}
+
+    class Cudart:
+        def cudaProfilerStart(self):
+            calls.append("start")
+
+        def cudaProfilerStop(self):
+            calls.append("stop")
+
+    monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(f"push {name}"))
+    monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append("pop"))
+    # the profiler itself records CPU activity only (no CUDA here)
+    prof = obs.StepProfiler(ObservabilityConfig(profile=True, profile_step_start=1,
+                                                profile_step_end=2), str(tmp_path), 0, cuda=False)
+    prof.cuda = True  # the CUDA branches, with the profiler's activities already chosen
+    real_profile = torch.profiler.profile
+    monkeypatch.setattr(torch.profiler, "profile", lambda activities, **k: real_profile(
+        activities=[a for a in activities if a != torch.profiler.ProfilerActivity.CUDA], **k))
+    for step in range(3):
+        prof.begin(step)
+        with prof.step_range(step):
+            with obs.named_range("teacher forward"):
+                pass
+        prof.end(step)
+    assert calls[:3] == ["sync"] * 3  # one per span, after the step's reduction
+    assert calls[3:] == ["start", "push iteration 2", "push teacher forward", "pop", "pop", "stop"]
+    assert not obs._PROFILING and len(prof.trace_files) == 2
+
+
 # ----------------------------------------------------------------------------- flag checks
 
 

@@ -175,6 +175,8 @@ class StepTimers:
         out = {}
         for name, spans in self._spans.items():
             if self.cuda:
+                for _, end in spans:  # already complete after the reduction: returns at once
+                    end.synchronize()
                 out[f"{name}-time"] = sum(s.elapsed_time(e) for s, e in spans) / 1000.0
             else:
                 out[f"{name}-time"] = float(sum(spans))
