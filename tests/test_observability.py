@@ -213,12 +213,15 @@ def test_gpu_timers_memory_and_ranges_with_cuda_stand_ins(monkeypatch, tmp_path)
         activities=[a for a in activities if a != torch.profiler.ProfilerActivity.CUDA], **k))
     for step in range(3):
         prof.begin(step)
+        calls.append(f"run {step}")
         with prof.step_range(step):
             with obs.named_range("teacher forward"):
                 pass
         prof.end(step)
     assert calls[:3] == ["sync"] * 3  # one per span, after the step's reduction
-    assert calls[3:] == ["start", "push iteration 2", "push teacher forward", "pop", "pop", "stop"]
+    # the warm-up step (0) is outside the cudaProfilerApi window; step 1 (iteration 2) inside
+    assert calls[3:] == ["run 0", "start", "run 1", "push iteration 2", "push teacher forward",
+                         "pop", "pop", "stop", "run 2"]
     assert not obs._PROFILING and len(prof.trace_files) == 2
 
 

@@ -102,7 +102,6 @@ class StepProfiler:
 
     def begin(self, step: int) -> None:
         """Before step ``step`` (0-based, = iterations done)."""
-        global _PROFILING
         start, end = self.cfg.profile_step_start, self.cfg.profile_step_end
         if not self.enabled or self.prof is not None or not start - 1 <= step < end:
             return
@@ -116,9 +115,7 @@ class StepProfiler:
                                              repeat=1),
             on_trace_ready=self._export, record_shapes=True)
         self.prof.start()
-        if self.cuda:  # the same window for an `nsys --capture-range=cudaProfilerApi` launch
-            torch.cuda.cudart().cudaProfilerStart()
-        _PROFILING = step >= start
+        self._activate(step >= start)
 
     def step_range(self, step: int):
         """The whole step under ``iteration N`` (N = step + 1, as the console numbers it)."""
@@ -126,13 +123,19 @@ class StepProfiler:
             return contextlib.nullcontext()
         return named_range(f"iteration {step + 1}")
 
+    def _activate(self, on: bool) -> None:
+        global _PROFILING
+        if on and not _PROFILING and self.cuda:
+            # the recorded steps also for an `nsys --capture-range=cudaProfilerApi` launch
+            torch.cuda.cudart().cudaProfilerStart()
+        _PROFILING = on
+
     def end(self, step: int) -> None:
         """After step ``step``."""
-        global _PROFILING
         if self.prof is None:
             return
         self.prof.step()
-        _PROFILING = step + 1 >= self.cfg.profile_step_start
+        self._activate(step + 1 >= self.cfg.profile_step_start)
         if step + 1 >= self.cfg.profile_step_end:
             self.close()
 
@@ -141,7 +144,7 @@ class StepProfiler:
         if self.prof is not None:
             prof, self.prof = self.prof, None
             prof.stop()
-            if self.cuda:
+            if self.cuda and _PROFILING:
                 torch.cuda.cudart().cudaProfilerStop()
         _PROFILING = False
 
