@@ -22,7 +22,6 @@ import torch
 from megatron_let.objectives.base import Needs
 from megatron_let.training.arguments import RunConfig
 from megatron_let.training.estimates import flops_scalars, run_flops
-from megatron_let.training.observability import named_range, observer_for_run
 from megatron_let.training.metrics import (
     IntervalAverage,
     IntervalTimer,
@@ -31,6 +30,7 @@ from megatron_let.training.metrics import (
     format_eta,
     peak_memory_mb,
 )
+from megatron_let.training.observability import named_range, observer_for_run
 
 
 def load_selection(path: str, dataset_size: int):
@@ -465,6 +465,7 @@ class Trainer:
 
         self.capture_chunk, layer = find_layer_in_chunks(self.student_chunks, student_layer)
         sp = self.cfg.parallel.sequence_parallel
+
         def alignment(h, t, m):
             with named_range("alignment"):
                 return self.objective.hidden_loss(h, t, m, self.iteration)
@@ -655,7 +656,8 @@ class Trainer:
                 self.consumed_train_samples += self.global_batch_size
             checks = {"grad norm": step_stats["grad norm"]} if self._grad_norm_known else {}
             reduced = self.metrics.reduce(
-                metric_names + self.observer.metric_names, finite_checks=checks if cfg.check_for_nan_in_loss_and_grad else None)
+                metric_names + self.observer.metric_names,
+                finite_checks=checks if cfg.check_for_nan_in_loss_and_grad else None)
             if self.metrics.non_finite:  # before anything of this step is logged or saved
                 self._stop_non_finite(reduced, step_stats)
             if self.save_lock is not None:
