@@ -17,7 +17,7 @@ import types
 import pytest
 import torch
 
-from launch import TINY_MODEL, read_metrics, run_pretrain
+from launch import TINY_MODEL, read_metrics, run_pretrain, train_in_process
 from tiny_teachers import save_tiny_llama_teacher
 
 COMMON = TINY_MODEL + ["--mock-data", "--vocab-size", "200", "--micro-batch-size", "2",
@@ -337,18 +337,12 @@ def test_params_norm_and_zeros_match_the_model(megatron_single_process, teacher,
     """The last step's logged values against the trained parameters and the gradients it
     stepped with (left in the DDP buffers), computed here with plain torch."""
     from megatron_let.training.arguments import parse_args
-    from megatron_let.training.trainer import Trainer
 
     metrics = str(tmp_path / "m.jsonl")
     cfg = parse_args(COMMON + LET + ["--teacher-path", teacher, "--train-iters", "2",
                                      "--metrics-jsonl", metrics, "--log-params-norm",
                                      "--log-num-zeros-in-grad"])
-    trainer = Trainer(cfg)
-    trainer.setup()
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
+    trainer = train_in_process(cfg)
     params = [p for chunk in trainer.model for p in chunk.parameters()]
     norm = torch.sqrt(sum(p.detach().double().pow(2).sum() for p in params)).item()
     zeros = sum(int((p.main_grad == 0).sum()) for p in params)

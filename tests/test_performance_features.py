@@ -14,7 +14,7 @@ are cached per configuration and shared between tests to keep the module's time 
 import pytest
 import torch
 
-from launch import TINY_MODEL, read_metrics, run_pretrain
+from launch import TINY_MODEL, read_metrics, run_pretrain, train_in_process
 from tiny_teachers import save_tiny_llama_teacher
 
 STEPS = 3
@@ -176,16 +176,7 @@ def let_trainer_cfg(teacher, tmp_path_factory):
     return make
 
 
-def _train(cfg):
-    from megatron_let.training.trainer import Trainer
-
-    trainer = Trainer(cfg)
-    trainer.setup()
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return trainer
+_train = train_in_process
 
 
 def test_capture_invariant_raises_when_hook_misses_a_microbatch(megatron_single_process,
