@@ -387,3 +387,41 @@ def test_params_norm_and_zeros_do_not_depend_on_the_layout(tmp_path, layout, sin
     for i in (1, 2):
         assert got[i]["params-norm"] == pytest.approx(ref[i]["params-norm"], rel=1e-5)
         assert got[i]["num-zeros"] == ref[i]["num-zeros"]
+
+
+@pytest.mark.gpu
+def test_gpu_throughput_mfu_timers_memory_and_profile(tmp_path, teacher, record_property):
+    """On a GPU: MFU against the table's peak for the device, CUDA-event timers, the allocator's
+    statistics and CUDA kernels in the profile (scripts/gpu_check.sh; CPU under --cpu-dry-run)."""
+    from megatron_let.training.observability import device_peak_tflops
+
+    cuda = torch.cuda.is_available()
+    device = ["--device", "cuda", "--bf16"] if cuda else ["--device", "cpu"]
+    model = [w for w in COMMON]
+    i = model.index("--device")
+    del model[i:i + 2]
+    tb, metrics = str(tmp_path / "tb"), str(tmp_path / "m.jsonl")
+    run_pretrain(model + device + LET + [
+        "--teacher-path", teacher, "--train-iters", "4", "--tensorboard-dir", tb,
+        "--metrics-jsonl", metrics, "--log-throughput", "--log-timers-to-tensorboard",
+        "--log-memory-to-tensorboard", "--log-params-norm", "--log-num-zeros-in-grad",
+        "--profile", "--profile-step-start", "1", "--profile-step-end", "3"], timeout=600)
+    m = read_metrics(metrics)
+    peak = device_peak_tflops(torch.cuda.get_device_name()) if cuda else None
+    for rec in m.values():
+        assert rec["throughput"] == pytest.approx(
+            (rec["student flops"] + rec["teacher flops"]) / (rec["step time"] * 1e12), rel=1e-9)
+        assert 0 < rec["forward-backward-time"] <= rec["iteration-time"] * 1.05
+        if peak is not None:
+            assert rec["mfu"] == pytest.approx(rec["throughput"] / peak, rel=1e-9)
+        else:
+            assert "mfu" not in rec
+        if cuda:
+            assert rec["mem-max-allocated-bytes"] >= rec["mem-allocated-bytes"] > 0
+    record_property("tiny_model_tflops_per_gpu", m[4]["throughput"])
+    events = _trace_events(os.path.join(tb, "torch_profile", "rank-0.json.gz"))
+    names = {e["name"] for e in events}
+    assert {"iteration 2", "iteration 3", "teacher forward", "alignment"} <= names
+    assert "iteration 1" not in names and "iteration 4" not in names
+    if cuda:
+        assert any(e.get("cat") == "kernel" for e in events)
