@@ -88,3 +88,16 @@ def read_metrics(path, split="train"):
             if rec["split"] == split:
                 out[rec["iteration"]] = rec
     return out
+
+
+def train_in_process(cfg):
+    """Set up, train and close a Trainer in this process (needs megatron_single_process)."""
+    from megatron_let.training.trainer import Trainer
+
+    trainer = Trainer(cfg)
+    trainer.setup()
+    try:
+        trainer.train()
+    finally:
+        trainer.close()
+    return trainer

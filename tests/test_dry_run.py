@@ -48,7 +48,7 @@ PAPER_7B = ["--model-preset", "llama-7b", "--seq-length", "1280", "--micro-batch
 def test_layout_matches_megatron_rank_generator(world, tp, pp):
     from megatron.core.parallel_state import RankGenerator
 
-    from megatron_let.training.dry_run import ParallelLayout
+    from megatron_let.training.estimates import ParallelLayout
 
     layout = ParallelLayout(world, tp, pp, num_layers=24)
     dp = world // (tp * pp)
@@ -66,7 +66,7 @@ def test_layout_matches_megatron_rank_generator(world, tp, pp):
 
 
 def test_stage_layers_and_teacher_stage():
-    from megatron_let.training.dry_run import ParallelLayout
+    from megatron_let.training.estimates import ParallelLayout
 
     layout = ParallelLayout(64, 2, 4, num_layers=32)
     assert [layout.stage_layers(p) for p in range(4)] == [(1, 8), (9, 16), (17, 24), (25, 32)]
@@ -75,7 +75,7 @@ def test_stage_layers_and_teacher_stage():
 
 
 def test_stage_parameters_hand_computed_llama_7b_tp2_pp4():
-    from megatron_let.training.dry_run import stage_parameters
+    from megatron_let.training.estimates import stage_parameters
 
     model = _cfg(PAPER_7B + ["--tensor-model-parallel-size", "2",
                              "--pipeline-model-parallel-size", "4"]).model
@@ -94,7 +94,7 @@ def test_stage_parameters_hand_computed_llama_7b_tp2_pp4():
 def test_stage_parameters_match_built_gptmodel(megatron_single_process, untie):
     from megatron_let.model.llama import build_student
     from megatron_let.runtime.device import ParallelConfig
-    from megatron_let.training.dry_run import stage_parameters
+    from megatron_let.training.estimates import stage_parameters
 
     argv = ["--model-preset", "tiny", "--seq-length", "32", "--vocab-size", "200"]
     if not untie:
@@ -217,7 +217,7 @@ def test_plan_teacher_states_without_split_or_overlap(monkeypatch, smollm2_135m)
 ])
 def test_teacher_active_steps_matches_a_linear_scan(extra, expected):
     from megatron_let.objectives import ObjectiveContext, build_objective
-    from megatron_let.training.dry_run import teacher_active_steps
+    from megatron_let.training.estimates import teacher_active_steps
 
     cfg = _cfg(PAPER_1B + extra)
     obj = build_objective(cfg.objective, cfg.objective_config, ObjectiveContext(train_iters=7630))

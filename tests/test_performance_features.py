@@ -14,7 +14,7 @@ are cached per configuration and shared between tests to keep the module's time 
 import pytest
 import torch
 
-from launch import TINY_MODEL, read_metrics, run_pretrain
+from launch import TINY_MODEL, read_metrics, run_pretrain, train_in_process
 from tiny_teachers import save_tiny_llama_teacher
 
 STEPS = 3
@@ -176,16 +176,7 @@ def let_trainer_cfg(teacher, tmp_path_factory):
     return make
 
 
-def _train(cfg):
-    from megatron_let.training.trainer import Trainer
-
-    trainer = Trainer(cfg)
-    trainer.setup()
-    try:
-        trainer.train()
-    finally:
-        trainer.close()
-    return trainer
+_train = train_in_process
 
 
 def test_capture_invariant_raises_when_hook_misses_a_microbatch(megatron_single_process,
@@ -212,7 +203,9 @@ def test_capture_invariant_raises_when_hook_misses_a_microbatch(megatron_single_
 def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let_trainer_cfg,
                                                     monkeypatch):
     """No .item()/float()/int()/bool() on a tensor while the step's micro-batches run (LET with the
-    teacher and full recompute, i.e. the capture's deferred path); metrics reduce once per step."""
+    teacher and full recompute, i.e. the capture's deferred path); metrics reduce once per step,
+    also with --log-params-norm/--log-num-zeros-in-grad/--log-timers-to-tensorboard/
+    --log-memory-to-tensorboard/--log-throughput (their values join that one reduction)."""
     import sys
 
     import megatron.core.pipeline_parallel as pp
@@ -266,11 +259,37 @@ def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let
         return wrapped
 
     monkeypatch.setattr(pp, "get_forward_backward_func", get_forward_backward_func)
-    cfg, metrics = let_trainer_cfg(RECOMPUTE["full-uniform"])
+
+    # Megatron-LM's logging flags add device tensors to the step's one reduction: no conversion
+    # and no collective of their own between the update and that reduction
+    from megatron_let.training.observability import StepObserver
+
+    real_accumulate = StepObserver.accumulate
+    collectives = {"n": 0}
+
+    def accumulate(self, *a, **k):
+        def no_collective(*_a, **_k):
+            collectives["n"] += 1
+            raise AssertionError("a collective inside StepObserver.accumulate")
+        with monkeypatch.context() as m:
+            for name in names:
+                m.setattr(torch.Tensor, name, forbidden(name))
+            m.setattr(torch.distributed, "all_reduce", no_collective)
+            out = real_accumulate(self, *a, **k)
+        state["accumulated"] = state.get("accumulated", 0) + 1
+        return out
+
+    monkeypatch.setattr(StepObserver, "accumulate", accumulate)
+    cfg, metrics = let_trainer_cfg(RECOMPUTE["full-uniform"] + [
+        "--log-params-norm", "--log-num-zeros-in-grad", "--log-timers-to-tensorboard",
+        "--log-memory-to-tensorboard", "--log-throughput"])
     trainer = _train(cfg)
     assert state["steps"] == 2 and trainer.capture is not None and trainer.capture.fired == 4
+    assert state["accumulated"] == 2 and collectives["n"] == 0
     m = read_metrics(metrics)
     assert m[1]["align loss"] != 0 and m[2]["lm loss"] > 4.0
+    for key in ("params-norm", "num-zeros", "forward-backward-time", "throughput"):
+        assert key in m[2], key
 
 
 def test_inject_loss_grad_output_is_not_a_view():

@@ -83,7 +83,8 @@ def test_wandb_offline_run_holds_the_tensorboard_scalars(tmp_path):
                              "--micro-batch-size", "2", "--train-iters", "4",
                              "--eval-interval", "2", "--eval-iters", "1",
                              "--tensorboard-dir", str(tb), "--wandb-project", "megatron-let-test",
-                             "--wandb-exp-name", "tiny-baseline", "--wandb-save-dir", str(wb)],
+                             "--wandb-exp-name", "tiny-baseline", "--wandb-save-dir", str(wb),
+                             "--log-throughput", "--log-params-norm", "--log-timers-to-tensorboard"],
                env=env)
     files = glob.glob(str(wb / "wandb" / "offline-run-*" / "run-*.wandb"))
     assert len(files) == 1, os.listdir(wb)  # the run directory is under --wandb-save-dir
@@ -99,6 +100,8 @@ def test_wandb_offline_run_holds_the_tensorboard_scalars(tmp_path):
     assert sorted(tb_rows) == [0, 1, 2, 3, 4]
     assert tb_rows[0] and all(tag.startswith("config/") for tag in tb_rows[0])
     assert {"train/lm_loss", "train/lr", "valid/lm_loss", "valid/ppl"} <= set(tb_rows[4])
+    # Megatron-LM's logging flags reach W&B too (the rows are compared below)
+    assert {"train/throughput", "train/params-norm", "train/forward-backward-time"} <= set(tb_rows[4])
     assert sorted(rows) == sorted(tb_rows)
     for step, tb_values in tb_rows.items():
         assert set(rows[step]) == set(tb_values), step

@@ -40,7 +40,7 @@ import numpy as np
 from megatron_let.analysis.runs import VALID_LOSS, VALID_PPL, Run
 
 OUT_FORMATS = (".md", ".csv", ".json")
-# logged once per run by the trainer (megatron_let.training.dry_run.flops_scalars)
+# logged once per run by the trainer (megatron_let.training.estimates.flops_scalars)
 STUDENT_FLOPS = "config/student_flops_per_step"
 TEACHER_FLOPS = "config/teacher_flops_per_step"
 TEACHER_STEPS = "config/teacher_active_steps"

@@ -130,8 +130,8 @@ def register(cls: type) -> type:
 
 
 def registry() -> Dict[str, type]:
-    from megatron_let import objectives  # noqa: F401  (imports every built-in objective module)
-
+    # The built-ins are registered already: importing this module first runs the package's
+    # __init__, which imports every built-in objective module (no import back needed here).
     return dict(_REGISTRY)
 
 

@@ -10,6 +10,11 @@ from typing import List, Optional
 
 from megatron_let.model.llama import PRESETS, LlamaConfig, PerformanceConfig
 from megatron_let.runtime.device import ParallelConfig
+from megatron_let.training.observability_config import (
+    ObservabilityConfig,
+    add_observability_args,
+    observability_config_from_args,
+)
 from megatron_let.training.wandb_writer import WandbConfig, wandb_config_from_args
 
 
@@ -86,6 +91,7 @@ class LoggingConfig:
     eval_downstream_limit: int = 100
     eval_downstream_tasks: Optional[List[str]] = None
     wandb: Optional[WandbConfig] = None  # set by --wandb-project
+    observability: ObservabilityConfig = field(default_factory=ObservabilityConfig)
 
 
 @dataclass
@@ -240,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--wandb-project", help="log the TensorBoard scalars to this W&B project too")
     g.add_argument("--wandb-exp-name", help="the W&B run's name (required with --wandb-project)")
     g.add_argument("--wandb-save-dir", help="W&B run directory (default: <--save>/wandb)")
+    add_observability_args(g)
 
     g = p.add_argument_group("objective and teacher")
     objectives = registry()
@@ -411,7 +418,8 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
             a.log_interval, a.eval_interval, a.eval_iters, a.tensorboard_dir, a.metrics_jsonl,
             a.eval_downstream_interval, a.eval_downstream_limit,
             a.eval_downstream_tasks.split(",") if a.eval_downstream_tasks else None,
-            wandb=wandb_config_from_args(a.wandb_project, a.wandb_exp_name, a.wandb_save_dir, a.save)),
+            wandb=wandb_config_from_args(a.wandb_project, a.wandb_exp_name, a.wandb_save_dir, a.save),
+            observability=observability_config_from_args(a)),
         teacher=TeacherArgs(a.teacher_path, a.teacher_trust_remote_code, a.let_tokenizer_mismatch,
                             not a.no_teacher_bos, compile=a.teacher_compile,
                             tp_split=a.teacher_tp_split, overlap=a.teacher_overlap),

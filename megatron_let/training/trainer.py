@@ -21,6 +21,7 @@ import torch
 
 from megatron_let.objectives.base import Needs
 from megatron_let.training.arguments import RunConfig
+from megatron_let.training.estimates import flops_scalars, run_flops
 from megatron_let.training.metrics import (
     IntervalAverage,
     IntervalTimer,
@@ -29,6 +30,7 @@ from megatron_let.training.metrics import (
     format_eta,
     peak_memory_mb,
 )
+from megatron_let.training.observability import named_range, observer_for_run
 
 
 def load_selection(path: str, dataset_size: int):
@@ -142,11 +144,11 @@ class Trainer:
         )
         if self.writer.tb is not None or self.writer.jsonl is not None:
             # tools/compare_runs.py counts the compute spent to reach a target from these
-            from megatron_let.training.dry_run import flops_scalars, run_flops
-
             self.writer.scalars(self.iteration, flops_scalars(run_flops(
                 cfg, self.objective, getattr(self, "teacher_info", None), self.world,
                 self.global_batch_size)), prefix="config/")
+        self.observer = observer_for_run(cfg, self.objective, getattr(self, "teacher_info", None),
+                                         self.rank, self.world, self.global_batch_size, self.device)
 
         self._build_model_and_optimizer()
         self._build_data()
@@ -463,10 +465,12 @@ class Trainer:
 
         self.capture_chunk, layer = find_layer_in_chunks(self.student_chunks, student_layer)
         sp = self.cfg.parallel.sequence_parallel
-        self.capture = LayerCapture(
-            layer, lambda h, t, m: self.objective.hidden_loss(h, t, m, self.iteration),
-            sequence_parallel=sp,
-        )
+
+        def alignment(h, t, m):
+            with named_range("alignment"):
+                return self.objective.hidden_loss(h, t, m, self.iteration)
+
+        self.capture = LayerCapture(layer, alignment, sequence_parallel=sp)
         replicated = not sp
 
         def sink(weighted_sum, count, metrics):
@@ -510,12 +514,14 @@ class Trainer:
         the queue of student work rather than the teacher (read once per step)."""
         if self.device.type != "cuda":
             t0 = time.time()
-            yield
+            with named_range("teacher forward"):
+                yield
             self.teacher_time += time.time() - t0
             return
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         start.record()
-        yield
+        with named_range("teacher forward"):
+            yield
         end.record()
         self._teacher_events.append((start, end))
 
@@ -542,8 +548,9 @@ class Trainer:
         if self._forward_only:
             self.metrics.add("lm loss", nll_sum.detach(), count, replicated=True)
             return nll_sum, count.int(), {}
-        loss_sum, metrics = self.objective.output_loss(nll, logits if needs_logits else None,
-                                                       teacher_logits, loss_mask, self.iteration)
+        with named_range("kd loss" if teacher_logits is not None else "output loss"):
+            loss_sum, metrics = self.objective.output_loss(nll, logits if needs_logits else None,
+                                                           teacher_logits, loss_mask, self.iteration)
         self.metrics.add("lm loss", nll_sum.detach(), count, replicated=True)
         self.metrics.add("output loss term", loss_sum.detach(), count, replicated=True)
         self.metrics.add_many(metrics, replicated=True)
@@ -560,11 +567,12 @@ class Trainer:
         if self.capture is not None:
             self.capture.start_step()
         data_iterator = self._begin_teacher_step(data_iterator)
-        forward_backward(
-            forward_step_func=self._forward_step, data_iterator=data_iterator, model=self.model,
-            num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
-            micro_batch_size=self.cfg.batch.micro_batch_size, forward_only=False,
-        )
+        with self.observer.timers("forward-backward"):
+            forward_backward(
+                forward_step_func=self._forward_step, data_iterator=data_iterator, model=self.model,
+                num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
+                micro_batch_size=self.cfg.batch.micro_batch_size, forward_only=False,
+            )
         if self.capture is not None and self.objective.needs(self.iteration).teacher_hidden_layer \
                 is not None:
             # layer k's stage: the alignment loss entered the backward once per micro-batch
@@ -572,7 +580,8 @@ class Trainer:
         if self.step_teacher is not None:
             self.teacher_microbatches = self.step_teacher.forwards
             self.step_teacher.end_step()
-        update_ok, grad_norm, _ = self.optimizer.step()
+        with self.observer.timers("optimizer"):
+            update_ok, grad_norm, _ = self.optimizer.step()
         self._grad_norm_known = grad_norm is not None  # None with --clip-grad 0: nothing to check
         if update_ok:
             self.scheduler.step(increment=1)
@@ -634,8 +643,12 @@ class Trainer:
             self.teacher_time = 0.0
             schedule = self.objective.schedule_values(self.iteration)
             lr = self.optimizer.param_groups[0]["lr"]  # the rate this step uses
-            step_stats = self._train_step(iterator)
+            self.observer.profiler.begin(self.iteration)
+            with self.observer.profiler.step_range(self.iteration):
+                step_stats = self._train_step(iterator)
             step_time = time.time() - t0
+            self.observer.profiler.end(self.iteration)
+            self.observer.accumulate(self.metrics, self.model, self.optimizer)
             self.iteration += 1
             if use_selection:
                 self.consumed_selection_samples += self.global_batch_size
@@ -643,12 +656,14 @@ class Trainer:
                 self.consumed_train_samples += self.global_batch_size
             checks = {"grad norm": step_stats["grad norm"]} if self._grad_norm_known else {}
             reduced = self.metrics.reduce(
-                metric_names, finite_checks=checks if cfg.check_for_nan_in_loss_and_grad else None)
+                metric_names + self.observer.metric_names,
+                finite_checks=checks if cfg.check_for_nan_in_loss_and_grad else None)
             if self.metrics.non_finite:  # before anything of this step is logged or saved
                 self._stop_non_finite(reduced, step_stats)
             if self.save_lock is not None:
                 self.save_lock.heartbeat()
             values = dict(reduced)
+            values.update(self.observer.values(values, self.iteration - 1, step_time))
             # both terms are token means over the same global batch, so they add
             values["total loss"] = values.pop("output loss term", float("nan")) + values.pop(
                 "hidden loss term", 0.0)
@@ -786,6 +801,7 @@ class Trainer:
                 parts.append(f"{key}: {v[key]:.4f}")
         parts.append(f"grad norm: {v['grad norm']:.3f}")
         parts.append(f"tokens/s: {v['tokens per sec']:.0f}")
+        parts += self.observer.console_parts(v, self.iteration - 1, per_iter)
         if v.get("teacher time share", 0) > 0:
             parts.append(f"teacher share: {100 * v['teacher time share']:.1f}%")
         parts.append(f"ETA {format_eta(per_iter * (n - self.iteration))}")
@@ -799,6 +815,8 @@ class Trainer:
             print(f"[megatron_let] {msg}", flush=True)
 
     def close(self) -> None:
+        if getattr(self, "observer", None) is not None:
+            self.observer.close()
         if getattr(self, "writer", None) is not None:
             self.writer.close()
         if self.save_lock is not None:
