@@ -18,8 +18,8 @@ import torch
 
 from megatron_let.model.llama import LlamaConfig
 from megatron_let.training.checkpoint_integrity import check_metadata_json
-from megatron_let.training.checkpointing import (MODEL_PREFIX, TRACKER, find_checkpoint,
-                                               older_hint, write_checkpoint)
+from megatron_let.training.checkpointing import (EXTRA_STATE_SUFFIX, MODEL_PREFIX, TRACKER,
+                                               find_checkpoint, older_hint, write_checkpoint)
 from megatron_let.training.errors import CheckpointError
 
 TOKENIZER_SUBDIR = "tokenizer"
@@ -118,11 +118,17 @@ def load_student(root: str, parallel, use_cpu: bool = True, seq_length: Optional
     cfg.validate(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
     model = build_student(cfg, parallel, bf16=bf16, use_cpu=use_cpu)
     loaded = load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, verify=verify,
-                             log=lambda msg: None)
+                             log=_log_notes)
     if loaded is None:
         raise FileNotFoundError(f"--load {root!r}: no checkpoint found")
     model.eval()
     return model, cfg, extra
+
+
+def _log_notes(msg: str) -> None:
+    """The loader's messages that a tool's user should see (the routine ones stay quiet)."""
+    if EXTRA_STATE_SUFFIX in msg:
+        print(f"[megatron_let] {msg}", flush=True)
 
 
 def full_state_dict(model) -> Dict[str, torch.Tensor]:
