@@ -46,6 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--transformer-impl", choices=("transformer_engine", "local"), default=None,
+                   help="layer spec (default: transformer_engine on CUDA, local on CPU)")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--seed", type=int, default=1234, help="dataset shuffling seed (as in training)")
 
@@ -90,8 +92,12 @@ def _load(args):
     tok_info = tokenizer_info_from_extra(extra, args.load)
     tokenizer = build_tokenizer_from_info(tok_info)
     device = resolve_device(args.device)
+    from megatron_let.model.spec import ImplConfig, resolve_spec
+
+    resolve_spec(ImplConfig(args.transformer_impl), device.type)  # a missing TE: an error before any compute
     initialize_distributed(device, parallel, args.seed)
-    model, cfg, extra = load_student(args.load, parallel, use_cpu=device.type == "cpu", seq_length=args.seq_length)
+    model, cfg, extra = load_student(args.load, parallel, use_cpu=device.type == "cpu", seq_length=args.seq_length,
+                                     transformer_impl=args.transformer_impl)
     return model, cfg, tokenizer, tok_info
 
 

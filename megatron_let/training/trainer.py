@@ -214,8 +214,11 @@ class Trainer:
         cfg = self.cfg
         # One chunk per rank, or one per virtual stage under the interleaved pipeline (the
         # schedule then takes the list); DDP wraps each chunk, as in Megatron-LM.
+        spec = self.preflight.spec
+        for line in spec.describe():
+            self._log(line)
         self.student_chunks = build_student_chunks(cfg.model, cfg.parallel, bf16=cfg.bf16,
-                                                   use_cpu=self.use_cpu, perf=cfg.perf)
+                                                   use_cpu=self.use_cpu, perf=cfg.perf, spec=spec)
         # the whole stage without interleaving (the in-training downstream eval, which refuses
         # --num-layers-per-virtual-pipeline-stage, scores it)
         self.student = self.student_chunks[0]
