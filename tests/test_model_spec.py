@@ -189,3 +189,31 @@ def test_run_log_states_spec_backend_and_fusions(tmp_path):
     for field in FIELDS:
         assert f"{field}: off" in out
     assert "batch_p2p_sync: off" in out
+
+
+def test_jit_fusions_compute_what_the_unfused_layers_do(megatron_single_process):
+    """The fusions the GPU default turns on without TE/apex (megatron-core's torch.compile-fused
+    bias-SwiGLU and bias-dropout-add; the student has no biases) run here on CPU too once asked for:
+    same loss and gradients as the unfused student with the same weights."""
+    from megatron_let.model.llama import build_student
+
+    plain = model_spec.resolve_spec(model_spec.ImplConfig(), "cpu")
+    wanted = ("bias_activation_fusion", "bias_dropout_fusion")
+    fused = model_spec.StudentSpec("local", "cpu", [
+        model_spec.Fusion(f.field, f.flag, f.what, f.field in wanted, "test") for f in plain.fusions])
+    torch.manual_seed(0)
+    ref = build_student(CFG, ParallelConfig(), spec=plain)
+    got = build_student(CFG, ParallelConfig(), spec=fused)
+    got.load_state_dict(ref.state_dict())
+    assert (got.config.bias_activation_fusion, got.config.bias_dropout_fusion) == (True, True)
+    g = torch.Generator().manual_seed(1)
+    tokens, labels = (torch.randint(0, 128, (2, 16), generator=g) for _ in range(2))
+    pos = torch.arange(16).expand(2, -1)
+    losses = []
+    for model in (ref, got):
+        loss = model(tokens, pos, None, labels=labels).sum()
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[1], losses[0], rtol=1e-6, atol=0)
+    for (name, p), q in zip(ref.named_parameters(), got.parameters()):
+        assert float((p.grad - q.grad).abs().max()) <= 1e-6 * float(p.grad.abs().max()) + 1e-9, name
