@@ -201,8 +201,8 @@ def resolve_spec(impl_cfg: Optional[ImplConfig], device: str, assume_te: bool = 
         else:
             fusions.append(Fusion(fld, flag, what, False, missing))
     return StudentSpec(impl, device, fusions, batch_p2p_sync=False,
-                       note="planned for a GPU node: Transformer Engine assumed installed there"
-                       if te and not found else "")
+                       note="planned for a GPU node from a machine without one: Transformer Engine "
+                       "assumed installed there, apex's kernels as found here" if te and not found else "")
 
 
 def planned_spec(impl_cfg: Optional[ImplConfig], device_flag: str) -> StudentSpec:
