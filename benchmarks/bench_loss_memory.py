@@ -7,6 +7,10 @@ backward into the output layer. ``before`` is the pre-change trainer code (an fp
 full-vocabulary logits for every objective); ``after`` is :meth:`Trainer._loss_func` itself. KD
 (rkd) needs the original logits beside the in-place cross entropy and still clones.
 
+Part 3 (``--part labels``), the model's loss path: NLL-only objectives pass the labels into the model
+(megatron-core's cross entropy, as Megatron-LM) instead of taking the logits out (GPTModel's [b, s, V]
+transpose, Float16Module's fp32 upcast, then our cross entropy).
+
 Part 2, a whole training step of baseline and LET (a generated teacher ~10x smaller than the
 student), with ``--recompute-granularity`` off, full (uniform, 1 layer) and selective.
 
@@ -17,6 +21,7 @@ same figures are ``torch.cuda.max_memory_allocated`` deltas.
     python benchmarks/bench_loss_memory.py            # both parts, CPU, a few minutes
     python benchmarks/bench_loss_memory.py --part loss --dtype bf16
     python benchmarks/bench_loss_memory.py --small    # quick check of the harness
+    python benchmarks/bench_loss_memory.py --part labels --dtype bf16   # labels into the model vs logits
 """
 
 import argparse
@@ -122,6 +127,56 @@ def loss_path_worker(variant, objective, vocab, seq, micro_batch, dtype, device)
     return {"peak_bytes": meter.peak(), "loss": float(loss)}
 
 
+# ------------------------------------------------------------------------------ part 3
+def model_loss_worker(variant, objective, vocab, seq, micro_batch, hidden, dtype, device):
+    """Forward + loss + backward of a 1-layer student (Float16Module in bf16) through the trainer's
+    ``_forward_step``: ``after`` passes the labels into the model (megatron-core's cross entropy);
+    ``before`` is the previous path - the model returns the logits (GPTModel transposes them to
+    [b, s, V], Float16Module upcasts them to fp32) and the loss function takes their cross entropy."""
+    import torch
+
+    from megatron.core.transformer.module import Float16Module
+
+    from megatron_let.model.llama import LlamaConfig, build_student
+    from megatron_let.objectives import registry
+    from megatron_let.objectives.base import ObjectiveContext, build_objective
+    from megatron_let.runtime.device import ParallelConfig, initialize_distributed
+    from megatron_let.training.metrics import MetricAccumulator
+    from megatron_let.training.trainer import Trainer
+
+    dev = torch.device(device)
+    initialize_distributed(dev, ParallelConfig(), seed=1)
+    bf16 = dtype == "bf16"
+    cfg = LlamaConfig(num_layers=1, hidden_size=hidden, ffn_hidden_size=2 * hidden, num_attention_heads=4,
+                      vocab_size=vocab, seq_length=seq, make_vocab_size_divisible_by=1)
+    torch.manual_seed(0)
+    student = build_student(cfg, ParallelConfig(), bf16=bf16, use_cpu=dev.type == "cpu")
+    model = Float16Module(student.config, student) if bf16 else student
+    obj = build_objective(objective, registry()[objective].Config(),
+                          ObjectiveContext(train_iters=100, vocab_size=vocab))
+    trainer = Trainer.__new__(Trainer)  # what _forward_step and the loss function read
+    trainer.device, trainer.objective, trainer.iteration, trainer._forward_only = dev, obj, 0, False
+    trainer.model, trainer.student_chunks, trainer.capture, trainer.teacher = [model], [student], None, None
+    trainer.metrics = MetricAccumulator()
+    g = torch.Generator().manual_seed(1)
+    batch = {"tokens": torch.randint(0, vocab, (micro_batch, seq), generator=g).to(dev),
+             "labels": torch.randint(0, vocab, (micro_batch, seq), generator=g).to(dev),
+             "loss_mask": torch.ones(micro_batch, seq, device=dev),
+             "position_ids": torch.arange(seq, device=dev).expand(micro_batch, -1)}
+    meter = PeakMemory(dev)
+    meter.start()
+    if variant == "before":
+        logits = model(batch["tokens"], batch["position_ids"], None)
+        loss = trainer._loss_func(batch, None, logits)[0]
+        del logits
+    else:
+        output, loss_fn = trainer._forward_step(iter([batch]), model)
+        loss = loss_fn(output)[0]
+        del output
+    loss.backward()
+    return {"peak_bytes": meter.peak(), "loss": float(loss)}
+
+
 # ------------------------------------------------------------------------------ part 2
 def step_worker(objective, recompute, teacher, args):
     import torch
@@ -184,7 +239,8 @@ def _in_subprocess(kind, payload, threads):
 def main():
     p = argparse.ArgumentParser(description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--part", choices=("loss", "step", "both"), default="both")
+    p.add_argument("--part", choices=("loss", "step", "labels", "both"), default="both",
+                   help="both = loss and step; labels = the model's loss path with/without labels")
     p.add_argument("--vocab-size", type=int, default=49152)
     p.add_argument("--seq-length", type=int, default=1280)
     p.add_argument("--micro-batch-size", type=int, default=4)
@@ -196,13 +252,32 @@ def main():
     a = p.parse_args()
     if a.worker:
         kind, payload = a.worker[0], json.loads(a.worker[1])
-        fn = {"loss": loss_path_worker, "step": step_worker}[kind]
+        fn = {"loss": loss_path_worker, "step": step_worker, "labels": model_loss_worker}[kind]
         print(json.dumps(fn(**payload)))
         return
     threads = os.cpu_count() or 1
     if a.small:
         a.vocab_size, a.seq_length, a.micro_batch_size = 4096, 128, 2
-    report = {"loss_path": [], "step": []}
+    report = {"loss_path": [], "step": [], "labels": []}
+    if a.part == "labels":
+        v, s, b = a.vocab_size, a.seq_length, a.micro_batch_size
+        print(f"model loss path, one micro-batch through a 1-layer student (hidden 64): vocab {v} x seq "
+              f"{s} x micro-batch {b}, {a.dtype}; one fp32 [b, s, V] tensor is {v * s * b * 4 / MIB:.0f} "
+              "MiB; peak above the model")
+        print(f"  {'objective':<10} {'logits path MiB':>16} {'labels path MiB':>16} {'saved MiB':>10} "
+              f"{'same loss':>10}")
+        for objective in ("baseline", "let"):
+            row = {"objective": objective, "dtype": a.dtype}
+            for variant in ("before", "after"):
+                r = _in_subprocess("labels", dict(variant=variant, objective=objective, vocab=v, seq=s,
+                                                  micro_batch=b, hidden=64, dtype=a.dtype,
+                                                  device=a.device), threads)
+                row[variant] = r["peak_bytes"] / MIB
+                row[variant + " loss"] = r["loss"]
+            report["labels"].append(row)
+            print(f"  {objective:<10} {row['before']:>16.0f} {row['after']:>16.0f} "
+                  f"{row['before'] - row['after']:>10.0f} {str(row['before loss'] == row['after loss']):>10}",
+                  flush=True)
     if a.part in ("loss", "both"):
         v, s, b = a.vocab_size, a.seq_length, a.micro_batch_size
         copy_mib = v * s * b * 4 / MIB

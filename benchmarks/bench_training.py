@@ -98,6 +98,8 @@ def run(objective, args, teacher, metrics, extra, tp=1):
         cmd.append("--bf16")
     if objective != "baseline":
         cmd += ["--teacher-path", teacher]
+    if args.transformer_impl:
+        cmd += ["--transformer-impl", args.transformer_impl]
     if args.num_microbatches:
         cmd += ["--global-batch-size", str(args.num_microbatches * args.micro_batch_size)]
     if tp > 1:
@@ -136,6 +138,8 @@ def main():
     p.add_argument("--warmup", type=int, default=4, help="iterations ignored at the start")
     p.add_argument("--device", default="cpu")
     p.add_argument("--bf16", action="store_true")
+    p.add_argument("--transformer-impl", choices=("transformer_engine", "local"),
+                   help="passed to pretrain_let.py (default there: transformer_engine on CUDA)")
     p.add_argument("--teacher-like", choices=sorted(TEACHERS_LIKE),
                    help="generate a random teacher with this model's architecture")
     p.add_argument("--objectives", default="baseline,let,rkd,salt",

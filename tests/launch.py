@@ -21,6 +21,18 @@ TINY_MODEL = [
 ]
 
 
+def gpu_impl_args() -> list:
+    """``--transformer-impl`` for the gpu tests' CUDA runs: the default (TE) where Transformer Engine
+    imports, else the local spec, which the GPU check's image (no TE) runs; [] on CPU."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return []
+    from megatron_let.model.spec import te_importable
+
+    return [] if te_importable() else ["--transformer-impl", "local"]
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -13,7 +13,7 @@ import os
 import pytest
 import torch
 
-from launch import TINY_MODEL, read_metrics, run_pretrain
+from launch import TINY_MODEL, gpu_impl_args, read_metrics, run_pretrain
 from tiny_teachers import save_tiny_llama_teacher
 
 GPU = torch.cuda.is_available()
@@ -56,7 +56,7 @@ def test_side_stream_teacher_equals_inline(teacher_dir):
 
 
 def _run(tmp_path, teacher_dir, extra):
-    device = ["--device", "cuda", "--bf16"] if GPU else ["--device", "cpu"]
+    device = ["--device", "cuda", "--bf16", *gpu_impl_args()] if GPU else ["--device", "cpu"]
     model = list(TINY_MODEL)
     model[model.index("--device") + 1] = device[1]
     metrics = str(tmp_path / f"m{len(os.listdir(tmp_path))}.jsonl")

@@ -47,6 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1)
     g.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    g.add_argument("--transformer-impl", choices=("transformer_engine", "local"), default=None,
+                   help="layer spec (default: transformer_engine on CUDA, local on CPU)")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--seed", type=int, default=1234, help="dataset shuffling seed (as in training)")
 

@@ -27,6 +27,7 @@ from megatron_let.export.checkpoint_io import (
     read_checkpoint_extra,
     tokenizer_info_from_extra,
 )
+from megatron_let.model.spec import ImplConfig, resolve_spec
 from megatron_let.runtime.device import ParallelConfig, initialize_distributed, resolve_device
 
 
@@ -46,8 +47,10 @@ def _load(args):
     tok_info = tokenizer_info_from_extra(extra, args.load)
     tokenizer = build_tokenizer_from_info(tok_info)
     device = resolve_device(args.device)
+    resolve_spec(ImplConfig(args.transformer_impl), device.type)  # a missing TE: an error before any compute
     initialize_distributed(device, parallel, args.seed)
-    model, cfg, extra = load_student(args.load, parallel, use_cpu=device.type == "cpu", seq_length=args.seq_length)
+    model, cfg, extra = load_student(args.load, parallel, use_cpu=device.type == "cpu", seq_length=args.seq_length,
+                                     transformer_impl=args.transformer_impl)
     return model, cfg, tokenizer, tok_info
 
 

@@ -18,8 +18,8 @@ import torch
 
 from megatron_let.model.llama import LlamaConfig
 from megatron_let.training.checkpoint_integrity import check_metadata_json
-from megatron_let.training.checkpointing import (MODEL_PREFIX, TRACKER, find_checkpoint,
-                                               older_hint, write_checkpoint)
+from megatron_let.training.checkpointing import (EXTRA_STATE_SUFFIX, MODEL_PREFIX, TRACKER,
+                                               find_checkpoint, older_hint, write_checkpoint)
 from megatron_let.training.errors import CheckpointError
 
 TOKENIZER_SUBDIR = "tokenizer"
@@ -102,27 +102,36 @@ def build_tokenizer_from_info(info: Dict[str, Any]):
 
 
 def load_student(root: str, parallel, use_cpu: bool = True, seq_length: Optional[int] = None,
-                 bf16: bool = False, verify: bool = True):
+                 bf16: bool = False, verify: bool = True, transformer_impl: Optional[str] = None):
     """Build this rank's student stage and load the latest checkpoint of ``root`` into it.
 
     Needs torch.distributed and megatron's parallel state (``initialize_distributed``) for the
     ``parallel`` layout, which may differ from the one the checkpoint was written with.
     Every file is checked against the checkpoint's manifest first unless ``verify`` is False.
-    Returns ``(model, cfg, extra)``; the model is in eval mode.
+    ``transformer_impl`` is ``--transformer-impl`` (default: TE on CUDA, local on CPU; the spec's
+    checkpoints load into either). Returns ``(model, cfg, extra)``; the model is in eval mode.
     """
     from megatron_let.model.llama import build_student
+    from megatron_let.model.spec import ImplConfig, resolve_spec
     from megatron_let.training.checkpointing import load_checkpoint
 
     extra = read_checkpoint_extra(root)
     cfg = config_from_extra(extra, seq_length)
     cfg.validate(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)
-    model = build_student(cfg, parallel, bf16=bf16, use_cpu=use_cpu)
+    spec = resolve_spec(ImplConfig(transformer_impl=transformer_impl), "cpu" if use_cpu else "cuda")
+    model = build_student(cfg, parallel, bf16=bf16, use_cpu=use_cpu, spec=spec)
     loaded = load_checkpoint(root, model, None, None, load_optim=False, load_rng=False, verify=verify,
-                             log=lambda msg: None)
+                             log=_log_notes)
     if loaded is None:
         raise FileNotFoundError(f"--load {root!r}: no checkpoint found")
     model.eval()
     return model, cfg, extra
+
+
+def _log_notes(msg: str) -> None:
+    """The loader's messages that a tool's user should see (the routine ones stay quiet)."""
+    if EXTRA_STATE_SUFFIX in msg:
+        print(f"[megatron_let] {msg}", flush=True)
 
 
 def full_state_dict(model) -> Dict[str, torch.Tensor]:

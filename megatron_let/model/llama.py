@@ -1,9 +1,9 @@
 """The LLaMA student, built from megatron-core's GPTModel.
 
 LLaMA = pre-norm RMSNorm, SwiGLU MLP, rotary position embeddings, no biases, optional grouped-query
-attention, tied or untied embeddings. On a GPU with Transformer Engine installed the TE layer spec is
-used; otherwise megatron-core's local spec, with our own :class:`LlamaRMSNorm` (torch's RMSNorm wrapper
-in megatron-core refuses sequence parallelism).
+attention, tied or untied embeddings. ``--transformer-impl`` (model/spec.py) picks megatron-core's
+Transformer Engine layer spec (the default on CUDA) or its local spec, with our own
+:class:`LlamaRMSNorm` (torch's RMSNorm wrapper in megatron-core refuses sequence parallelism).
 """
 
 from __future__ import annotations
@@ -209,19 +209,27 @@ class LlamaRMSNorm(torch.nn.Module):
 
 
 def transformer_engine_available() -> bool:
-    try:
-        import transformer_engine  # noqa: F401
-    except Exception:  # TE raises RuntimeError without a GPU, not only ImportError
-        return False
-    return torch.cuda.is_available()
+    from megatron_let.model import spec
+
+    return spec.te_importable() and spec.cuda_available()
+
+
+def _spec_for(use_cpu: bool, use_te: Optional[bool] = None):
+    """The default spec of a device (``use_te`` picks the implementation explicitly)."""
+    from megatron_let.model.spec import ImplConfig, resolve_spec
+
+    impl = None if use_te is None else ("transformer_engine" if use_te else "local")
+    return resolve_spec(ImplConfig(transformer_impl=impl), "cpu" if use_cpu else "cuda")
 
 
 def build_transformer_config(cfg: LlamaConfig, parallel, bf16: bool, use_cpu: bool,
-                             perf: Optional[PerformanceConfig] = None):
-    """megatron-core TransformerConfig for the LLaMA architecture and the run's features."""
+                             perf: Optional[PerformanceConfig] = None, spec=None):
+    """megatron-core TransformerConfig for the LLaMA architecture and the run's features.
+    ``spec`` (model/spec.py ``StudentSpec``) sets the fusions; default: the device's."""
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     perf = perf or PerformanceConfig()
+    spec = spec or _spec_for(use_cpu)
     dtype = torch.bfloat16 if bf16 else torch.float32
     vpp = perf.virtual_pipeline_size(cfg.num_layers, parallel.pipeline_model_parallel_size)
     return TransformerConfig(
@@ -249,18 +257,12 @@ def build_transformer_config(cfg: LlamaConfig, parallel, bf16: bool, use_cpu: bo
         autocast_dtype=dtype,
         use_cpu_initialization=use_cpu,
         calculate_per_token_loss=True,
-        # Fusions need apex/TE kernels; we keep the plain paths unless TE is present.
-        bias_activation_fusion=False,
-        masked_softmax_fusion=False,
-        bias_dropout_fusion=False,
-        apply_rope_fusion=False,
         # megatron-core 0.16.1 defaults to the deprecated "full" and then warns about its own
         # default; [] is what "full" is converted to (whole layer, only used with CUDA graphs).
         cuda_graph_scope=[],
-        gradient_accumulation_fusion=False,
-        persist_layer_norm=False,
-        # batch_p2p_sync calls torch.cuda.synchronize(); only needed on GPU.
-        batch_p2p_sync=not use_cpu,
+        persist_layer_norm=False,  # needs apex
+        # the fusions (where their kernels exist) and batch_p2p_sync (off): model/spec.py
+        **spec.config_kwargs(),
         # Interleaved PP=2 over gloo: previous and next rank are one peer and gloo pairs batched
         # sends/recvs in posting order, swapping same-shaped tensors (silently wrong losses).
         batch_p2p_comm=not (use_cpu and vpp is not None),
@@ -321,18 +323,18 @@ def build_layer_spec(config, use_te: bool, vp_stage: Optional[int] = None):
 
 def build_student(cfg: LlamaConfig, parallel, bf16: bool = False, use_cpu: bool = True,
                   use_te: Optional[bool] = None, perf: Optional[PerformanceConfig] = None,
-                  vp_stage: Optional[int] = None):
+                  vp_stage: Optional[int] = None, spec=None):
     """Build this rank's GPTModel stage (model chunk ``vp_stage`` under the interleaved pipeline).
-    Requires megatron parallel state to be initialised."""
+    Requires megatron parallel state to be initialised. ``spec`` (model/spec.py) picks the layer
+    implementation and fusions; default: the device's (TE on CUDA, ``use_te`` to choose)."""
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 
-    config = build_transformer_config(cfg, parallel, bf16=bf16, use_cpu=use_cpu, perf=perf)
-    if use_te is None:
-        use_te = (not use_cpu) and transformer_engine_available()
+    spec = spec or _spec_for(use_cpu, use_te)
+    config = build_transformer_config(cfg, parallel, bf16=bf16, use_cpu=use_cpu, perf=perf, spec=spec)
     model = GPTModel(
         config=config,
-        transformer_layer_spec=build_layer_spec(config, use_te, vp_stage=vp_stage),
+        transformer_layer_spec=build_layer_spec(config, spec.use_te, vp_stage=vp_stage),
         vocab_size=cfg.padded_vocab_size(parallel.tensor_model_parallel_size),
         max_sequence_length=cfg.max_position_embeddings,
         pre_process=parallel_state.is_pipeline_first_stage(ignore_virtual=False, vp_stage=vp_stage),
@@ -349,11 +351,11 @@ def build_student(cfg: LlamaConfig, parallel, bf16: bool = False, use_cpu: bool 
 
 
 def build_student_chunks(cfg: LlamaConfig, parallel, bf16: bool = False, use_cpu: bool = True,
-                         perf: Optional[PerformanceConfig] = None) -> list:
+                         perf: Optional[PerformanceConfig] = None, spec=None) -> list:
     """This rank's model chunks: one stage, or one per virtual stage (interleaved pipeline)."""
     vpp = (perf or PerformanceConfig()).virtual_pipeline_size(
         cfg.num_layers, parallel.pipeline_model_parallel_size)
     if vpp is None:
-        return [build_student(cfg, parallel, bf16=bf16, use_cpu=use_cpu, perf=perf)]
-    return [build_student(cfg, parallel, bf16=bf16, use_cpu=use_cpu, perf=perf, vp_stage=i)
+        return [build_student(cfg, parallel, bf16=bf16, use_cpu=use_cpu, perf=perf, spec=spec)]
+    return [build_student(cfg, parallel, bf16=bf16, use_cpu=use_cpu, perf=perf, vp_stage=i, spec=spec)
             for i in range(vpp)]

@@ -44,7 +44,15 @@ def resolve_device(flag: str = "auto") -> torch.device:
         raise ValueError("--device cuda was requested but no CUDA GPU is visible")
     if flag == "cpu" or (flag == "auto" and not torch.cuda.is_available()):
         return torch.device("cpu")
-    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device("cuda", local_cuda_index())
+
+
+def local_cuda_index() -> int:
+    """This process's GPU: ``LOCAL_RANK`` modulo the visible GPUs. With one process per GPU and all
+    of a node's GPUs visible that is GPU LOCAL_RANK; where each task sees only its own GPU (SLURM
+    ``--gpus-per-task=1``, a per-rank CUDA_VISIBLE_DEVICES) it is GPU 0 whatever LOCAL_RANK is."""
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    return local_rank % max(1, torch.cuda.device_count())
 
 
 def world_size_from_env() -> int:

@@ -8,7 +8,9 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from megatron_let.model import spec as model_spec
 from megatron_let.model.llama import PRESETS, LlamaConfig, PerformanceConfig
+from megatron_let.model.spec import ImplConfig
 from megatron_let.runtime.device import ParallelConfig
 from megatron_let.training.observability_config import (
     ObservabilityConfig,
@@ -125,6 +127,7 @@ class RunConfig:
     check_for_nan_in_loss_and_grad: bool = True
     raw: Optional[argparse.Namespace] = field(default=None, repr=False)
     perf: PerformanceConfig = field(default_factory=PerformanceConfig)
+    impl: ImplConfig = field(default_factory=ImplConfig)  # --transformer-impl, fusions (model/spec.py)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -176,6 +179,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="overlap the distributed optimizer's parameter all-gather with forward")
     g.add_argument("--ddp-bucket-size", type=int,
                    help="gradient bucket size in elements (default: megatron-core's)")
+
+    model_spec.add_arguments(p)
 
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
@@ -426,4 +431,5 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         objective=a.objective, objective_config=objective_config, device=a.device, bf16=a.bf16,
         seed=a.seed, dry_run=a.dry_run, exit_interval=a.exit_interval,
         check_for_nan_in_loss_and_grad=a.check_for_nan_in_loss_and_grad, raw=a, perf=perf,
+        impl=model_spec.config_from_args(a),
     )

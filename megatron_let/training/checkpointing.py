@@ -408,6 +408,34 @@ def compatibility_problems(saved: Dict[str, Any], model_cfg, tokenizer: Dict[str
     return problems
 
 
+EXTRA_STATE_SUFFIX = "_extra_state"
+
+
+def load_model_state(module: torch.nn.Module, state: Dict[str, Any], path: str,
+                     log: Callable[[str], None] = print) -> None:
+    """``load_state_dict`` that is strict except for ``_extra_state`` keys the checkpoint lacks.
+
+    A module's sharded state dict may leave out its extra state: Transformer Engine's core attention
+    (megatron-core ``TEDotProductAttention.sharded_state_dict`` returns ``{}`` unless the softmax is
+    learnable) still has one in its ``state_dict``, so a strict load would refuse every checkpoint
+    written by the TE spec. Those modules keep their initial extra state (as Megatron-LM's fallback
+    does); any other missing or unexpected key is a CheckpointError."""
+    result = module.load_state_dict(state, strict=False)
+    extra = [k for k in result.missing_keys if k.endswith(EXTRA_STATE_SUFFIX)]
+    missing = [k for k in result.missing_keys if not k.endswith(EXTRA_STATE_SUFFIX)]
+    if missing or result.unexpected_keys:
+        parts = []
+        if missing:
+            parts.append(f"{len(missing)} missing key(s) ({', '.join(missing[:5])})")
+        if result.unexpected_keys:
+            parts.append(f"{len(result.unexpected_keys)} unexpected key(s) "
+                         f"({', '.join(result.unexpected_keys[:5])})")
+        raise CheckpointError(f"checkpoint {path} does not match the model: " + "; ".join(parts))
+    if extra:
+        log(f"{path}: no {EXTRA_STATE_SUFFIX} for {len(extra)} module(s) whose sharded state dict "
+            f"omits it (e.g. {extra[0]}); they keep their initial extra state")
+
+
 def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = True,
                     load_rng: bool = True, ckpt_step: Optional[int] = None, verify: bool = True,
                     check: Optional[Callable[[Dict[str, Any], str], None]] = None,
@@ -457,11 +485,11 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
     except _errors() as e:
         raise CheckpointError(f"cannot read the shards of {path} (.metadata, __*.distcp; "
                               f"{_summary(e)}); {older_hint(base, iteration)}") from None
-    # dist_checkpointing fills the tensors in place; load_state_dict (strict) also restores
-    # non-tensor extra state and proves the checkpoint matches this architecture.
+    # dist_checkpointing fills the tensors in place; load_state_dict also restores non-tensor
+    # extra state and proves the checkpoint matches this architecture.
     for i, chunk in enumerate(_chunks(model)):
-        chunk.load_state_dict({k[len(MODEL_PREFIX):]: v for k, v in loaded[_chunk_key(i)].items()},
-                              strict=True)
+        load_model_state(chunk, {k[len(MODEL_PREFIX):]: v for k, v in loaded[_chunk_key(i)].items()},
+                         path, log)
     if load_optim:
         with torch.no_grad():  # the distributed optimizer's fp32 shards are views of leaf params
             if convert == "to_regular":

@@ -25,6 +25,7 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from megatron_let.model.llama import LlamaConfig
+from megatron_let.model.spec import add_local_attention_memory, device_memory_bytes, memory_lines
 from megatron_let.training.arguments import RunConfig
 from megatron_let.training.estimates import (
     FlopEstimate,
@@ -73,6 +74,7 @@ class DryRunPlan:
     data: DataSummary
     gpus_per_node: Optional[int]
     preflight: Optional[PreflightResult] = None
+    attention_bytes: float = 0.0  # local attention: s x s bytes kept per layer (model/spec.py)
 
     @property
     def tokens_per_step(self) -> int:
@@ -113,10 +115,11 @@ def plan_run(cfg: RunConfig, world_size: Optional[int] = None) -> DryRunPlan:
         teacher = teacher_summary(info, cfg.teacher.trust_remote_code)
         use = objective_teacher_use(objective, layout, teacher, cfg.batch.train_iters)
     memory = estimate_memory(cfg, model, layout, num_microbatches, teacher, use)
+    attention = add_local_attention_memory(memory, pre.spec, cfg, layout.layers_per_chunk)
     flops = estimate_flops(model, gbs * model.seq_length, cfg.batch.train_iters, layout, teacher,
                            use, teacher_tp_split=teacher_step_prefetch(cfg, layout)[0])
     return DryRunPlan(cfg, model, layout, num_microbatches, gbs, objective, teacher, use, memory,
-                      flops, data, _gpus_per_node(), pre)
+                      flops, data, _gpus_per_node(), pre, attention_bytes=attention)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,6 +272,9 @@ def format_plan(plan: DryRunPlan) -> str:
                f"{'distributed' if cfg.parallel.use_distributed_optimizer else 'replicated'} optimizer"
                f"{', sequence parallel' if cfg.parallel.sequence_parallel else ''}"
                f"{', recompute ' + cfg.perf.recompute_granularity if cfg.perf.recompute_granularity else ''})")
+    if pre is not None and pre.spec is not None:
+        out += memory_lines(pre.spec, peak.total, plan.attention_bytes, device_memory_bytes())
+        out += ["", *pre.spec.describe()]
     features = [name for name, on in (
         ("overlapped gradient reduction", cfg.perf.overlap_grad_reduce),
         ("overlapped parameter all-gather", cfg.perf.overlap_param_gather)) if on]

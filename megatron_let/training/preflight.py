@@ -84,6 +84,7 @@ class PreflightResult:
     planned_checkpoints: int = 0
     save_free_bytes: Optional[int] = None
     warnings: List[str] = field(default_factory=list)
+    spec: object = None  # the student's layer spec and fusions (model/spec.py StudentSpec)
 
     @property
     def num_tokens(self) -> int:
@@ -298,6 +299,11 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
     cfg.perf.validate(cfg.model, par.pipeline_model_parallel_size, par.use_distributed_optimizer)
     cfg.perf.check_microbatches(num_microbatches, par.pipeline_model_parallel_size)
     fractions = parse_split(cfg.data.split)
+    # --transformer-impl against the device (TE on CUDA must import); a dry run plans the GPU job
+    from megatron_let.model.spec import planned_spec, resolve_spec
+
+    device = getattr(trainer, "device", None)
+    spec = resolve_spec(cfg.impl, device.type) if device is not None else planned_spec(cfg.impl, cfg.device)
 
     if cfg.data.tokenizer_type or cfg.data.mock_data:
         tokenizer = trainer.build_tokenizer()
@@ -365,7 +371,7 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
         tokenizer=tokenizer, vocab_size=vocab, objective=objective, world_size=world,
         data_parallel_size=dp, num_microbatches=num_microbatches, global_batch_size=gbs,
         train_samples=train_samples, valid_samples=valid_samples, datasets=datasets,
-        warnings=warnings,
+        warnings=warnings, spec=spec,
     )
     if cfg.checkpoint.save:
         where = check_save_dir(cfg.checkpoint.save)

@@ -216,8 +216,11 @@ class Trainer:
         cfg = self.cfg
         # One chunk per rank, or one per virtual stage under the interleaved pipeline (the
         # schedule then takes the list); DDP wraps each chunk, as in Megatron-LM.
+        spec = self.preflight.spec
+        for line in spec.describe():
+            self._log(line)
         self.student_chunks = build_student_chunks(cfg.model, cfg.parallel, bf16=cfg.bf16,
-                                                   use_cpu=self.use_cpu, perf=cfg.perf)
+                                                   use_cpu=self.use_cpu, perf=cfg.perf, spec=spec)
         # the whole stage without interleaving (the in-training downstream eval, which refuses
         # --num-layers-per-virtual-pipeline-stage, scores it)
         self.student = self.student_chunks[0]
@@ -503,10 +506,18 @@ class Trainer:
             if needs.teacher_logits and post_process:
                 teacher_logits = self.step_teacher.logits(
                     j, tokens, self.objective.teacher_logits_range())
-        output = model(tokens, position_ids, None)
+        # NLL-only objectives and evaluation pass the labels: megatron-core computes the (vocab-
+        # parallel) cross entropy inside the model, as Megatron-LM does, so the model returns the
+        # per-token loss and no [b, s, V] copy of the logits (transposed, upcast to fp32) is made.
+        labels = batch["labels"].to(self.device) if post_process and not self._reads_logits() else None
+        output = model(tokens, position_ids, None, labels=labels)
         if holds_k:
             self.capture.clear()
-        return output, partial(self._loss_func, batch, teacher_logits)
+        return output, partial(self._loss_func, batch, teacher_logits, nll_in_output=labels is not None)
+
+    def _reads_logits(self) -> bool:
+        """This step's output loss reads the logits themselves (KD), not only their NLL."""
+        return not self._forward_only and self.objective.needs(self.iteration).logits
 
     @contextlib.contextmanager
     def _teacher_timer(self):
@@ -533,16 +544,22 @@ class Trainer:
             self._teacher_events = []
         return self.teacher_time
 
-    def _loss_func(self, batch: Dict[str, torch.Tensor], teacher_logits, logits: torch.Tensor):
+    def _loss_func(self, batch: Dict[str, torch.Tensor], teacher_logits, output: torch.Tensor,
+                   nll_in_output: bool = False):
+        """``output``: the logits ``[b, s, V/TP]``, or with ``nll_in_output`` the per-token NLL
+        ``[b, s]`` that the model computed from the labels (:meth:`_forward_step`)."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        labels = batch["labels"].to(logits.device)
-        loss_mask = batch["loss_mask"].to(logits.device).float()
-        # vocab_parallel_cross_entropy overwrites its input (its own fp32 copy when logits are
-        # bf16). Only an objective that reads the logits themselves (KD) gets them cloned first;
-        # for NLL-only objectives no extra full-vocabulary copy is made (Megatron-LM's loss path).
-        needs_logits = not self._forward_only and self.objective.needs(self.iteration).logits
-        nll = vocab_parallel_cross_entropy(logits.clone() if needs_logits else logits, labels)
+        labels = batch["labels"].to(output.device)
+        loss_mask = batch["loss_mask"].to(output.device).float()
+        needs_logits = self._reads_logits()
+        if nll_in_output:
+            nll, logits = output, None
+        else:
+            # vocab_parallel_cross_entropy overwrites its input (its own fp32 copy when logits are
+            # bf16): an objective that reads the logits themselves (KD) gets them cloned first.
+            logits = output
+            nll = vocab_parallel_cross_entropy(logits.clone() if needs_logits else logits, labels)
         count = loss_mask.sum()
         nll_sum = (nll * loss_mask).sum()
         if self._forward_only:
