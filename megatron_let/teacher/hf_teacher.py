@@ -545,12 +545,14 @@ class HFTeacher:
         positions = teacher_max_positions(config)
         self._max_positions = positions[1] if positions is not None else None
         self._head_ok: Optional[bool] = None  # vocabulary-sliced LM head checked (first use)
+        self._compiled_blocks: list = []  # reset at release (teacher/compile.py)
         if cfg.compile:
             from megatron_let.teacher.compile import check_compile_available, compile_blocks
 
             check_compile_available(self._device)
             blocks = self._layers if self._layers is not None else _find_layer_list(base, self._num_layers)
-            compile_blocks(list(blocks)[: self._layer])  # the blocks after layer k never run
+            self._compiled_blocks = list(blocks)[: self._layer]  # the blocks after layer k never run
+            compile_blocks(self._compiled_blocks)
 
     @classmethod
     def load(cls, cfg: TeacherConfig, device: Union[str, torch.device] = "cpu") -> "HFTeacher":
@@ -862,6 +864,11 @@ class HFTeacher:
 
     def release(self) -> None:
         """Drop the model and free its memory; later forwards raise RuntimeError("teacher released")."""
+        if self._compiled_blocks:  # dynamo's caches outlive the module unless reset
+            from megatron_let.teacher.compile import release_compiled
+
+            release_compiled(self._compiled_blocks)
+            self._compiled_blocks = []
         self._model = None
         self._base = None
         self._layers = None
