@@ -209,10 +209,13 @@ def test_capture_invariant_raises_when_hook_misses_a_microbatch(megatron_single_
         _train(cfg)
 
 
+@pytest.mark.parametrize("loss", ["cosine", "cca"])
 def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let_trainer_cfg,
-                                                    monkeypatch):
+                                                    monkeypatch, loss):
     """No .item()/float()/int()/bool() on a tensor while the step's micro-batches run (LET with the
-    teacher and full recompute, i.e. the capture's deferred path); metrics reduce once per step."""
+    teacher and full recompute, i.e. the capture's deferred path); metrics reduce once per step.
+    Every copy this project makes to a device in that time is ``non_blocking`` (asynchronous from
+    the loader's pinned memory on CUDA)."""
     import sys
 
     import megatron.core.pipeline_parallel as pp
@@ -253,6 +256,17 @@ def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let
 
     monkeypatch.setattr(ddp_mod, "finalize_model_grads", finalize)
 
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        target = kwargs.get("device", args[0] if args else None)
+        caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+        if (isinstance(target, (str, torch.device)) and "/megatron_let/" in caller
+                and not kwargs.get("non_blocking", args[2] if len(args) > 2 else False)):
+            raise AssertionError(f"blocking Tensor.to({target}) inside the forward-backward of a "
+                                 f"step (from {caller}:{sys._getframe(1).f_lineno})")
+        return real_to(self, *args, **kwargs)
+
     def get_forward_backward_func():
         inner = real_get()
 
@@ -260,13 +274,14 @@ def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let
             with monkeypatch.context() as m:
                 for name in names:
                     m.setattr(torch.Tensor, name, forbidden(name))
+                m.setattr(torch.Tensor, "to", to)
                 out = inner(**kwargs)
             state["steps"] += 1
             return out
         return wrapped
 
     monkeypatch.setattr(pp, "get_forward_backward_func", get_forward_backward_func)
-    cfg, metrics = let_trainer_cfg(RECOMPUTE["full-uniform"])
+    cfg, metrics = let_trainer_cfg(RECOMPUTE["full-uniform"] + ["--let-loss", loss])
     trainer = _train(cfg)
     assert state["steps"] == 2 and trainer.capture is not None and trainer.capture.fired == 4
     m = read_metrics(metrics)

@@ -683,9 +683,10 @@ class HFTeacher:
                 f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                 f"{tuple(input_ids.shape)}"
             )
-        input_ids = input_ids.to(self._device, dtype=torch.long)
+        # host-to-device copies never wait for the device (asynchronous from pinned memory)
+        input_ids = input_ids.to(self._device, dtype=torch.long, non_blocking=True)
         if attention_mask is not None:
-            attention_mask = attention_mask.to(self._device)
+            attention_mask = attention_mask.to(self._device, non_blocking=True)
         return input_ids, attention_mask
 
     def _with_bos(

@@ -270,6 +270,7 @@ class Trainer:
         self._make_iterator = partial(
             build_data_iterator, micro_batch_size=cfg.batch.micro_batch_size,
             data_parallel_rank=self.dp_rank, data_parallel_size=self.dp_size, seed=cfg.seed,
+            pin_memory=self.device.type == "cuda",
         )
         self.selection = None
         if d.kd_data_selection:  # objective and format: checked by the preflight
@@ -482,9 +483,10 @@ class Trainer:
         batch = next(data_iterator)
         # the micro-batch's index in the step when its teacher work was prefetched
         j = data_iterator.index if isinstance(data_iterator, StepBatches) else None
-        tokens = batch["tokens"].to(self.device)
-        position_ids = batch["position_ids"].to(self.device)
-        loss_mask = batch["loss_mask"].to(self.device)
+        # asynchronous from the loader's pinned memory (CUDA): no host sync per micro-batch
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        position_ids = batch["position_ids"].to(self.device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
         needs = self.objective.needs(self.iteration)
         # under the interleaved pipeline the schedule calls this once per chunk and micro-batch
         chunk = next(i for i, m in enumerate(self.model) if m is model)
@@ -530,8 +532,8 @@ class Trainer:
     def _loss_func(self, batch: Dict[str, torch.Tensor], teacher_logits, logits: torch.Tensor):
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        labels = batch["labels"].to(logits.device)
-        loss_mask = batch["loss_mask"].to(logits.device).float()
+        labels = batch["labels"].to(logits.device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(logits.device, non_blocking=True).float()
         # vocab_parallel_cross_entropy overwrites its input (its own fp32 copy when logits are
         # bf16). Only an objective that reads the logits themselves (KD) gets them cloned first;
         # for NLL-only objectives no extra full-vocabulary copy is made (Megatron-LM's loss path).
