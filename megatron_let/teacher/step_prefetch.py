@@ -5,7 +5,9 @@ each of them repeats the same forward TP times. :class:`StepTeacher` instead pre
 ``m`` micro-batches (:func:`prefetch_step`; the schedule then reads them from a list, in the same
 order as from the data iterator) and gives micro-batch ``j`` to TP rank ``j % TP``: each rank runs
 the teacher on ``ceil(m / TP)`` or ``floor(m / TP)`` of them. The results are exchanged in rounds of
-TP micro-batches (one per rank; the last round is padded with zeros when TP does not divide m):
+TP micro-batches (one per rank; the last round is padded with zeros when TP does not divide m),
+on a process group of its own with the TP group's ranks (:func:`new_exchange_group`), so the
+student's TP collectives do not queue behind it:
 
 * LET (teacher hidden states for student layer k): an all-gather of ``[b, s, d]``; under sequence
   parallelism an all-to-all that moves only the shards, so each rank receives (and holds) only its
@@ -77,6 +79,26 @@ def prefetch_step(data_iterator: Union[Iterator, List[Iterator]], num_microbatch
     return step.batches, step
 
 
+def new_exchange_group(tp_group):
+    """A process group of the same ranks as this rank's TP group, for the teacher's exchange.
+
+    On NCCL the collectives of one communicator run in issue order: on the student's TP group the
+    student's first TP collective of the step would wait behind every round of the teacher's
+    exchange (enqueued at the step's start on the side stream). A group of its own lets them run
+    side by side. ``new_group`` is collective over the whole world: every rank creates every TP
+    group's twin, in the same (sorted) order, so call this on all ranks at set-up."""
+    world = torch.distributed.get_world_size()
+    mine = tuple(torch.distributed.get_process_group_ranks(tp_group))
+    every = [None] * world
+    torch.distributed.all_gather_object(every, mine)
+    own = None
+    for ranks in sorted(set(map(tuple, every))):
+        group = torch.distributed.new_group(list(ranks))
+        if ranks == mine:
+            own = group
+    return own
+
+
 def owned_microbatches(num_microbatches: int, tp_size: int, tp_rank: int) -> List[int]:
     """Micro-batches whose teacher forward this TP rank runs: ``j % tp_size == tp_rank``."""
     return list(range(tp_rank, num_microbatches, tp_size))
@@ -98,6 +120,8 @@ class StepTeacher:
                  timer: Optional[Callable] = None) -> None:
         self.teacher = teacher
         self.aligner = aligner  # LET†: the teacher reads its own tokenization
+        if split and tp_group is None:  # the default group would be the whole world
+            raise ValueError("StepTeacher(split=True) needs the TP ranks' exchange group")
         self.group = tp_group
         self.tp_size = torch.distributed.get_world_size(tp_group) if split else 1
         self.tp_rank = torch.distributed.get_rank(tp_group) if split else 0

@@ -133,6 +133,7 @@ class Trainer:
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self._take_save_lock()
         self.objective.context.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.teacher_exchange_group = self._teacher_exchange_group()
         if cfg.parallel.sequence_parallel:
             self.objective.context.sequence_parallel_group = self.objective.context.tp_group
         self.writer = MetricsWriter(
@@ -426,6 +427,18 @@ class Trainer:
                 self.capture_chunk = None
             self._log(f"teacher released at iteration {step}", all_ranks=False)
 
+    def _teacher_exchange_group(self):
+        """The teacher's TP exchange's own group (teacher/step_prefetch.py), made on every rank
+        (new_group is collective) when the run may split the teacher among TP ranks."""
+        from megatron.core import parallel_state
+        from megatron_let.teacher.step_prefetch import new_exchange_group
+
+        split = self.cfg.teacher.tp_split
+        if (not getattr(self, "needs_teacher_ever", False) or split is False
+                or parallel_state.get_tensor_model_parallel_world_size() == 1):
+            return None
+        return new_exchange_group(parallel_state.get_tensor_model_parallel_group())
+
     def _build_step_teacher(self):
         from megatron.core import parallel_state
         from megatron_let.teacher.step_prefetch import StepTeacher
@@ -435,7 +448,7 @@ class Trainer:
         split = t.tp_split if t.tp_split is not None else tp > 1
         overlap = t.overlap if t.overlap is not None else self.device.type == "cuda"
         return StepTeacher(self.teacher, self.aligner,
-                           tp_group=parallel_state.get_tensor_model_parallel_group(),
+                           tp_group=self.teacher_exchange_group,
                            split=split and tp > 1, sequence_parallel=self.cfg.parallel.sequence_parallel,
                            overlap=overlap, timer=self._teacher_timer)
 
