@@ -463,3 +463,16 @@ def test_custom_ops_pass_opcheck():
     _, stats = fwd(h_m.detach(), h_t, mask8, 1024, 0, 0)
     torch.library.opcheck(bwd, (torch.randn(4, device=DEVICE), h_m.detach(), h_t, mask8, stats,
                                 True, False, 1024, 0, 0))
+
+
+def test_bench_reports_bandwidth_against_the_gpu_table():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    bench = importlib.import_module("bench_cosine_align")
+    assert bench.peak_gbps("NVIDIA H200") == 4800 and bench.peak_gbps("NVIDIA H100 80GB HBM3") == 3350
+    assert bench.peak_gbps("NVIDIA H100 PCIe") == 2000 and bench.peak_gbps("NVIDIA A100-SXM4-80GB") == 2039
+    assert bench.peak_gbps("NVIDIA A100-SXM4-40GB") == 1555 and bench.peak_gbps("Tesla T4") is None
+    # 10 tokens, bf16, 8 -> 4 features: fwd 10*(12*2+1) + 10*16, bwd the same + grad h_m 10*8*2
+    assert bench.min_traffic_bytes(10, 8, 4, torch.bfloat16) == 2 * (250 + 160) + 160
+    r = bench.measure("reference", ca.cosine_align_reference, *bench.make_inputs(64, 32, 16, torch.float32, "cpu", 0.1),
+                      "cpu", 2, 0)
+    assert r.gbps == pytest.approx(bench.min_traffic_bytes(64, 32, 16, torch.float32) / (r.time_ms / 1e3) / 1e9)

@@ -258,3 +258,18 @@ def test_loader_pins_memory_when_asked(monkeypatch, pin):
     ds = [{"tokens": torch.tensor([i, i + 1])} for i in range(8)]
     it = datasets.build_data_iterator(ds, 2, 0, 0, 1, seed=0, pin_memory=pin)
     assert next(it)["tokens"].shape == (2, 2) and seen["pin_memory"] is pin
+
+
+@pytest.mark.parametrize("mismatch", [False, True])
+def test_dry_run_counts_the_prefetched_let_dagger_states(mismatch):
+    """LET† prefetches the step (its host work first) also at TP=1 on CPU: the dry run's held
+    teacher states are the step's m micro-batches, not one."""
+    from types import SimpleNamespace as NS
+
+    from megatron_let.training.dry_run import teacher_state_memory
+
+    cfg = NS(batch=NS(micro_batch_size=2), device="cpu", parallel=NS(sequence_parallel=False),
+             teacher=NS(tp_split=None, overlap=None, tokenizer_mismatch=mismatch))
+    held = teacher_state_memory(cfg, NS(seq_length=32), NS(tp=1), 5,
+                                NS(hidden_size=48, output_width=48), NS(lm_head=False))
+    assert held == (5 if mismatch else 1) * 2 * 32 * 48 * 2

@@ -376,7 +376,8 @@ def teacher_state_memory(cfg: RunConfig, model: LlamaConfig, layout: ParallelLay
     b, s = cfg.batch.micro_batch_size, model.seq_length
     split, overlap = teacher_step_prefetch(cfg, layout)
     width = teacher.hidden_size if use.lm_head else teacher.output_width
-    if not (split or overlap):
+    # LET† (--teacher-tokenizer-mismatch) always prefetches the step: its host work comes first
+    if not (split or overlap or cfg.teacher.tokenizer_mismatch):
         return 0.0 if use.lm_head else float(s * b * width * 2)  # one micro-batch, inline
     return float(teacher_state_bytes(num_microbatches, b, s, width, 2, layout.tp,
                                      cfg.parallel.sequence_parallel and split,
@@ -664,7 +665,8 @@ def format_plan(plan: DryRunPlan) -> str:
             held = teacher_state_memory(cfg, model, layout, m, plan.teacher, use)
             what = "final hidden states" if use.lm_head else "hidden states"
             out.append(f"  teacher {what} held per step on a teacher rank: {held / 2**20:.1f} MiB"
-                       + (f" ({m} micro-batches prefetched)" if split or overlap else ""))
+                       + (f" ({m} micro-batches prefetched)"
+                          if split or overlap or cfg.teacher.tokenizer_mismatch else ""))
         layer_k = plan.objective.needs(0).student_layer
         if layout.vpp and layer_k is not None:
             out.append(f"  student layer {layer_k} is in model chunk {layout.chunk_of_layer(layer_k)} "
