@@ -9,6 +9,12 @@ GPU, and on every device the bytes autograd keeps for backward beyond the inputs
 
 On CPU the kernel only runs under Triton's interpreter, whose timings say nothing about GPU speed, so
 ``--small`` times the reference at the scaled shapes and runs the kernel only at a tiny shape.
+
+Achieved bandwidth: the bytes a fwd+bwd must move at least (:func:`min_traffic_bytes`: read both
+inputs and the mask twice, write the per-token loss and statistics, read them back, write the
+student's gradient) over the measured time, in GB/s; on a GPU also as a share of its memory
+bandwidth (:data:`PEAK_GBPS`, from the device name). The kernel is memory-bound: that share is
+its figure of merit.
 """
 
 from __future__ import annotations
@@ -29,12 +35,40 @@ INTERPRETER_SHAPE = (16, 256, 72)  # kernel under the CPU interpreter: correctne
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 
+# Peak memory bandwidth in GB/s by device-name fragment (first match wins; NVIDIA's data sheets).
+PEAK_GBPS = [
+    ("H200", 4800.0),
+    ("H100 PCIe", 2000.0), ("H100 NVL", 3900.0), ("H100", 3350.0),  # "H100 80GB HBM3" = SXM
+    ("A100-SXM4-80GB", 2039.0), ("A100 80GB PCIe", 1935.0), ("A100", 1555.0),  # 40 GB parts
+]
+
+
+def peak_gbps(device_name: str) -> float | None:
+    """The GPU's memory bandwidth (GB/s) for a ``torch.cuda.get_device_name()``, or None."""
+    for fragment, gbps in PEAK_GBPS:
+        if fragment in device_name:
+            return gbps
+    return None
+
+
+def min_traffic_bytes(tokens: int, d_m: int, d_t: int, dtype: torch.dtype, teacher_grad: bool = False) -> int:
+    """Bytes one fwd+bwd must move at least: forward reads h_m, h_t and the uint8 mask and writes
+    the fp32 loss and 3 fp32 statistics per token; backward reads h_m, h_t, the mask, the upstream
+    gradient and the statistics and writes grad h_m (and grad h_t when the teacher needs one)."""
+    e = torch.finfo(dtype).bits // 8
+    inputs = tokens * (d_m + d_t) * e + tokens
+    fwd = inputs + tokens * 4 * 4
+    bwd = inputs + tokens * 4 * 4 + tokens * d_m * e + (tokens * d_t * e if teacher_grad else 0)
+    return fwd + bwd
+
+
 @dataclass
 class Result:
     impl: str
     time_ms: float
     peak_extra_bytes: int | None  # CUDA only
     saved_extra_bytes: int
+    gbps: float = 0.0  # min_traffic_bytes / time
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -130,7 +164,9 @@ def measure(impl: str, fn, h_m, h_t, mask, device: str, iters: int, warmup: int)
         torch.cuda.synchronize()
         peak = torch.cuda.max_memory_allocated() - base
     saved = saved_extra_bytes(fn, h_m, h_t, mask)
-    return Result(impl, statistics.median(times) * 1e3, peak, saved)
+    median = statistics.median(times)
+    traffic = min_traffic_bytes(h_m.shape[0], h_m.shape[-1], h_t.shape[-1], h_m.dtype, h_t.requires_grad)
+    return Result(impl, median * 1e3, peak, saved, traffic / median / 1e9)
 
 
 def _fmt_bytes(x: int | None) -> str:
@@ -142,13 +178,15 @@ def _fmt_bytes(x: int | None) -> str:
     return f"{x} B"
 
 
-def report(shape, dtype, results: list[Result], note: str = "") -> None:
+def report(shape, dtype, results: list[Result], note: str = "", peak: float | None = None) -> None:
     tokens, d_m, d_t = shape
     print(f"\n== tokens={tokens} d_M={d_m} -> d_T={d_t} dtype={str(dtype).removeprefix('torch.')} {note}")
-    print(f"{'impl':<10} {'fwd+bwd ms':>11} {'peak extra':>12} {'saved extra':>12}")
+    print(f"{'impl':<10} {'fwd+bwd ms':>11} {'peak extra':>12} {'saved extra':>12} {'GB/s':>9}"
+          + (f" {'of peak':>8}" if peak else ""))
     for r in results:
-        peak, saved = _fmt_bytes(r.peak_extra_bytes), _fmt_bytes(r.saved_extra_bytes)
-        print(f"{r.impl:<10} {r.time_ms:>11.3f} {peak:>12} {saved:>12}")
+        peak_mem, saved = _fmt_bytes(r.peak_extra_bytes), _fmt_bytes(r.saved_extra_bytes)
+        print(f"{r.impl:<10} {r.time_ms:>11.3f} {peak_mem:>12} {saved:>12} {r.gbps:>9.1f}"
+              + (f" {100 * r.gbps / peak:>7.1f}%" if peak else ""))
     by = {r.impl: r for r in results}
     if "reference" in by and "fused" in by:
         ref, fused = by["reference"], by["fused"]
@@ -160,12 +198,14 @@ def report(shape, dtype, results: list[Result], note: str = "") -> None:
         print(line)
 
 
-def figures(shape, dtype, results: list[Result], note: str = "") -> dict:
-    """One shape's results as a JSON-ready dict (times in ms, memory in bytes)."""
+def figures(shape, dtype, results: list[Result], note: str = "", peak: float | None = None) -> dict:
+    """One shape's results as a JSON-ready dict (times in ms, memory in bytes, bandwidth in GB/s)."""
     tokens, d_m, d_t = shape
     out = {"tokens": tokens, "d_M": d_m, "d_T": d_t, "dtype": str(dtype).removeprefix("torch."),
-           "note": note, "impls": {r.impl: {"fwd_bwd_ms": r.time_ms, "peak_extra_bytes": r.peak_extra_bytes,
-                                            "saved_extra_bytes": r.saved_extra_bytes} for r in results}}
+           "note": note, "peak_GBps": peak,
+           "impls": {r.impl: {"fwd_bwd_ms": r.time_ms, "peak_extra_bytes": r.peak_extra_bytes,
+                              "saved_extra_bytes": r.saved_extra_bytes, "achieved_GBps": r.gbps,
+                              "share_of_peak": r.gbps / peak if peak else None} for r in results}}
     by = {r.impl: r for r in results}
     if "reference" in by and "fused" in by:
         out["speedup_ref_over_fused"] = by["reference"].time_ms / by["fused"].time_ms
@@ -183,8 +223,11 @@ def main(argv: list[str] | None = None) -> int:
     kernel_ok = ca.TRITON_AVAILABLE and (args.device == "cuda" or ca.triton_interpreter_active())
     if not kernel_ok:
         print("note: the fused kernel cannot run here (triton missing or interpreter not active); reference only")
-    print(f"device={args.device} iters={args.iters} warmup={args.warmup} threads={torch.get_num_threads()} "
-          f"torch={torch.__version__}")
+    name = torch.cuda.get_device_name() if args.device == "cuda" else "cpu"
+    peak = peak_gbps(name) if args.device == "cuda" else None
+    print(f"device={args.device} ({name}; memory bandwidth "
+          f"{f'{peak:.0f} GB/s' if peak else 'not in the table'}) iters={args.iters} warmup={args.warmup} "
+          f"threads={torch.get_num_threads()} torch={torch.__version__}")
 
     shapes = SMALL_SHAPES if args.small else FULL_SHAPES
     recorded = []
@@ -195,8 +238,8 @@ def main(argv: list[str] | None = None) -> int:
             fused = measure("fused", ca.fused_cosine_align, h_m, h_t, mask, args.device, args.iters, args.warmup)
             results.append(fused)
         note = "" if args.device == "cuda" else "(reference only on CPU)"
-        report(shape, args.dtype, results, note)
-        recorded.append(figures(shape, args.dtype, results, note))
+        report(shape, args.dtype, results, note, peak)
+        recorded.append(figures(shape, args.dtype, results, note, peak))
         del h_m, h_t, mask
 
     if kernel_ok and args.device == "cpu":
@@ -213,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         import json
 
         with open(args.json, "w") as f:
-            json.dump({"device": args.device, "iters": args.iters, "warmup": args.warmup,
+            json.dump({"device": args.device, "device_name": name, "peak_GBps": peak, "iters": args.iters, "warmup": args.warmup,
                        "torch": torch.__version__, "shapes": recorded}, f, indent=1)
     return 0
 

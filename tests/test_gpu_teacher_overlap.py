@@ -55,6 +55,49 @@ def test_side_stream_teacher_equals_inline(teacher_dir):
     st.end_step()
 
 
+@pytest.mark.skipif(not GPU, reason="the side stream exists on CUDA only")
+def test_begin_step_does_not_wait_for_the_device(teacher_dir, record_property):
+    """The step's teacher work is enqueued without a host sync: with ~1 s of GPU work queued on
+    the main stream ahead of the step (which the side stream must wait for), begin_step returns
+    while the side stream is still pending, long before the device is done. Any blocking copy, any
+    .item()/.tolist() or data-dependent branch (ours or transformers') would hold the host."""
+    import time
+
+    from megatron_let.teacher.hf_teacher import HFTeacher, TeacherConfig
+    from megatron_let.teacher.step_prefetch import StepTeacher, StepWork
+
+    teacher = HFTeacher.load(TeacherConfig(path=teacher_dir, layer=-1), "cuda")
+    torch.manual_seed(0)
+    batches = [{"tokens": torch.randint(0, 200, (2, 32)).pin_memory()} for _ in range(4)]
+    st = StepTeacher(teacher, overlap=True)
+    work = StepWork(hidden=True, logits=True, vocab_range=(0, 128))
+    st.begin_step(batches, work)  # warm-up: the once-per-teacher head check, allocator, kernels
+    torch.cuda.synchronize()
+    st.end_step()
+    torch.cuda._sleep(2_000_000_000)  # ~1 s at ~2 GHz, queued on the main stream
+    t0 = time.perf_counter()
+    st.begin_step(batches, work)
+    host_s = time.perf_counter() - t0
+    pending = not st._stream.query()
+    torch.cuda.synchronize()
+    total_s = time.perf_counter() - t0
+    record_property("begin_step_host_s", round(host_s, 4))
+    record_property("begin_step_device_s", round(total_s, 4))
+    assert pending, "the side stream was done when begin_step returned: the host waited for it"
+    assert host_s < 0.5 * total_s, (host_s, total_s)
+    st.end_step()
+
+
+@pytest.mark.skipif(not GPU, reason="pinned memory needs CUDA")
+def test_loader_batches_are_pinned_on_cuda():
+    """The trainer's loader pins batches on CUDA, so its non_blocking copies are asynchronous."""
+    from megatron_let.data.datasets import build_data_iterator
+
+    ds = [{"tokens": torch.tensor([i, i + 1])} for i in range(8)]
+    batch = next(build_data_iterator(ds, 2, 0, 0, 1, seed=0, pin_memory=True))
+    assert batch["tokens"].is_pinned()
+
+
 def _run(tmp_path, teacher_dir, extra):
     device = ["--device", "cuda", "--bf16", *gpu_impl_args()] if GPU else ["--device", "cpu"]
     model = list(TINY_MODEL)

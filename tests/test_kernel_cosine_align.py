@@ -319,18 +319,23 @@ from triton.compiler import ASTSource
 ca = importlib.import_module("megatron_let.kernels.cosine_align")
 assert not ca.triton_interpreter_active()
 common = {"n_rows": "i32", "d_m": "i32", "d_t": "i32", "m1": "i32"}
+# row layouts: a [s, b, d] view of [b, s, d] student states, contiguous teacher states
+strides = {"hm_inner": "i32", "hm_so": "i32", "hm_si": "i32", "hm_sf": "i32",
+           "ht_inner": "i32", "ht_so": "i32", "ht_si": "i32", "ht_sf": "i32"}
 fwd_sig = {"hm_ptr": "*bf16", "ht_ptr": "*bf16", "mask_ptr": "*u8", "loss_ptr": "*fp32", "dot_ptr": "*fp32",
-           "nx_ptr": "*fp32", "nt_ptr": "*fp32", **common, "den": "i32", "eps": "fp32",
+           "nx_ptr": "*fp32", "nt_ptr": "*fp32", **common, "den": "i32", "eps": "fp32", **strides,
            "HAS_MASK": "constexpr", "SAME_DIM": "constexpr", "ROWS": "constexpr", "BLOCK_T": "constexpr"}
 bwd_sig = {"hm_ptr": "*bf16", "ht_ptr": "*bf16", "mask_ptr": "*u8", "gout_ptr": "*fp32", "dot_ptr": "*fp32",
            "nx_ptr": "*fp32", "nt_ptr": "*fp32", "ghm_ptr": "*bf16", "ght_ptr": "*bf16", **common,
-           "m1_div": "i32", "den": "i32", "k_max": "i32", "eps": "fp32",
+           "m1_div": "i32", "den": "i32", "k_max": "i32", "eps": "fp32", **strides,
            "HAS_MASK": "constexpr", "SAME_DIM": "constexpr", "NEED_GRAD_M": "constexpr",
            "NEED_GRAD_T": "constexpr", "ROWS": "constexpr", "BLOCK_M": "constexpr", "BLOCK_T": "constexpr"}
 target = GPUTarget("cuda", 90, 32)
 sources = [
     ASTSource(ca._cosine_align_fwd_kernel, fwd_sig,
               {"HAS_MASK": True, "SAME_DIM": False, "ROWS": 1, "BLOCK_T": 1024}),
+    ASTSource(ca._cosine_align_fwd_kernel, fwd_sig,  # d_T = 576: the fitted block
+              {"HAS_MASK": True, "SAME_DIM": False, "ROWS": 4, "BLOCK_T": ca.fit_block(576)}),
     ASTSource(ca._cosine_align_bwd_kernel, bwd_sig,
               {"HAS_MASK": True, "SAME_DIM": False, "NEED_GRAD_M": True, "NEED_GRAD_T": True,
                "ROWS": 2, "BLOCK_M": 1024, "BLOCK_T": 512}),
@@ -353,3 +358,121 @@ def test_kernels_compile_for_sm90_without_gpu():
         [sys.executable, "-c", _AOT_COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300
     )
     assert result.returncode == 0 and result.stdout.strip().endswith("ok"), result.stderr[-3000:]
+
+
+# ---------------------------------------------------------------------------------------------- launch, layout, op
+
+
+def test_blocks_fitted_to_the_width():
+    # one block of 1024 lanes for d_T = 576 leaves 44% idle; 128 x 5 leaves 10%
+    assert ca.fit_block(576) == 128 and ca.CosineAlignKernelConfig().plan(2048, 576)[1:] == (1024, 128)
+    assert ca.fit_block(2048) == 1024 and ca.fit_block(960) == 1024 and ca.fit_block(4096) == 1024
+    assert ca.fit_block(64) == 64 and ca.fit_block(1) == 1 and ca.fit_block(200, 16) == 8
+    for d in range(1, 3000, 37):
+        b = ca.fit_block(d)
+        assert b & (b - 1) == 0 and b <= 1024
+        full = min(1 << max(d - 1, 0).bit_length(), 1024)
+        assert -(-d // b) * b <= -(-d // full) * full  # never more idle lanes than the full block
+
+
+# [s, b, d] views of [b, s, d] data (the capture's layout), and every other teacher feature
+STRIDED_CASES = [("transposed", 200, 96, False), ("transposed_same", 64, 64, False),
+                 ("feature_strided", 50, 130, True)]
+
+
+def _strided_inputs(d_m, d_t, every_other, dtype=torch.float32, seed=3):
+    gen = torch.Generator().manual_seed(seed)
+    base_m = torch.randn(3, 7, d_m, generator=gen).to(DEVICE, dtype)  # [b, s, d]
+    base_t = torch.randn(3, 7, d_t * (2 if every_other else 1), generator=gen).to(DEVICE, dtype)
+    mask = (torch.rand(7, 3, generator=gen) > 0.3).to(DEVICE)
+    upstream = torch.randn(7, 3, generator=gen).to(DEVICE)
+    return base_m, base_t, mask, upstream
+
+
+def _views(base_m, base_t, every_other):
+    h_m = base_m.transpose(0, 1)
+    h_t = base_t.transpose(0, 1)[..., ::2] if every_other else base_t.transpose(0, 1)
+    assert not h_m.is_contiguous() and not h_t.is_contiguous()
+    return h_m, h_t
+
+
+@requires_triton
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("name,d_m,d_t,every_other", STRIDED_CASES, ids=[c[0] for c in STRIDED_CASES])
+def test_fused_strided_inputs_read_in_place(name, d_m, d_t, every_other, dtype):
+    """Non-contiguous inputs give the reference's losses and gradients, and backward keeps the
+    inputs' own storage: no contiguous copy of the teacher (or student) states is made."""
+    base_m, base_t, mask, upstream = _strided_inputs(d_m, d_t, every_other, dtype)
+
+    def run(fn):
+        bm = base_m.clone().requires_grad_(True)
+        bt = base_t.clone().requires_grad_(True)
+        h_m, h_t = _views(bm, bt, every_other)
+        if fn is ca.cosine_align_reference:
+            h_m, h_t = h_m.float(), h_t.float()
+        (fn(h_m, h_t, mask) * upstream).sum().backward()
+        return fn(h_m, h_t, mask).detach(), bm.grad, bt.grad
+
+    tol = FP32_TOL if dtype == torch.float32 else BF16_TOL
+    for g, r in zip(run(ca.fused_cosine_align), run(ca.cosine_align_reference)):
+        torch.testing.assert_close(g.float(), r.float(), **tol)
+
+    h_m, h_t = _views(base_m.clone().requires_grad_(True), base_t.clone(), every_other)
+    inputs = {h_m.untyped_storage().data_ptr(), h_t.untyped_storage().data_ptr()}
+    big = []
+
+    def pack(t):
+        if t.numel() >= 7 * 3 * min(d_m, d_t):
+            big.append(t.untyped_storage().data_ptr())
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        ca.fused_cosine_align(h_m, h_t, mask)
+    assert sorted(big) == sorted(inputs), "backward keeps a copy of an input"
+
+
+@requires_triton
+def test_torch_compile_traces_the_kernel_without_graph_breaks():
+    """The kernel is a torch.library custom op with a fake and an autograd registration: a
+    fullgraph compile of a loss that calls it works and gives eager's values and gradients."""
+    h_m, h_t, mask, upstream = _inputs((2, 5), 40, 24, seed=9)
+
+    def loss_fn(fn, h_m, h_t):
+        return (fn(h_m, h_t, mask) * upstream).sum()
+
+    compiled = torch.compile(lambda a, b: loss_fn(ca.fused_cosine_align, a, b), fullgraph=True,
+                             backend="aot_eager")
+    a, b = h_m.clone().requires_grad_(True), h_t.clone().requires_grad_(True)
+    got = compiled(a, b)
+    got.backward()
+    ra, rb = h_m.clone().requires_grad_(True), h_t.clone().requires_grad_(True)
+    want = loss_fn(ca.cosine_align_reference, ra, rb)
+    want.backward()
+    for g, r in ((got, want), (a.grad, ra.grad), (b.grad, rb.grad)):
+        torch.testing.assert_close(g, r, **FP32_TOL)
+
+
+@requires_triton
+def test_custom_ops_pass_opcheck():
+    h_m, h_t, mask, _ = _inputs((4,), 20, 12, seed=6)
+    mask8 = mask.to(torch.uint8)
+    fwd = torch.ops.megatron_let.cosine_align_fwd.default
+    bwd = torch.ops.megatron_let.cosine_align_bwd.default
+    torch.library.opcheck(fwd, (h_m.requires_grad_(True), h_t, mask8, 1024, 0, 0))
+    torch.library.opcheck(fwd, (h_m.detach().t().contiguous().t(), h_t, None, 16, 4, 2))
+    _, stats = fwd(h_m.detach(), h_t, mask8, 1024, 0, 0)
+    torch.library.opcheck(bwd, (torch.randn(4, device=DEVICE), h_m.detach(), h_t, mask8, stats,
+                                True, False, 1024, 0, 0))
+
+
+def test_bench_reports_bandwidth_against_the_gpu_table():
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    bench = importlib.import_module("bench_cosine_align")
+    assert bench.peak_gbps("NVIDIA H200") == 4800 and bench.peak_gbps("NVIDIA H100 80GB HBM3") == 3350
+    assert bench.peak_gbps("NVIDIA H100 PCIe") == 2000 and bench.peak_gbps("NVIDIA A100-SXM4-80GB") == 2039
+    assert bench.peak_gbps("NVIDIA A100-SXM4-40GB") == 1555 and bench.peak_gbps("Tesla T4") is None
+    # 10 tokens, bf16, 8 -> 4 features: fwd 10*(12*2+1) + 10*16, bwd the same + grad h_m 10*8*2
+    assert bench.min_traffic_bytes(10, 8, 4, torch.bfloat16) == 2 * (250 + 160) + 160
+    r = bench.measure("reference", ca.cosine_align_reference, *bench.make_inputs(64, 32, 16, torch.float32, "cpu", 0.1),
+                      "cpu", 2, 0)
+    assert r.gbps == pytest.approx(bench.min_traffic_bytes(64, 32, 16, torch.float32) / (r.time_ms / 1e3) / 1e9)

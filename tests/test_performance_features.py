@@ -200,12 +200,15 @@ def test_capture_invariant_raises_when_hook_misses_a_microbatch(megatron_single_
         _train(cfg)
 
 
+@pytest.mark.parametrize("loss", ["cosine", "cca"])
 def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let_trainer_cfg,
-                                                    monkeypatch):
+                                                    monkeypatch, loss):
     """No .item()/float()/int()/bool() on a tensor while the step's micro-batches run (LET with the
     teacher and full recompute, i.e. the capture's deferred path); metrics reduce once per step,
     also with --log-params-norm/--log-num-zeros-in-grad/--log-timers-to-tensorboard/
-    --log-memory-to-tensorboard/--log-throughput (their values join that one reduction)."""
+    --log-memory-to-tensorboard/--log-throughput (their values join that one reduction).
+    Every copy this project makes to a device in that time is ``non_blocking`` (asynchronous from
+    the loader's pinned memory on CUDA)."""
     import sys
 
     import megatron.core.pipeline_parallel as pp
@@ -217,8 +220,6 @@ def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let
     allowed_callers = (
         # the RNG tracker's fork compares CPU RNG states: host tensors on any device, no sync
         "megatron/core/tensor_parallel/random.py",
-        # transformers' mask preparation in the HF teacher's forward tests for packed sequences
-        "transformers/masking_utils.py",
     )
     state = {"steps": 0, "finalizing": False}
 
@@ -246,6 +247,17 @@ def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let
 
     monkeypatch.setattr(ddp_mod, "finalize_model_grads", finalize)
 
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        target = kwargs.get("device", args[0] if args else None)
+        caller = sys._getframe(1).f_code.co_filename.replace("\\", "/")
+        if (isinstance(target, (str, torch.device)) and "/megatron_let/" in caller
+                and not kwargs.get("non_blocking", args[2] if len(args) > 2 else False)):
+            raise AssertionError(f"blocking Tensor.to({target}) inside the forward-backward of a "
+                                 f"step (from {caller}:{sys._getframe(1).f_lineno})")
+        return real_to(self, *args, **kwargs)
+
     def get_forward_backward_func():
         inner = real_get()
 
@@ -253,6 +265,7 @@ def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let
             with monkeypatch.context() as m:
                 for name in names:
                     m.setattr(torch.Tensor, name, forbidden(name))
+                m.setattr(torch.Tensor, "to", to)
                 out = inner(**kwargs)
             state["steps"] += 1
             return out
@@ -282,7 +295,7 @@ def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let
     monkeypatch.setattr(StepObserver, "accumulate", accumulate)
     cfg, metrics = let_trainer_cfg(RECOMPUTE["full-uniform"] + [
         "--log-params-norm", "--log-num-zeros-in-grad", "--log-timers-to-tensorboard",
-        "--log-memory-to-tensorboard", "--log-throughput"])
+        "--log-memory-to-tensorboard", "--log-throughput", "--let-loss", loss])
     trainer = _train(cfg)
     assert state["steps"] == 2 and trainer.capture is not None and trainer.capture.fired == 4
     assert state["accumulated"] == 2 and collectives["n"] == 0

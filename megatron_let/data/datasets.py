@@ -333,6 +333,7 @@ def build_data_iterator(
     selection_index: np.ndarray | None = None,
     shuffle_selection: bool = True,
     num_workers: int = 0,
+    pin_memory: bool = False,
 ) -> Iterator[dict[str, torch.Tensor]]:
     """Iterator of this DP rank's micro-batches: dicts of ``[micro_batch_size, seq_length]`` tensors.
 
@@ -342,7 +343,8 @@ def build_data_iterator(
     with ``seed`` unless ``shuffle_selection`` is False) and ``consumed_samples`` counts samples
     drawn from the selection; switching back to the full data is the caller's business. Without
     it the iterator ends after the dataset's last full chunk; ``seed`` is then unused (the dataset
-    is already shuffled by megatron-core).
+    is already shuffled by megatron-core). ``pin_memory`` (set on CUDA): batches in page-locked
+    memory, so the trainer's ``non_blocking`` copies to the GPU are asynchronous.
     """
     if ds is None:
         raise ValueError("build_data_iterator got no dataset (was this split requested with 0 samples?)")
@@ -359,7 +361,7 @@ def build_data_iterator(
         source,
         batch_sampler=sampler,
         num_workers=num_workers,
-        pin_memory=False,
+        pin_memory=pin_memory,
         persistent_workers=num_workers > 0,
     )
     return iter(loader)

@@ -48,6 +48,7 @@ __all__ = [
     "CosineAlignKernelConfig",
     "cosine_align",
     "cosine_align_reference",
+    "fit_block",
     "fused_cosine_align",
     "interpolate_hidden",
     "triton_interpreter_active",
@@ -103,13 +104,34 @@ class CosineAlignKernelConfig:
             raise ValueError(f"tile_elems must be >= 1, got {self.tile_elems}")
 
     def plan(self, d_m: int, d_t: int) -> tuple[int, int, int]:
-        """(rows per program, BLOCK_M, BLOCK_T) for hidden sizes d_m -> d_t."""
-        block_m = min(_next_power_of_2(d_m), self.max_block)
-        block_t = min(_next_power_of_2(d_t), self.max_block)
+        """(rows per program, BLOCK_M, BLOCK_T) for hidden sizes d_m -> d_t (blocks fitted to the
+        widths, :func:`fit_block`)."""
+        block_m = fit_block(d_m, self.max_block)
+        block_t = fit_block(d_t, self.max_block)
         rows = self.rows_per_program
         if rows is None:
-            rows = min(_floor_power_of_2(self.tile_elems // max(block_m, block_t)), 16)
+            rows = self.plan_rows(max(block_m, block_t))
         return rows, block_m, block_t
+
+    def plan_rows(self, block: int) -> int:
+        """The ``rows_per_program=None`` heuristic for a feature block of ``block`` lanes."""
+        return min(_floor_power_of_2(self.tile_elems // block), 16)
+
+
+def fit_block(d: int, max_block: int = 1024) -> int:
+    """Feature block (a power of two <= ``max_block``) for a width of ``d`` features.
+
+    The kernels loop over a row's features in blocks, so any power of two works; the one that
+    leaves the fewest idle lanes in the last block wins, among blocks down to 1/8 of the
+    full-width one (at most 8x the loop iterations), the larger on a tie. d_T = 576: 128 (5
+    iterations, 10% idle) rather than 1024 (one iteration, 44% idle)."""
+    full = min(_next_power_of_2(d), max_block)
+    best, block = full, full
+    while block >= max(2, full // 8):
+        if -(-d // block) * block < -(-d // best) * best:
+            best = block
+        block //= 2
+    return best
 
 
 # --------------------------------------------------------------------------------------------------
@@ -223,24 +245,30 @@ if TRITON_AVAILABLE:
         return i0, i1, beta
 
     @triton.jit
-    def _load_x(hm_rows, j, m1, den, mask, SAME_DIM: tl.constexpr):
+    def _row_base(ptr, rows, inner, s_outer, s_inner):
+        """Addresses of the rows' first features: row r is (r // inner, r % inner) of a two-level
+        row layout (strided views are read in place, without a contiguous copy)."""
+        return ptr + ((rows // inner) * s_outer + (rows % inner) * s_inner)[:, None]
+
+    @triton.jit
+    def _load_x(hm_rows, j, m1, den, sf, mask, SAME_DIM: tl.constexpr):
         """Interpolated student features x[:, j] (fp32), gathered from the two source features of each j."""
         if SAME_DIM:
-            x = tl.load(hm_rows + j[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = tl.load(hm_rows + (j.to(tl.int64) * sf)[None, :], mask=mask, other=0.0).to(tl.float32)
         else:
             i0, i1, beta = _interp_src(j, m1, den)
-            a0 = tl.load(hm_rows + i0[None, :], mask=mask, other=0.0).to(tl.float32)
-            a1 = tl.load(hm_rows + i1[None, :], mask=mask, other=0.0).to(tl.float32)
+            a0 = tl.load(hm_rows + (i0.to(tl.int64) * sf)[None, :], mask=mask, other=0.0).to(tl.float32)
+            a1 = tl.load(hm_rows + (i1.to(tl.int64) * sf)[None, :], mask=mask, other=0.0).to(tl.float32)
             x = (1.0 - beta[None, :]) * a0 + beta[None, :] * a1
         return x
 
     @triton.jit
-    def _grad_x_gather(hm_rows, ht_rows, j, mask, m1, den, c_cross, c_xx):
+    def _grad_x_gather(hm_rows, ht_rows, j, mask, m1, den, hm_sf, ht_sf, c_cross, c_xx):
         """dL/dx[:, j] = c_cross * t_j + c_xx * x_j recomputed from the inputs (x is never stored), and beta_j."""
         i0, i1, beta = _interp_src(j, m1, den)
-        t = tl.load(ht_rows + j[None, :], mask=mask, other=0.0).to(tl.float32)
-        a0 = tl.load(hm_rows + i0[None, :], mask=mask, other=0.0).to(tl.float32)
-        a1 = tl.load(hm_rows + i1[None, :], mask=mask, other=0.0).to(tl.float32)
+        t = tl.load(ht_rows + (j.to(tl.int64) * ht_sf)[None, :], mask=mask, other=0.0).to(tl.float32)
+        a0 = tl.load(hm_rows + (i0.to(tl.int64) * hm_sf)[None, :], mask=mask, other=0.0).to(tl.float32)
+        a1 = tl.load(hm_rows + (i1.to(tl.int64) * hm_sf)[None, :], mask=mask, other=0.0).to(tl.float32)
         x = (1.0 - beta[None, :]) * a0 + beta[None, :] * a1
         return c_cross * t + c_xx * x, beta
 
@@ -253,21 +281,22 @@ if TRITON_AVAILABLE:
     def _cosine_align_fwd_kernel(
         hm_ptr, ht_ptr, mask_ptr, loss_ptr, dot_ptr, nx_ptr, nt_ptr,
         n_rows, d_m, d_t, m1, den, eps,
+        hm_inner, hm_so, hm_si, hm_sf, ht_inner, ht_so, ht_si, ht_sf,
         HAS_MASK: tl.constexpr, SAME_DIM: tl.constexpr, ROWS: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
         # One program handles ROWS tokens; the feature index math is shared by its rows.
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         rmask = rows < n_rows
-        hm_rows = hm_ptr + rows[:, None] * d_m
-        ht_rows = ht_ptr + rows[:, None] * d_t
+        hm_rows = _row_base(hm_ptr, rows, hm_inner, hm_so, hm_si)
+        ht_rows = _row_base(ht_ptr, rows, ht_inner, ht_so, ht_si)
         acc_dot = tl.zeros([ROWS, BLOCK_T], dtype=tl.float32)
         acc_xx = tl.zeros([ROWS, BLOCK_T], dtype=tl.float32)
         acc_tt = tl.zeros([ROWS, BLOCK_T], dtype=tl.float32)
         for start in range(0, d_t, BLOCK_T):
             j = start + tl.arange(0, BLOCK_T)
             mask = rmask[:, None] & (j < d_t)[None, :]
-            t = tl.load(ht_rows + j[None, :], mask=mask, other=0.0).to(tl.float32)
-            x = _load_x(hm_rows, j, m1, den, mask, SAME_DIM)
+            t = tl.load(ht_rows + (j.to(tl.int64) * ht_sf)[None, :], mask=mask, other=0.0).to(tl.float32)
+            x = _load_x(hm_rows, j, m1, den, hm_sf, mask, SAME_DIM)
             acc_dot += x * t
             acc_xx += x * x
             acc_tt += t * t
@@ -286,13 +315,14 @@ if TRITON_AVAILABLE:
     def _cosine_align_bwd_kernel(
         hm_ptr, ht_ptr, mask_ptr, gout_ptr, dot_ptr, nx_ptr, nt_ptr, ghm_ptr, ght_ptr,
         n_rows, d_m, d_t, m1, m1_div, den, k_max, eps,
+        hm_inner, hm_so, hm_si, hm_sf, ht_inner, ht_so, ht_si, ht_sf,
         HAS_MASK: tl.constexpr, SAME_DIM: tl.constexpr, NEED_GRAD_M: tl.constexpr,
         NEED_GRAD_T: tl.constexpr, ROWS: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_T: tl.constexpr,
     ):
         rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
         rmask = rows < n_rows
-        hm_rows = hm_ptr + rows[:, None] * d_m
-        ht_rows = ht_ptr + rows[:, None] * d_t
+        hm_rows = _row_base(hm_ptr, rows, hm_inner, hm_so, hm_si)
+        ht_rows = _row_base(ht_ptr, rows, ht_inner, ht_so, ht_si)
         g = tl.load(gout_ptr + rows, mask=rmask, other=0.0).to(tl.float32)
         if HAS_MASK:
             g = tl.where(tl.load(mask_ptr + rows, mask=rmask, other=0) != 0, g, 0.0)
@@ -308,13 +338,14 @@ if TRITON_AVAILABLE:
         c_xx = tl.where(nx >= eps, g * cos / (a * a), 0.0)[:, None]
         c_tt = tl.where(nt >= eps, g * cos / (b * b), 0.0)[:, None]
 
+        # the gradients are written contiguous, [n, d]
         if NEED_GRAD_T:
             ght_rows = ght_ptr + rows[:, None] * d_t
             for start in range(0, d_t, BLOCK_T):
                 j = start + tl.arange(0, BLOCK_T)
                 mask = rmask[:, None] & (j < d_t)[None, :]
-                t = tl.load(ht_rows + j[None, :], mask=mask, other=0.0).to(tl.float32)
-                x = _load_x(hm_rows, j, m1, den, mask, SAME_DIM)
+                t = tl.load(ht_rows + (j.to(tl.int64) * ht_sf)[None, :], mask=mask, other=0.0).to(tl.float32)
+                x = _load_x(hm_rows, j, m1, den, hm_sf, mask, SAME_DIM)
                 gt = c_cross * x + c_tt * t
                 tl.store(ght_rows + j[None, :], gt.to(ght_ptr.dtype.element_ty), mask=mask)
 
@@ -324,8 +355,8 @@ if TRITON_AVAILABLE:
                 for start in range(0, d_m, BLOCK_M):
                     i = start + tl.arange(0, BLOCK_M)
                     mask = rmask[:, None] & (i < d_m)[None, :]
-                    t = tl.load(ht_rows + i[None, :], mask=mask, other=0.0).to(tl.float32)
-                    x = tl.load(hm_rows + i[None, :], mask=mask, other=0.0).to(tl.float32)
+                    t = tl.load(ht_rows + (i.to(tl.int64) * ht_sf)[None, :], mask=mask, other=0.0).to(tl.float32)
+                    x = tl.load(hm_rows + (i.to(tl.int64) * hm_sf)[None, :], mask=mask, other=0.0).to(tl.float32)
                     gm = c_cross * t + c_xx * x
                     tl.store(ghm_rows + i[None, :], gm.to(ghm_ptr.dtype.element_ty), mask=mask)
             else:
@@ -344,14 +375,40 @@ if TRITON_AVAILABLE:
                     for k in range(0, k_max):
                         ja = js + k
                         ma = rmask[:, None] & (im & (ja < je))[None, :]
-                        gx_a, beta_a = _grad_x_gather(hm_rows, ht_rows, ja, ma, m1, den, c_cross, c_xx)
+                        gx_a, beta_a = _grad_x_gather(hm_rows, ht_rows, ja, ma, m1, den, hm_sf, ht_sf,
+                                                      c_cross, c_xx)
                         acc += (1.0 - beta_a[None, :]) * gx_a
                         jb = js_prev + k
                         mb = rmask[:, None] & (im & (i >= 1) & (jb < js))[None, :]
-                        gx_b, beta_b = _grad_x_gather(hm_rows, ht_rows, jb, mb, m1, den, c_cross, c_xx)
+                        gx_b, beta_b = _grad_x_gather(hm_rows, ht_rows, jb, mb, m1, den, hm_sf, ht_sf,
+                                                      c_cross, c_xx)
                         acc += beta_b[None, :] * gx_b
                     gm_mask = rmask[:, None] & im[None, :]
                     tl.store(ghm_rows + i[None, :], acc.to(ghm_ptr.dtype.element_ty), mask=gm_mask)
+
+    # Autotuned launchers: ROWS (tokens per program) and num_warps, per (d_M, d_T) and dtypes; the
+    # feature blocks are fitted to the widths on the host (CosineAlignKernelConfig.plan). Under the
+    # CPU interpreter, which cannot time configs, the pruning keeps the heuristic's one config.
+    _TUNE_CONFIGS = [triton.Config({"ROWS": rows}, num_warps=warps)
+                     for rows in (1, 2, 4, 8) for warps in (2, 4, 8)]
+
+    def _prune(configs, named_args, **kwargs):
+        block = max(kwargs.get("BLOCK_T", 1), kwargs.get("BLOCK_M", 1))
+        heuristic = CosineAlignKernelConfig().plan_rows(block)
+        if triton_interpreter_active():
+            return [triton.Config({"ROWS": heuristic}, num_warps=4)]
+        # at most 8K fp32 accumulator lanes per program (registers), and no more rows than tokens
+        n = named_args["n_rows"]
+        kept = [c for c in configs if c.kwargs["ROWS"] * block <= 8192
+                and c.kwargs["ROWS"] <= max(_next_power_of_2(n), 1)]
+        return kept or [triton.Config({"ROWS": heuristic}, num_warps=4)]
+
+    _cosine_align_fwd_tuned = triton.autotune(
+        configs=_TUNE_CONFIGS, key=["d_m", "d_t", "HAS_MASK", "SAME_DIM"],
+        prune_configs_by={"early_config_prune": _prune})(_cosine_align_fwd_kernel)
+    _cosine_align_bwd_tuned = triton.autotune(
+        configs=_TUNE_CONFIGS, key=["d_m", "d_t", "HAS_MASK", "SAME_DIM", "NEED_GRAD_M", "NEED_GRAD_T"],
+        prune_configs_by={"early_config_prune": _prune})(_cosine_align_bwd_kernel)
 
 
 def triton_interpreter_active() -> bool:
@@ -360,7 +417,7 @@ def triton_interpreter_active() -> bool:
 
 
 # --------------------------------------------------------------------------------------------------
-# Fused autograd function.
+# The fused op: registered with torch.library, so torch.compile traces through it.
 # --------------------------------------------------------------------------------------------------
 
 
@@ -389,58 +446,149 @@ def _check_kernel_usable(h_m: torch.Tensor, h_t: torch.Tensor) -> None:
         raise ValueError(f"d_M * d_T = {h_m.shape[-1] * h_t.shape[-1]} overflows the kernel's int32 index math")
 
 
-class _FusedCosineAlign(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, h_m, h_t, loss_mask, config: CosineAlignKernelConfig):
-        lead_shape = h_m.shape[:-1]
-        d_m, d_t = h_m.shape[-1], h_t.shape[-1]
-        hm = h_m.reshape(-1, d_m).contiguous()
-        ht = h_t.reshape(-1, d_t).contiguous()
-        n = hm.shape[0]
-        mask = None if loss_mask is None else (loss_mask.reshape(-1) != 0).to(torch.uint8).contiguous()
-        loss = torch.empty(n, device=hm.device, dtype=torch.float32)
-        stats = torch.empty(3, n, device=hm.device, dtype=torch.float32)  # dot, ||x||, ||t|| per token
-        rows, _, block_t = config.plan(d_m, d_t)
-        if n > 0:
-            _cosine_align_fwd_kernel[(triton.cdiv(n, rows),)](
-                hm, ht, mask if mask is not None else loss, loss, stats[0], stats[1], stats[2],
-                n, d_m, d_t, d_m - 1, max(d_t - 1, 1), COSINE_EPS,
-                HAS_MASK=mask is not None, SAME_DIM=d_m == d_t, ROWS=rows, BLOCK_T=block_t,
-                num_warps=config.num_warps,
-            )
-        ctx.save_for_backward(hm, ht, mask, stats)
-        ctx.meta = (h_m.shape, h_t.shape, h_m.dtype, h_t.dtype, config)
-        return loss.reshape(lead_shape)
+def _row_layout(h: torch.Tensor) -> tuple[int, int, int, int] | None:
+    """(inner, outer stride, inner stride, feature stride) addressing row r, feature f of ``h``'s
+    flattened leading dims at ``(r // inner) * outer + (r % inner) * inner_stride + f * feature``;
+    None when the leading dims do not merge into two levels (then the caller copies)."""
+    merged: list[list[int]] = []
+    for size, stride in zip(h.shape[:-1], h.stride()[:-1]):
+        if size == 1:
+            continue
+        if merged and merged[-1][1] == size * stride:  # outer dim steps over the inner one exactly
+            merged[-1] = [merged[-1][0] * size, stride]
+        else:
+            merged.append([size, stride])
+    feature = h.stride(-1) if h.shape[-1] > 1 else 1
+    if not merged:
+        return 1, 0, 0, feature
+    if len(merged) == 1:
+        return merged[0][0], 0, merged[0][1], feature
+    if len(merged) == 2:
+        return merged[1][0], merged[0][1], merged[1][1], feature
+    return None
 
-    @staticmethod
-    def backward(ctx, grad_loss):
-        hm, ht, mask, stats = ctx.saved_tensors
-        shape_m, shape_t, dtype_m, dtype_t, config = ctx.meta
-        need_m, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_m or need_t):
-            return None, None, None, None
-        n, d_m = hm.shape
-        d_t = ht.shape[1]
-        # Mean/sum backward hands over expanded (stride-0) gradients: the kernel needs one value per row.
-        g = grad_loss.reshape(-1).contiguous()
-        grad_m = torch.empty((n, d_m), device=hm.device, dtype=dtype_m) if need_m else None
-        grad_t = torch.empty((n, d_t), device=ht.device, dtype=dtype_t) if need_t else None
-        rows, block_m, block_t = config.plan(d_m, d_t)
-        if n > 0:
-            _cosine_align_bwd_kernel[(triton.cdiv(n, rows),)](
-                hm, ht, mask if mask is not None else stats, g, stats[0], stats[1], stats[2],
-                grad_m if need_m else stats, grad_t if need_t else stats,
-                n, d_m, d_t, d_m - 1, max(d_m - 1, 1), max(d_t - 1, 1), _max_outputs_per_source(d_m, d_t),
-                COSINE_EPS,
-                HAS_MASK=mask is not None, SAME_DIM=d_m == d_t, NEED_GRAD_M=need_m, NEED_GRAD_T=need_t,
-                ROWS=rows, BLOCK_M=block_m, BLOCK_T=block_t, num_warps=config.num_warps,
-            )
-        return (
-            grad_m.reshape(shape_m) if need_m else None,
-            grad_t.reshape(shape_t) if need_t else None,
-            None,
-            None,
-        )
+
+def _strided(h: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int, int, int]]:
+    layout = _row_layout(h)
+    if layout is None:  # three or more non-mergeable leading dims: rare, copied
+        h = h.contiguous()
+        layout = _row_layout(h)
+    return h, layout
+
+
+def _unpack_config(max_block: int, num_warps: int, rows: int) -> CosineAlignKernelConfig | None:
+    """None (autotuned launch) when ``num_warps`` is 0, else the fixed configuration."""
+    if num_warps == 0:
+        return None
+    return CosineAlignKernelConfig(max_block=max_block, num_warps=num_warps,
+                                   rows_per_program=rows if rows > 0 else None)
+
+
+def _cosine_align_fwd_impl(h_m: torch.Tensor, h_t: torch.Tensor, mask: torch.Tensor | None,
+                      max_block: int, num_warps: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-token losses ``[n]`` and the ``[3, n]`` fp32 statistics (dot, ||x||, ||t||) backward
+    reads; ``h_m``/``h_t`` of any strides (read in place)."""
+    d_m, d_t = h_m.shape[-1], h_t.shape[-1]
+    n = h_m.numel() // d_m
+    loss = torch.empty(n, device=h_m.device, dtype=torch.float32)
+    stats = torch.empty(3, n, device=h_m.device, dtype=torch.float32)
+    if n == 0:
+        return loss, stats
+    hm, lm = _strided(h_m)
+    ht, lt = _strided(h_t)
+    config = _unpack_config(max_block, num_warps, rows)
+    _, _, block_t = (config or CosineAlignKernelConfig()).plan(d_m, d_t)
+    args = (hm, ht, mask if mask is not None else loss, loss, stats[0], stats[1], stats[2],
+            n, d_m, d_t, d_m - 1, max(d_t - 1, 1), COSINE_EPS, *lm, *lt)
+    meta = dict(HAS_MASK=mask is not None, SAME_DIM=d_m == d_t, BLOCK_T=block_t)
+    if config is None:
+        _cosine_align_fwd_tuned[lambda m: (triton.cdiv(n, m["ROWS"]),)](*args, **meta)
+    else:
+        rows_, _, _ = config.plan(d_m, d_t)
+        _cosine_align_fwd_kernel[(triton.cdiv(n, rows_),)](*args, **meta, ROWS=rows_,
+                                                           num_warps=config.num_warps)
+    return loss, stats
+
+
+def _cosine_align_fwd_fake(h_m, h_t, mask, max_block, num_warps, rows):
+    n = h_m.numel() // h_m.shape[-1]
+    return (h_m.new_empty((n,), dtype=torch.float32), h_m.new_empty((3, n), dtype=torch.float32))
+
+
+def _cosine_align_bwd_impl(grad: torch.Tensor, h_m: torch.Tensor, h_t: torch.Tensor,
+                      mask: torch.Tensor | None, stats: torch.Tensor, need_m: bool, need_t: bool,
+                      max_block: int, num_warps: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients ``[n, d_M]`` and ``[n, d_T]`` (contiguous, in the inputs' dtypes; an empty
+    ``[0]`` tensor for one not needed)."""
+    d_m, d_t = h_m.shape[-1], h_t.shape[-1]
+    n = h_m.numel() // d_m
+    grad_m = torch.empty((n, d_m) if need_m else (0,), device=h_m.device, dtype=h_m.dtype)
+    grad_t = torch.empty((n, d_t) if need_t else (0,), device=h_t.device, dtype=h_t.dtype)
+    if n == 0 or not (need_m or need_t):
+        return grad_m, grad_t
+    hm, lm = _strided(h_m)
+    ht, lt = _strided(h_t)
+    g = grad.reshape(-1).contiguous()  # mean/sum backward hands over expanded (stride-0) gradients
+    config = _unpack_config(max_block, num_warps, rows)
+    _, block_m, block_t = (config or CosineAlignKernelConfig()).plan(d_m, d_t)
+    args = (hm, ht, mask if mask is not None else stats, g, stats[0], stats[1], stats[2],
+            grad_m if need_m else stats, grad_t if need_t else stats,
+            n, d_m, d_t, d_m - 1, max(d_m - 1, 1), max(d_t - 1, 1), _max_outputs_per_source(d_m, d_t),
+            COSINE_EPS, *lm, *lt)
+    meta = dict(HAS_MASK=mask is not None, SAME_DIM=d_m == d_t, NEED_GRAD_M=need_m,
+                NEED_GRAD_T=need_t, BLOCK_M=block_m, BLOCK_T=block_t)
+    if config is None:
+        _cosine_align_bwd_tuned[lambda m: (triton.cdiv(n, m["ROWS"]),)](*args, **meta)
+    else:
+        rows_, _, _ = config.plan(d_m, d_t)
+        _cosine_align_bwd_kernel[(triton.cdiv(n, rows_),)](*args, **meta, ROWS=rows_,
+                                                           num_warps=config.num_warps)
+    return grad_m, grad_t
+
+
+def _cosine_align_bwd_fake(grad, h_m, h_t, mask, stats, need_m, need_t, max_block, num_warps, rows):
+    n = h_m.numel() // h_m.shape[-1]
+    return (h_m.new_empty((n, h_m.shape[-1]) if need_m else (0,)),
+            h_t.new_empty((n, h_t.shape[-1]) if need_t else (0,)))
+
+
+def _fwd_setup_context(ctx, inputs, output) -> None:
+    h_m, h_t, mask, max_block, num_warps, rows = inputs
+    _, stats = output
+    # the inputs themselves (views, not copies), the uint8 mask and three fp32 scalars per token
+    ctx.save_for_backward(h_m, h_t, mask, stats)
+    ctx.launch = (max_block, num_warps, rows)
+
+
+def _fwd_backward(ctx, grad_loss, grad_stats):
+    h_m, h_t, mask, stats = ctx.saved_tensors
+    need_m, need_t = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_m or need_t):
+        return None, None, None, None, None, None
+    grad_m, grad_t = _cosine_align_bwd(grad_loss, h_m, h_t, mask, stats, need_m, need_t, *ctx.launch)
+    return (grad_m.reshape(h_m.shape) if need_m else None,
+            grad_t.reshape(h_t.shape) if need_t else None, None, None, None, None)
+
+
+def _register_ops():
+    """The two custom ops; registered once per process (an importlib.reload of this module, as
+    the tests do to switch the interpreter on, keeps them: their bodies look the kernels up in
+    this module's namespace, which the reload refreshes)."""
+    from torch._library.custom_ops import OPDEFS
+
+    if "megatron_let::cosine_align_fwd" in OPDEFS:
+        return OPDEFS["megatron_let::cosine_align_fwd"], OPDEFS["megatron_let::cosine_align_bwd"]
+    fwd = torch.library.custom_op("megatron_let::cosine_align_fwd", mutates_args=())(
+        _cosine_align_fwd_impl)
+    bwd = torch.library.custom_op("megatron_let::cosine_align_bwd", mutates_args=())(
+        _cosine_align_bwd_impl)
+    fwd.register_fake(_cosine_align_fwd_fake)
+    bwd.register_fake(_cosine_align_bwd_fake)
+    fwd.register_autograd(_fwd_backward, setup_context=_fwd_setup_context)
+    return fwd, bwd
+
+
+_cosine_align_fwd, _cosine_align_bwd = _register_ops()
 
 
 def fused_cosine_align(
@@ -453,13 +601,23 @@ def fused_cosine_align(
     """Per-token ``-cos(interp(h_m), h_t)`` with Triton forward/backward kernels.
 
     Same contract as :func:`cosine_align_reference` (fp32 result of the leading dims' shape, masked
-    tokens 0); inputs may be fp32/fp16/bf16 and non-contiguous. The interpolated tensor is never
-    written to memory; backward keeps the inputs plus dot, ||x|| and ||h_t|| per token. The gradient
-    for ``h_t`` is only computed when ``h_t.requires_grad``. ``config`` tunes the launch.
+    tokens 0); inputs may be fp32/fp16/bf16 and of any strides (read in place, no copy, when the
+    leading dims merge into two levels as ``[s, b]`` views of ``[b, s]`` data do). The interpolated
+    tensor is never written to memory; backward keeps the inputs plus dot, ||x|| and ||h_t|| per
+    token. The gradient for ``h_t`` is only computed when ``h_t.requires_grad``. ``config`` fixes
+    the launch; without it the launch is autotuned per widths (a single heuristic config under the
+    CPU interpreter). A ``torch.library`` custom op (``megatron_let::cosine_align_fwd``/``_bwd``):
+    ``torch.compile`` traces through it without graph breaks.
     """
     _validate(h_m, h_t, loss_mask)
     _check_kernel_usable(h_m, h_t)
-    return _FusedCosineAlign.apply(h_m, h_t, loss_mask, config or CosineAlignKernelConfig())
+    mask = None if loss_mask is None else (loss_mask.reshape(-1) != 0).to(torch.uint8)
+    if config is None:
+        launch = (1024, 0, 0)
+    else:
+        launch = (config.max_block, config.num_warps, config.rows_per_program or 0)
+    loss, _ = _cosine_align_fwd(h_m, h_t, mask, *launch)
+    return loss.reshape(h_m.shape[:-1])
 
 
 def cosine_align(

@@ -91,18 +91,22 @@ def cca_align(h_m: torch.Tensor, h_t: torch.Tensor, loss_mask: torch.Tensor,
     full-sequence correlation and the result does not depend on the layout.
     """
     d_t = h_t.shape[-1]
-    valid = loss_mask.reshape(-1).bool()
-    x = interpolate_hidden(h_m.float(), d_t).reshape(-1, d_t)[valid]
-    y = h_t.float().reshape(-1, d_t)[valid]
-    n = _global_sum(torch.tensor([float(x.shape[0])], device=x.device), group)
-    if float(n) < 2:
-        return x.sum() * 0.0  # correlation undefined for < 2 tokens; keep the graph
-    means = _global_sum(torch.cat([x.sum(0), y.sum(0)]), group) / n
-    xc, yc = x - means[:d_t], y - means[d_t:]
-    moments = _global_sum(torch.cat([(xc * xc).sum(0), (yc * yc).sum(0), (xc * yc).sum(0)]), group) / n
+    # the valid tokens as 0/1 weights, not a boolean index: indexing and a Python-side token count
+    # would each wait for the device once per micro-batch
+    w = (loss_mask.reshape(-1, 1) != 0).float()
+    x = interpolate_hidden(h_m.float(), d_t).reshape(-1, d_t)
+    y = h_t.float().reshape(-1, d_t)
+    n = _global_sum(w.sum().reshape(1), group)
+    n_div = n.clamp_min(2.0)  # < 2 tokens: the result is replaced below; keeps every value finite
+    means = _global_sum(torch.cat([(w * x).sum(0), (w * y).sum(0)]), group) / n_div
+    xc, yc = (x - means[:d_t]) * w, (y - means[d_t:]) * w
+    moments = _global_sum(torch.cat([(xc * xc).sum(0), (yc * yc).sum(0), (xc * yc).sum(0)]),
+                          group) / n_div
     # clamp: a constant feature has variance 0, where sqrt's gradient is infinite (eps dominates anyway)
     sx, sy = moments[:d_t].clamp_min(1e-12).sqrt(), moments[d_t:2 * d_t].clamp_min(1e-12).sqrt()
-    return -(moments[2 * d_t:] / ((sx + eps) * (sy + eps))).mean()
+    corr = -(moments[2 * d_t:] / ((sx + eps) * (sy + eps))).mean()
+    # correlation undefined for < 2 tokens: 0, still in the graph (gradient 0)
+    return torch.where(n[0] >= 2, corr, torch.zeros_like(corr))
 
 
 @register

@@ -82,3 +82,28 @@ def compile_blocks(blocks: Iterable[nn.Module], backend: str = "inductor") -> in
         block._megatron_let_compiled = True
         n += 1
     return n
+
+
+def release_compiled(blocks: Iterable[nn.Module]) -> None:
+    """Undo :func:`compile_blocks` when the teacher is released (S_stop).
+
+    Dynamo keeps its compiled graphs and guards in a cache attached to the *code object* of the
+    blocks' ``forward`` (shared by the class), not to the module: it outlives the teacher unless
+    reset, holding the compiled code (and on GPU its workspaces) for the rest of the run. Only that
+    code's cache is reset (a compiled student or kernel elsewhere keeps its graphs); another live
+    teacher of the same class would recompile on its next forward."""
+    codes = set()
+    for block in blocks:
+        if not getattr(block, "_megatron_let_compiled", False):
+            continue
+        codes.add(type(block).forward.__code__)
+        del block.forward  # the instance attribute set above: the class's eager forward again
+        del block._megatron_let_compiled
+    reset_code = getattr(getattr(torch._C, "_dynamo", None), "eval_frame", None)
+    reset_code = getattr(reset_code, "reset_code", None)
+    for code in codes:
+        if reset_code is not None:
+            reset_code(code)
+        else:  # a torch without the per-code reset: drop every dynamo cache
+            torch._dynamo.reset()
+            break

@@ -21,6 +21,7 @@ every input row and its output position dropped, so outputs stay aligned with th
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import os
 from dataclasses import dataclass, field
@@ -545,12 +546,14 @@ class HFTeacher:
         positions = teacher_max_positions(config)
         self._max_positions = positions[1] if positions is not None else None
         self._head_ok: Optional[bool] = None  # vocabulary-sliced LM head checked (first use)
+        self._compiled_blocks: list = []  # reset at release (teacher/compile.py)
         if cfg.compile:
             from megatron_let.teacher.compile import check_compile_available, compile_blocks
 
             check_compile_available(self._device)
             blocks = self._layers if self._layers is not None else _find_layer_list(base, self._num_layers)
-            compile_blocks(list(blocks)[: self._layer])  # the blocks after layer k never run
+            self._compiled_blocks = list(blocks)[: self._layer]  # the blocks after layer k never run
+            compile_blocks(self._compiled_blocks)
 
     @classmethod
     def load(cls, cfg: TeacherConfig, device: Union[str, torch.device] = "cpu") -> "HFTeacher":
@@ -681,9 +684,10 @@ class HFTeacher:
                 f"attention_mask shape {tuple(attention_mask.shape)} != input_ids shape "
                 f"{tuple(input_ids.shape)}"
             )
-        input_ids = input_ids.to(self._device, dtype=torch.long)
+        # host-to-device copies never wait for the device (asynchronous from pinned memory)
+        input_ids = input_ids.to(self._device, dtype=torch.long, non_blocking=True)
         if attention_mask is not None:
-            attention_mask = attention_mask.to(self._device)
+            attention_mask = attention_mask.to(self._device, non_blocking=True)
         return input_ids, attention_mask
 
     def _with_bos(
@@ -704,12 +708,14 @@ class HFTeacher:
         """The base model's last hidden state (what the LM head reads); call under no_grad."""
         assert self._base is not None
         if self._base is self._model:  # no separate base model (unusual remote code)
-            out = self._base(
-                input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
-                output_hidden_states=True,
-            )
+            with _one_sequence_per_row():
+                out = self._base(
+                    input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                    output_hidden_states=True,
+                )
             return out.hidden_states[-1]
-        out = self._base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+        with _one_sequence_per_row():
+            out = self._base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
         return out.last_hidden_state if hasattr(out, "last_hidden_state") else out[0]
 
     def hidden_states(
@@ -730,7 +736,8 @@ class HFTeacher:
             handle = self._layers[self._layer - 1].register_forward_hook(_raise_output)
             try:
                 assert self._base is not None
-                self._base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+                with _one_sequence_per_row():
+                    self._base(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             except _StopForward as stop:
                 return stop.output[:, self._prefix:]
             finally:
@@ -757,7 +764,7 @@ class HFTeacher:
         input_ids, attention_mask = self._check_inputs(input_ids, attention_mask)
         start, stop = self._check_vocab_range(vocab_range)
         if vocab_range is None and not self._prefix:
-            with torch.no_grad():
+            with torch.no_grad(), _one_sequence_per_row():
                 out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return out.logits
         if start == stop:  # this rank's shard is all padding: nothing to compute
@@ -767,7 +774,8 @@ class HFTeacher:
             if self._sliced_head_ok(input_ids):
                 hidden = self._final_hidden(input_ids, attention_mask)[:, self._prefix:]
                 return self._head_logits(hidden, start, stop)
-            out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+            with _one_sequence_per_row():
+                out = self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
             return out.logits[:, self._prefix:, start:stop].contiguous()
 
     def final_hidden_states(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -862,6 +870,11 @@ class HFTeacher:
 
     def release(self) -> None:
         """Drop the model and free its memory; later forwards raise RuntimeError("teacher released")."""
+        if self._compiled_blocks:  # dynamo's caches outlive the module unless reset
+            from megatron_let.teacher.compile import release_compiled
+
+            release_compiled(self._compiled_blocks)
+            self._compiled_blocks = []
         self._model = None
         self._base = None
         self._layers = None
@@ -876,6 +889,35 @@ class HFTeacher:
             f"hidden={self._hidden_size}, vocab={self._vocab_size}, params={self._num_parameters}, "
             f"dtype={self._dtype}, device={self._device}, {state})"
         )
+
+
+def _no_packed_sequences(position_ids: Any) -> None:
+    return None
+
+
+@contextlib.contextmanager
+def _one_sequence_per_row():
+    """The teacher's forwards skip transformers' packed-sequence probe of ``position_ids``.
+
+    transformers' mask preparation (``masking_utils.find_packed_sequence_indices``) tests the
+    positions with a data-dependent ``.all()``: a host-device sync in every teacher forward, which
+    on GPU stalls the host until the side stream has caught up (``--teacher-overlap`` then overlaps
+    nothing). The teacher never passes ``position_ids``: the model makes them 0..s-1, one
+    sequence per row, where the probe returns None - what this returns without looking."""
+    try:
+        from transformers import masking_utils
+    except ImportError:  # pragma: no cover - transformers is a dependency
+        yield
+        return
+    real = getattr(masking_utils, "find_packed_sequence_indices", None)
+    if real is None:  # another transformers version: nothing to skip
+        yield
+        return
+    masking_utils.find_packed_sequence_indices = _no_packed_sequences
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = real
 
 
 def _raise_output(module: nn.Module, args: Any, output: Any) -> None:

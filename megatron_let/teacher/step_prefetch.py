@@ -5,7 +5,9 @@ each of them repeats the same forward TP times. :class:`StepTeacher` instead pre
 ``m`` micro-batches (:func:`prefetch_step`; the schedule then reads them from a list, in the same
 order as from the data iterator) and gives micro-batch ``j`` to TP rank ``j % TP``: each rank runs
 the teacher on ``ceil(m / TP)`` or ``floor(m / TP)`` of them. The results are exchanged in rounds of
-TP micro-batches (one per rank; the last round is padded with zeros when TP does not divide m):
+TP micro-batches (one per rank; the last round is padded with zeros when TP does not divide m),
+on a process group of its own with the TP group's ranks (:func:`new_exchange_group`), so the
+student's TP collectives do not queue behind it:
 
 * LET (teacher hidden states for student layer k): an all-gather of ``[b, s, d]``; under sequence
   parallelism an all-to-all that moves only the shards, so each rank receives (and holds) only its
@@ -24,6 +26,17 @@ stream at the start of the step; one event per micro-batch marks its states read
 stream waits on it (``wait_event``, no host sync) right before the student needs them. Tensors made
 on the side stream and read on the main one are ``record_stream``-ed so the caching allocator does
 not reuse their memory early. On CPU ``overlap`` does nothing.
+
+Nothing in :meth:`StepTeacher.begin_step` waits for the device (else the host would block until
+the teacher forwards are done and nothing would overlap): first the host work - LET†'s
+re-tokenisation and alignment indices (:class:`~megatron_let.teacher.token_alignment.TokenAligner`)
+- then the inputs' copies to the device, enqueued on the *main* stream with ``non_blocking`` (from
+the loader's pinned memory they are asynchronous), then the side stream waits on the main one and
+the teacher's work is enqueued behind it. The head-fidelity check (:meth:`HFTeacher.sliced_head_ok`,
+one eager forward and a host comparison) runs once per teacher, on the main stream, before that.
+
+With an aligner (LET†) the step is always prefetched, so that the host work of all micro-batches
+happens before any stream work rather than inside a micro-batch's forward.
 
 Without split or overlap (TP=1 on CPU, ``--no-teacher-tp-split``) the teacher runs inline, when the
 student's forward of the micro-batch needs it, exactly as before this module existed.
@@ -66,6 +79,26 @@ def prefetch_step(data_iterator: Union[Iterator, List[Iterator]], num_microbatch
     return step.batches, step
 
 
+def new_exchange_group(tp_group):
+    """A process group of the same ranks as this rank's TP group, for the teacher's exchange.
+
+    On NCCL the collectives of one communicator run in issue order: on the student's TP group the
+    student's first TP collective of the step would wait behind every round of the teacher's
+    exchange (enqueued at the step's start on the side stream). A group of its own lets them run
+    side by side. ``new_group`` is collective over the whole world: every rank creates every TP
+    group's twin, in the same (sorted) order, so call this on all ranks at set-up."""
+    world = torch.distributed.get_world_size()
+    mine = tuple(torch.distributed.get_process_group_ranks(tp_group))
+    every = [None] * world
+    torch.distributed.all_gather_object(every, mine)
+    own = None
+    for ranks in sorted(set(map(tuple, every))):
+        group = torch.distributed.new_group(list(ranks))
+        if ranks == mine:
+            own = group
+    return own
+
+
 def owned_microbatches(num_microbatches: int, tp_size: int, tp_rank: int) -> List[int]:
     """Micro-batches whose teacher forward this TP rank runs: ``j % tp_size == tp_rank``."""
     return list(range(tp_rank, num_microbatches, tp_size))
@@ -87,6 +120,8 @@ class StepTeacher:
                  timer: Optional[Callable] = None) -> None:
         self.teacher = teacher
         self.aligner = aligner  # LET†: the teacher reads its own tokenization
+        if split and tp_group is None:  # the default group would be the whole world
+            raise ValueError("StepTeacher(split=True) needs the TP ranks' exchange group")
         self.group = tp_group
         self.tp_size = torch.distributed.get_world_size(tp_group) if split else 1
         self.tp_rank = torch.distributed.get_rank(tp_group) if split else 0
@@ -101,14 +136,16 @@ class StepTeacher:
 
     @property
     def eager(self) -> bool:
-        """Whether the step's teacher work runs at its start (else inline, per micro-batch)."""
-        return self.split or self.overlap
+        """Whether the step's teacher work runs at its start (else inline, per micro-batch); with
+        an aligner (LET†) always, so its host work precedes any stream work."""
+        return self.split or self.overlap or self.aligner is not None
 
     def _reset(self) -> None:
         self.work: Optional[StepWork] = None
         self._hidden: Dict[int, torch.Tensor] = {}
         self._final: Dict[int, torch.Tensor] = {}
         self._events: Dict[int, object] = {}
+        self._inputs: Dict[int, tuple] = {}  # per micro-batch: the teacher's inputs on its device
         self._logits_inline = False
 
     # ------------------------------------------------------------------ step start
@@ -119,40 +156,68 @@ class StepTeacher:
         self.work = work
         if batches is None or work is None or not self.eager or not (work.hidden or work.logits):
             return
+        m = len(batches)
+        mine = owned_microbatches(m, self.tp_size, self.tp_rank) if self.split else list(range(m))
+        # 1. host work: LET† re-tokenises the student's text on the host (never inside a stream)
+        host = {j: self._host_inputs(batches[j]["tokens"], work) for j in mine}
+        # 2. the copies, enqueued on the main stream (asynchronous from pinned memory)
+        self._inputs = {j: tuple(self._to_device(t) for t in host[j]) for j in mine}
         if work.logits:
-            # the sliced LM head must reproduce the family's logits; the probe is micro-batch 0,
+            # the sliced LM head must reproduce the family's logits on every path that builds them
+            # from the final hidden state (checked once per teacher); the probe is micro-batch 0,
             # the same on every rank, so every rank takes the same branch
-            self._logits_inline = self.split and not self.teacher.sliced_head_ok(
-                batches[0]["tokens"].to(self.teacher.device))
+            probe = self._inputs[0][0] if 0 in self._inputs else self._to_device(batches[0]["tokens"])
+            self._logits_inline = not self.teacher.sliced_head_ok(probe)
         if self.overlap:
             main = torch.cuda.current_stream(self.teacher.device)
             self._stream.wait_stream(main)  # teacher weights / inputs written on the main stream
+            for inputs in self._inputs.values():
+                for t in inputs:  # allocated on the main stream, read on the side one
+                    t.record_stream(self._stream)
             with torch.cuda.stream(self._stream):
-                self._run(batches, work)
+                self._run(batches, work, mine)
         else:
-            self._run(batches, work)
+            self._run(batches, work, mine)
 
-    def _run(self, batches: List[dict], work: StepWork) -> None:
-        m = len(batches)
-        mine = owned_microbatches(m, self.tp_size, self.tp_rank) if self.split else list(range(m))
+    def _host_inputs(self, tokens: torch.Tensor, work: StepWork) -> tuple:
+        """The micro-batch's teacher inputs on the host: its tokens, and under LET† the teacher's
+        own ids, attention mask and student-to-teacher index (tokenised here, on the host)."""
+        if self.aligner is not None and work.hidden:
+            return (tokens, *self.aligner.teacher_inputs(tokens.cpu()))
+        return (tokens,)
+
+    def _to_device(self, t: torch.Tensor) -> torch.Tensor:
+        return t.to(self.teacher.device, non_blocking=True)
+
+    def _run(self, batches: List[dict], work: StepWork, mine: List[int]) -> None:
         with self.timer():
             if work.hidden:
-                own = self._own_forwards(self._forward_hidden, batches, mine)
+                own = self._own_forwards(self._forward_hidden_prepared, mine)
                 self._hidden = self._exchange(own, batches, self.teacher.hidden_size,
                                               shard_sequence=self.sequence_parallel)
             if work.logits and not self._logits_inline:
-                own = self._own_forwards(self._forward_final, batches, mine)
+                own = self._own_forwards(self._forward_final_prepared, mine)
                 self._final = self._exchange(own, batches, self.teacher.final_hidden_size,
                                              shard_sequence=False)
 
-    def _own_forwards(self, forward: Callable, batches: List[dict],
-                      mine: List[int]) -> Dict[int, torch.Tensor]:
+    def _own_forwards(self, forward: Callable, mine: List[int]) -> Dict[int, torch.Tensor]:
         own = {}
         for j in mine:
-            own[j] = forward(batches[j]["tokens"])
+            own[j] = forward(j)
             if self.overlap and not self.split:  # replicated: ready right after its forward
                 self._events[j] = self._record_event()
         return own
+
+    def _forward_hidden_prepared(self, j: int) -> torch.Tensor:
+        inputs = self._inputs[j]
+        if len(inputs) == 1:
+            return self._forward_hidden(inputs[0])
+        self._note_stream()
+        _, ids, mask, index = inputs
+        return self.aligner.gather_hidden(self.teacher, ids, mask, index)
+
+    def _forward_final_prepared(self, j: int) -> torch.Tensor:
+        return self._forward_final(self._inputs[j][0])
 
     def _record_event(self):
         event = torch.cuda.Event()
@@ -211,14 +276,14 @@ class StepTeacher:
 
     def _forward_hidden(self, tokens: torch.Tensor) -> torch.Tensor:
         self._note_stream()
-        tokens = tokens.to(self.teacher.device)
+        tokens = self._to_device(tokens)
         if self.aligner is not None:
             return self.aligner.teacher_hidden(self.teacher, tokens)
         return self.teacher.hidden_states(tokens)
 
     def _forward_final(self, tokens: torch.Tensor) -> torch.Tensor:
         self._note_stream()
-        return self.teacher.final_hidden_states(tokens.to(self.teacher.device))
+        return self.teacher.final_hidden_states(self._to_device(tokens))
 
     # ------------------------------------------------------------------ per micro-batch
     def _ready(self, j: int, t: torch.Tensor) -> torch.Tensor:

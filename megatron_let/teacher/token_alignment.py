@@ -83,9 +83,17 @@ class TokenAligner:
         return ids, mask, torch.tensor(maps, dtype=torch.long)
 
     def teacher_hidden(self, teacher, student_ids: torch.Tensor) -> torch.Tensor:
-        """Teacher states aligned to the student's positions: ``[b, s, d_T]``."""
+        """Teacher states aligned to the student's positions: ``[b, s, d_T]``. Reads
+        ``student_ids`` on the host: the training step prepares the inputs first
+        (:meth:`teacher_inputs`, then :meth:`gather_hidden`; teacher/step_prefetch.py)."""
         ids, mask, index = self.teacher_inputs(student_ids.cpu())
         device = teacher.device
-        hidden = teacher.hidden_states(ids.to(device), attention_mask=mask.to(device))
-        index = index.to(device)
+        return self.gather_hidden(teacher, ids.to(device), mask.to(device), index.to(device))
+
+    @staticmethod
+    def gather_hidden(teacher, ids: torch.Tensor, mask: torch.Tensor,
+                      index: torch.Tensor) -> torch.Tensor:
+        """The teacher's states for :meth:`teacher_inputs`' outputs (on the teacher's device),
+        gathered at the student's positions: device work only."""
+        hidden = teacher.hidden_states(ids, attention_mask=mask)
         return torch.gather(hidden, 1, index[..., None].expand(-1, -1, hidden.shape[-1]))

@@ -212,7 +212,8 @@ def format_plan(plan: DryRunPlan) -> str:
             held = teacher_state_memory(cfg, model, layout, m, plan.teacher, use)
             what = "final hidden states" if use.lm_head else "hidden states"
             out.append(f"  teacher {what} held per step on a teacher rank: {held / 2**20:.1f} MiB"
-                       + (f" ({m} micro-batches prefetched)" if split or overlap else ""))
+                       + (f" ({m} micro-batches prefetched)"
+                          if split or overlap or cfg.teacher.tokenizer_mismatch else ""))
         layer_k = plan.objective.needs(0).student_layer
         if layout.vpp and layer_k is not None:
             out.append(f"  student layer {layer_k} is in model chunk {layout.chunk_of_layer(layer_k)} "

@@ -355,7 +355,8 @@ def teacher_state_memory(cfg: RunConfig, model: LlamaConfig, layout: ParallelLay
     b, s = cfg.batch.micro_batch_size, model.seq_length
     split, overlap = teacher_step_prefetch(cfg, layout)
     width = teacher.hidden_size if use.lm_head else teacher.output_width
-    if not (split or overlap):
+    # LET† (--teacher-tokenizer-mismatch) always prefetches the step: its host work comes first
+    if not (split or overlap or cfg.teacher.tokenizer_mismatch):
         return 0.0 if use.lm_head else float(s * b * width * 2)  # one micro-batch, inline
     return float(teacher_state_bytes(num_microbatches, b, s, width, 2, layout.tp,
                                      cfg.parallel.sequence_parallel and split,

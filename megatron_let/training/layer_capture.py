@@ -149,7 +149,9 @@ class LayerCapture:
                 f"teacher states {tuple(teacher.shape)} do not match student layer output "
                 f"{tuple(hidden.shape)}"
             )
-        loss_sum, metrics = self.loss_fn(hidden, teacher.to(hidden.device), mask.to(hidden.device))
+        # already on the student's device in training (no-ops); never a blocking copy
+        loss_sum, metrics = self.loss_fn(hidden, teacher.to(hidden.device, non_blocking=True),
+                                         mask.to(hidden.device, non_blocking=True))
         self.fired += 1
         if self.metrics_sink is not None:
             self.metrics_sink(loss_sum.detach(), mask.float().sum(), metrics)

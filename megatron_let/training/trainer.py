@@ -135,6 +135,7 @@ class Trainer:
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self._take_save_lock()
         self.objective.context.tp_group = parallel_state.get_tensor_model_parallel_group()
+        self.teacher_exchange_group = self._teacher_exchange_group()
         if cfg.parallel.sequence_parallel:
             self.objective.context.sequence_parallel_group = self.objective.context.tp_group
         self.writer = MetricsWriter(
@@ -275,6 +276,7 @@ class Trainer:
         self._make_iterator = partial(
             build_data_iterator, micro_batch_size=cfg.batch.micro_batch_size,
             data_parallel_rank=self.dp_rank, data_parallel_size=self.dp_size, seed=cfg.seed,
+            pin_memory=self.device.type == "cuda",
         )
         self.selection = None
         if d.kd_data_selection:  # objective and format: checked by the preflight
@@ -430,6 +432,18 @@ class Trainer:
                 self.capture_chunk = None
             self._log(f"teacher released at iteration {step}", all_ranks=False)
 
+    def _teacher_exchange_group(self):
+        """The teacher's TP exchange's own group (teacher/step_prefetch.py), made on every rank
+        (new_group is collective) when the run may split the teacher among TP ranks."""
+        from megatron.core import parallel_state
+        from megatron_let.teacher.step_prefetch import new_exchange_group
+
+        split = self.cfg.teacher.tp_split
+        if (not getattr(self, "needs_teacher_ever", False) or split is False
+                or parallel_state.get_tensor_model_parallel_world_size() == 1):
+            return None
+        return new_exchange_group(parallel_state.get_tensor_model_parallel_group())
+
     def _build_step_teacher(self):
         from megatron.core import parallel_state
         from megatron_let.teacher.step_prefetch import StepTeacher
@@ -439,7 +453,7 @@ class Trainer:
         split = t.tp_split if t.tp_split is not None else tp > 1
         overlap = t.overlap if t.overlap is not None else self.device.type == "cuda"
         return StepTeacher(self.teacher, self.aligner,
-                           tp_group=parallel_state.get_tensor_model_parallel_group(),
+                           tp_group=self.teacher_exchange_group,
                            split=split and tp > 1, sequence_parallel=self.cfg.parallel.sequence_parallel,
                            overlap=overlap, timer=self._teacher_timer)
 
@@ -489,9 +503,10 @@ class Trainer:
         batch = next(data_iterator)
         # the micro-batch's index in the step when its teacher work was prefetched
         j = data_iterator.index if isinstance(data_iterator, StepBatches) else None
-        tokens = batch["tokens"].to(self.device)
-        position_ids = batch["position_ids"].to(self.device)
-        loss_mask = batch["loss_mask"].to(self.device)
+        # asynchronous from the loader's pinned memory (CUDA): no host sync per micro-batch
+        tokens = batch["tokens"].to(self.device, non_blocking=True)
+        position_ids = batch["position_ids"].to(self.device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(self.device, non_blocking=True)
         needs = self.objective.needs(self.iteration)
         # under the interleaved pipeline the schedule calls this once per chunk and micro-batch
         chunk = next(i for i, m in enumerate(self.model) if m is model)
@@ -509,7 +524,7 @@ class Trainer:
         # NLL-only objectives and evaluation pass the labels: megatron-core computes the (vocab-
         # parallel) cross entropy inside the model, as Megatron-LM does, so the model returns the
         # per-token loss and no [b, s, V] copy of the logits (transposed, upcast to fp32) is made.
-        labels = batch["labels"].to(self.device) if post_process and not self._reads_logits() else None
+        labels = batch["labels"].to(self.device, non_blocking=True) if post_process and not self._reads_logits() else None
         output = model(tokens, position_ids, None, labels=labels)
         if holds_k:
             self.capture.clear()
@@ -550,8 +565,8 @@ class Trainer:
         ``[b, s]`` that the model computed from the labels (:meth:`_forward_step`)."""
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
-        labels = batch["labels"].to(output.device)
-        loss_mask = batch["loss_mask"].to(output.device).float()
+        labels = batch["labels"].to(output.device, non_blocking=True)
+        loss_mask = batch["loss_mask"].to(output.device, non_blocking=True).float()
         needs_logits = self._reads_logits()
         if nll_in_output:
             nll, logits = output, None
