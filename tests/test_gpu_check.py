@@ -52,6 +52,7 @@ def test_dry_run_runs_every_step_and_reports_its_figures(dry_run):
     shapes = steps["bench_cosine_align fp32"]["figures"]["shapes"]
     assert [(s["d_M"], s["d_T"]) for s in shapes] == [(512, 144), (1024, 512), (256, 72)]
     assert shapes[-1]["impls"]["fused"]["saved_extra_bytes"] < shapes[-1]["impls"]["reference"]["saved_extra_bytes"]
+    assert all(r["achieved_GBps"] > 0 for sh in shapes for r in sh["impls"].values())
     training = steps["bench_training"]["figures"]
     assert set(training["objectives"]) == {"baseline", "let"}
     assert training["objectives"]["let"]["step_s_active"] > 0 and training["objectives"]["let"]["step_s_after_stop"] > 0
@@ -66,6 +67,7 @@ def test_dry_run_runs_every_step_and_reports_its_figures(dry_run):
     for heading in ("## Environment", "## Student spec", "## Steps", "## pytest -m gpu", "## bench_cosine_align fp32", "## bench_training",
                     "## bench_teacher_compile"):
         assert heading in md
+    assert "| GB/s | share of peak bandwidth |" in md  # no peak bandwidth known on CPU: n/a
     assert "max_rel_err_grad_h_m=" in md and "| let |" in md and "| overlap off |" in md
 
 

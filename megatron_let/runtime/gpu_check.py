@@ -270,12 +270,16 @@ def markdown(report: dict) -> str:
                 lines.append(f"| {t['test']} | {t['outcome']} | {t['time_s']} | {detail.replace('|', '/')} |")
         elif s["name"].startswith("bench_cosine_align") and "shapes" in fig:
             lines += ["", f"## {s['name']}", "", "| tokens | d_M→d_T | dtype | impl | fwd+bwd ms | peak extra | "
-                      "saved extra | speed-up ref/fused |", "|---|---|---|---|---|---|---|---|"]
+                      "saved extra | GB/s | share of peak bandwidth | speed-up ref/fused |",
+                      "|---|---|---|---|---|---|---|---|---|---|"]
             for sh in fig["shapes"]:
                 for impl, r in sh["impls"].items():
+                    share = r.get("share_of_peak")
                     lines.append(f"| {sh['tokens']} | {sh['d_M']}→{sh['d_T']} | {sh['dtype']} | {impl} | "
                                  f"{r['fwd_bwd_ms']:.3f} | {_mib(r['peak_extra_bytes'])} | "
-                                 f"{_mib(r['saved_extra_bytes'])} | {_fmt(sh.get('speedup_ref_over_fused'))} |")
+                                 f"{_mib(r['saved_extra_bytes'])} | {_fmt(r.get('achieved_GBps'))} | "
+                                 f"{'n/a' if share is None else f'{100 * share:.1f}%'} | "
+                                 f"{_fmt(sh.get('speedup_ref_over_fused'))} |")
         elif s["name"] == "bench_training" and "objectives" in fig:
             lines += ["", "## bench_training", "", "settings: " + ", ".join(
                 f"{k}={v}" for k, v in fig["settings"].items()), "",
