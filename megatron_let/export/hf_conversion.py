@@ -136,6 +136,13 @@ def hf_config_dict(cfg: LlamaConfig, dtype: str = "float32", bos_token_id: Optio
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
     heads = cfg.num_attention_heads
+    # what LlamaForCausalLM cannot express (Megatron-LM flags the student honours)
+    if getattr(cfg, "rotary_percent", 1.0) != 1.0:
+        raise ValueError(f"--rotary-percent {cfg.rotary_percent}: LlamaForCausalLM rotates every "
+                         "head dimension; this student cannot be exported as Llama")
+    if getattr(cfg, "apply_layernorm_1p", False):
+        raise ValueError("--apply-layernorm-1p: the student's norm weights are zero-centred; the "
+                         "Llama export does not convert them")
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -143,7 +150,7 @@ def hf_config_dict(cfg: LlamaConfig, dtype: str = "float32", bos_token_id: Optio
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=heads,
         num_key_value_heads=cfg.num_query_groups or heads,
-        head_dim=cfg.hidden_size // heads,
+        head_dim=cfg.head_dim,
         hidden_act="silu",
         max_position_embeddings=cfg.max_position_embeddings,
         initializer_range=cfg.init_method_std,

@@ -155,7 +155,7 @@ def layer_matmul_parameters(model: LlamaConfig) -> int:
     h, f = model.hidden_size, model.ffn_hidden_size
     heads = model.num_attention_heads
     groups = model.num_query_groups or heads
-    head_dim = h // heads
+    head_dim = model.head_dim
     attn = h * heads * head_dim + 2 * h * groups * head_dim + heads * head_dim * h
     return attn + 3 * h * f
 
@@ -277,7 +277,7 @@ def layer_activation_bytes(model: LlamaConfig, micro_batch_size: int, tp: int,
     negligible) and dropout is off, so there are no masks."""
     h, f = model.hidden_size, model.ffn_hidden_size
     heads = model.num_attention_heads
-    h_kv = (model.num_query_groups or heads) * (h // heads)
+    h_kv = (model.num_query_groups or heads) * model.head_dim
     tokens = model.seq_length * micro_batch_size
     split = (h + 2 * h_kv) + h + 3 * f
     outside = 4 * h
@@ -351,7 +351,7 @@ def estimate_memory(cfg: RunConfig, model: LlamaConfig, layout: ParallelLayout,
                 cfg, model, layout, num_microbatches, teacher, use)
         stages.append(StageMemory(
             pp_rank=p, parameters=params, weights=params * (2 if bf16 else 4),
-            gradients=params * 4.0, optimizer=params * opt_per_param,
+            gradients=params * (2.0 if cfg.perf.grad_reduce_in_bf16 else 4.0), optimizer=params * opt_per_param,
             activations=per_chunk_kept * chunk_forwards + recompute_peak, logits=logits,
             teacher=teacher_bytes, in_flight_microbatches=in_flight,
         ))
@@ -606,6 +606,12 @@ def _layers(first: int, last: int) -> str:
     return f"{first}-{last}" if first != last else str(first)
 
 
+def _warmup_iters(cfg, global_batch_size: int) -> float:
+    from megatron_let.training.lr_schedule import schedule_steps
+
+    return schedule_steps(cfg.optim, cfg.batch.train_iters, global_batch_size)["lr_warmup_steps"]
+
+
 def format_plan(plan: DryRunPlan) -> str:
     cfg, model, layout = plan.cfg, plan.model, plan.layout
     out: List[str] = ["=" * 30 + " megatron_let dry run " + "=" * 30, "", "resolved configuration:"]
@@ -623,7 +629,7 @@ def format_plan(plan: DryRunPlan) -> str:
         f"{layout.dp} x {plan.num_microbatches} micro-batches",
         f"  tokens per step: {tokens:,}; whole run: {tokens * iters:,} tokens ({_count(tokens * iters)})",
         f"  learning rate: {cfg.optim.lr:g} -> {cfg.optim.resolved_min_lr():g}, "
-        f"{int(cfg.optim.lr_warmup_fraction * max(1, iters))} warmup iterations, "
+        f"{_warmup_iters(cfg, plan.global_batch_size):g} warmup iterations, "
         f"{cfg.optim.lr_decay_style} decay",
         f"  objective schedule: step 0 {plan.objective.schedule_values(0)}, "
         f"last step {plan.objective.schedule_values(max(0, iters - 1))}",

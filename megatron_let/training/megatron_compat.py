@@ -614,3 +614,50 @@ class StepHooks:
                                device=self.device if self.device.type == "cuda" else "cpu")
         torch.distributed.all_reduce(elapsed, op=torch.distributed.ReduceOp.MAX)
         return float(elapsed.item()) > minutes
+
+
+def fused_cross_entropy(impl: str):
+    """--cross-entropy-loss-fusion: megatron-core's fused vocab-parallel cross entropy, called as
+    ``f(logits, labels)`` like ``vocab_parallel_cross_entropy``. 'native' is torch.compile'd (CPU
+    too) and returns bf16 logit gradients; 'te' is Transformer Engine's (checked at preflight)."""
+    from megatron.core import parallel_state
+
+    group = parallel_state.get_tensor_model_parallel_group()
+    if impl == "te":
+        from megatron.core.extensions.transformer_engine import te_parallel_cross_entropy
+
+        def te_loss(logits, labels):
+            import torch
+
+            labels = torch.as_strided(labels, labels.size(), (labels.size()[1], 1))
+            return te_parallel_cross_entropy(logits, labels, group, False)
+
+        return te_loss
+    from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
+
+    return lambda logits, labels: fused_vocab_parallel_cross_entropy(logits, labels, group)
+
+
+def preflight_warnings(cfg, device_type: str) -> List[str]:
+    """Checks of the Megatron-LM flags that need the device (run by the shared preflight)."""
+    out = []
+    rt = cfg.runtime
+    if rt.cross_entropy_loss_fusion and rt.cross_entropy_fusion_impl == "te":
+        from megatron_let.model.llama import transformer_engine_available
+
+        if device_type != "cuda" or not transformer_engine_available():
+            raise ValueError("--cross-entropy-fusion-impl te needs Transformer Engine on a GPU; use "
+                             "--cross-entropy-fusion-impl native")
+    if rt.cross_entropy_loss_fusion and rt.cross_entropy_fusion_impl == "native" and not cfg.bf16:
+        out.append("--cross-entropy-loss-fusion: megatron-core's fused cross entropy returns bf16 "
+                   "logit gradients, so this fp32 run's output-layer gradients are rounded to bf16 "
+                   "(pass --bf16, or drop the flag for exact fp32 gradients)")
+    if cfg.perf.attention_backend not in ("auto", "local", "unfused") and device_type != "cuda":
+        out.append(f"--attention-backend {cfg.perf.attention_backend}: on CPU megatron-core's local "
+                   "attention runs instead (the backend applies to Transformer Engine on GPU)")
+    from megatron_let.runtime.torchrun import plain_torchrun_warning
+
+    w = plain_torchrun_warning(cfg.checkpoint.exit_signal_handler)
+    if w:
+        out.append(w)
+    return out
