@@ -423,7 +423,10 @@ def apply(a: argparse.Namespace) -> None:
                          "teacher alignment do not support context parallelism yet; use 1 (or "
                          "--tensor-model-parallel-size/--sequence-parallel to fit long sequences)")
     if a.group_query_attention and a.num_query_groups is None:
-        raise ValueError("--group-query-attention needs --num-query-groups N")
+        from megatron_let.model.llama import PRESETS
+
+        if not (a.model_preset and PRESETS[a.model_preset].get("num_query_groups")):
+            raise ValueError("--group-query-attention needs --num-query-groups N")
     if a.kv_channels is not None and a.kv_channels <= 0:
         raise ValueError(f"--kv-channels must be > 0, got {a.kv_channels}")
     if a.rotary_percent is not None and not 0.0 < a.rotary_percent <= 1.0:
@@ -661,3 +664,36 @@ def preflight_warnings(cfg, device_type: str) -> List[str]:
     if w:
         out.append(w)
     return out
+
+
+def render_table(cases) -> List[str]:
+    """Markdown rows of docs/megatron-compat.md for ``cases`` (tests/test_megatron_compat.py's
+    ``CASES``: objects with flag, cls, owner, megatron), class and reason as this parser has them."""
+    from megatron_let.training.arguments import build_parser
+
+    parser = build_parser()
+    lines = ["| flag | class | what it does here / why |", "|---|---|---|"]
+    for case in cases:
+        if case.owner and case.flag not in parser._option_string_actions:
+            cls, reason = case.cls, f"arrives with helper {case.owner}'s branch"
+        else:
+            cls, reason = classify(case.flag, parser)
+        name = f"`{case.flag}`" + ("" if case.megatron else " (megatron_let's own)")
+        lines.append(f"| {name} | {cls} | {reason.replace('|', '/')} |")
+    return lines
+
+
+def render_groups() -> List[str]:
+    """The rest of Megatron-LM's parser, refused by argument group (one row per group)."""
+    from megatron_let.training.arguments import build_parser
+    from megatron_let.training.megatron_lm_flags import MEGATRON_LM_FLAGS
+
+    have = set(build_parser()._option_string_actions)
+    lines = ["| Megatron-LM argument group | flags not taken | reason (unless a flag's own) |",
+             "|---|---|---|"]
+    for group, names in MEGATRON_LM_FLAGS.items():
+        rest = [n for n in names if "--" + n not in have]
+        if rest:
+            reason = _GROUP_REASONS.get(group, _DEFAULT_REASON)
+            lines.append(f"| {group} | {len(rest)} of {len(names)} | {reason} |")
+    return lines
