@@ -854,3 +854,25 @@ def test_megatron_compat_doc_is_current():
         current = megatron_compat_table.generated_part(f.read())
     assert current == megatron_compat_table.render(), \
         "docs/megatron-compat.md is stale: run python tools/megatron_compat_table.py"
+
+
+def test_cross_entropy_loss_fusion_is_the_runs_loss(tmp_path, monkeypatch):
+    """With --cross-entropy-loss-fusion every micro-batch's loss goes through megatron-core's fused
+    kernel, and the first step's loss equals the unfused run's (same weights, same batch)."""
+    import megatron_let.training.megatron_compat as compat
+
+    used = []
+    real = compat.fused_cross_entropy
+
+    def recording(impl):
+        f = real(impl)
+        return lambda logits, labels: used.append(impl) or f(logits, labels)
+
+    monkeypatch.setattr(compat, "fused_cross_entropy", recording)
+    run = TINY + ["--train-iters", "2", "--lr-warmup-iters", "0"]
+    _, plain = train_in_process(run + ["--metrics-jsonl", str(tmp_path / "a.jsonl")])
+    assert used == []
+    _, fused = train_in_process(run + ["--cross-entropy-loss-fusion",
+                                       "--metrics-jsonl", str(tmp_path / "b.jsonl")])
+    assert used == ["native"] * 4  # 2 steps x 2 micro-batches
+    assert fused[1]["lm loss"] == pytest.approx(plain[1]["lm loss"], rel=1e-6)
