@@ -22,11 +22,11 @@ FLAG_OF_FIELD = {
     "learning rate": "--lr",
     "minimum learning rate": "--min-lr",
     "warmup iterations": "--lr-warmup-fraction/--lr-warmup-iters/--lr-warmup-samples",
-    "total number of iterations": "--lr-decay-iters/--lr-decay-samples (default: the run's length)",
+    "total number of iterations": "--train-iters",  # or --lr-decay-iters/-samples when given
     "learning rate decay style": "--lr-decay-style",
     "start weight decay": "--weight-decay",
     "end weight decay": "--weight-decay",
-    "total number of weight decay iterations": "--train-iters/--train-samples",
+    "total number of weight decay iterations": "--train-iters",
     "weight decay incr style": "weight decay increment style",
 }
 

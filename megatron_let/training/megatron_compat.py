@@ -277,6 +277,9 @@ NOTES: Dict[str, str] = {
     "scheduler)",
     "--tokenizer-type": "SentencePieceTokenizer, HuggingFaceTokenizer, NullTokenizer; Megatron-LM's "
     "other types are refused with the one to use instead",
+    "--vocab-size": "with NullTokenizer: ids 0..N-1, end-of-document N-1 (Megatron-LM's "
+    "NullTokenizer has N+1 ids, end-of-document N: data it tokenized needs --vocab-size N+1 here; "
+    "the preflight refuses ids outside the vocabulary)",
     "--split": "as Megatron-LM (the numbers are read from the string, so \"'99,1,0'\" from a shell "
     "array is 99,1,0)",
 }
