@@ -198,6 +198,8 @@ CASES = [
     C("--decoder-first-pipeline-num-layers", R, "--decoder-first-pipeline-num-layers", "2"),
     C("--num-virtual-stages-per-pipeline-rank", R, "--num-virtual-stages-per-pipeline-rank", "2"),
     C("--use-nccl-ub", R),
+    C("--fsdp-double-buffer", R),
+    C("--fsdp-manual-registration", R),
     # ---------------- data and tokenizer (DATA_ARGS_LIST)
     C("--mock-data", H),
     C("--data-path", H, "--data-path", "{data}", context=("--tokenizer-type", "NullTokenizer")),
@@ -271,6 +273,7 @@ CONTRADICTIONS = [
     ("--normalization", "LayerNorm"),
     ("--position-embedding-type", "learned_absolute"),
     ("--ckpt-format", "torch"),
+    ("--ckpt-format", "fsdp_dtensor"),
     ("--optimizer", "sgd"),
     ("--expert-model-parallel-size", "2"),
     ("--dataloader-type", "cyclic"),
@@ -362,7 +365,7 @@ def test_flag_class(case, files, monkeypatch):
         assert classify(case.flag)[0] == case.cls
 
 
-@pytest.mark.parametrize("flag,value", CONTRADICTIONS, ids=[c[0] for c in CONTRADICTIONS])
+@pytest.mark.parametrize("flag,value", CONTRADICTIONS, ids=[" ".join(c) for c in CONTRADICTIONS])
 def test_contradicting_value_refused(flag, value, files, monkeypatch):
     rc, err = dry_run(BASE + [flag, value], monkeypatch)
     assert rc == 2 and f"{flag} {value}" in err, err
