@@ -449,12 +449,28 @@ def test_llama3_launcher_passes_dry_run_unchanged(files, monkeypatch):
     assert cfg.runtime.distributed_timeout_minutes == 60 and cfg.runtime.exit_duration_in_mins == 235
 
 
+def _without_pending(argv):
+    """The launcher's argument list without the flags (and their values) of unmerged helpers."""
+    pending = {c.flag for c in CASES if c.owner and not _has_flag(c.flag)}
+    out, skip = [], False
+    for a in argv:
+        if a.startswith("--"):
+            skip = a in pending
+        if not skip:
+            out.append(a)
+    return out
+
+
+def test_llama3_launcher_passes_dry_run_but_for_pending_flags(files, monkeypatch):
+    """Until the other helpers' flags are merged: everything else of the launcher passes as is."""
+    argv = _without_pending(_fill(LLAMA3_8B_LAUNCHER.split(), files))
+    rc, out = dry_run(argv + ["--objective", "baseline", "--dry-run"], monkeypatch)
+    assert rc == 0 and "dry run OK" in out, out
+
+
 def test_llama3_launcher_fp8_arguments_are_refused(files, monkeypatch):
     """With the script's default DTYPE="fp8" its DTYPE_ARGS are refused, naming FP8 and --bf16."""
-    argv = _fill(LLAMA3_8B_LAUNCHER.split(), files) + ["--fp8-format", "hybrid"]
-    pending = [c for c in CASES if c.owner and c.flag in argv and not _has_flag(c.flag)]
-    if pending:
-        pytest.xfail("pending merge of " + ", ".join(sorted({c.owner for c in pending})))
+    argv = _without_pending(_fill(LLAMA3_8B_LAUNCHER.split(), files)) + ["--fp8-format", "hybrid"]
     rc, err = dry_run(argv + ["--objective", "baseline"], monkeypatch)
     assert rc == 2 and "--fp8-format" in err and "--bf16" in err, err
 

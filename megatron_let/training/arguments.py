@@ -15,27 +15,6 @@ from megatron_let.training.wandb_writer import WandbConfig, wandb_config_from_ar
 
 
 @dataclass
-class ScheduleConfig:
-    """Megatron-LM's LR/WD schedule flags beyond the paper's recipe (lr_schedule.schedule_steps).
-    ``*_samples`` are set with --train-samples, ``*_iters`` otherwise; None: the default."""
-
-    lr_warmup_iters: Optional[int] = None
-    lr_warmup_samples: Optional[int] = None
-    lr_decay_iters: Optional[int] = None
-    lr_decay_samples: Optional[int] = None
-    train_samples: Optional[int] = None
-    lr_warmup_init: float = 0.0
-    lr_wsd_decay_style: str = "exponential"
-    lr_wsd_decay_iters: Optional[int] = None
-    lr_wsd_decay_samples: Optional[int] = None
-    start_weight_decay: Optional[float] = None
-    end_weight_decay: Optional[float] = None
-    weight_decay_incr_style: str = "constant"
-    decoupled_lr: Optional[float] = None
-    decoupled_min_lr: Optional[float] = None
-
-
-@dataclass
 class OptimConfig:
     """Paper appendix B defaults: AdamW (0.9, 0.999), wd 0.01, clip 1.0, cosine to 10% with 10% warmup."""
 
@@ -51,7 +30,8 @@ class OptimConfig:
     # resuming: the flags' schedule wins / the checkpoint's wins / neither: they must agree
     override_opt_param_scheduler: bool = False
     use_checkpoint_opt_param_scheduler: bool = False
-    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)  # Megatron-LM's other LR flags
+    # Megatron-LM's other LR/WD schedule flags
+    schedule: megatron_compat.ScheduleConfig = field(default_factory=megatron_compat.ScheduleConfig)
 
     def resolved_min_lr(self) -> float:
         return 0.1 * self.lr if self.min_lr is None else self.min_lr
@@ -437,7 +417,7 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         optim=OptimConfig(a.lr, a.min_lr, a.lr_warmup_fraction, a.lr_decay_style, a.weight_decay,
                           a.adam_beta1, a.adam_beta2, a.adam_eps, a.clip_grad,
                           a.override_opt_param_scheduler, a.use_checkpoint_opt_param_scheduler,
-                          schedule_config(a)),
+                          megatron_compat.schedule_config(a)),
         data=DataArgs(a.data_path, a.split, a.mock_data, a.tokenizer_type, a.tokenizer_model,
                       a.vocab_size, a.data_cache_path, a.kd_data_selection),
         checkpoint=CheckpointConfig(a.save, a.load, a.save_interval, a.exit_signal_handler,
@@ -457,10 +437,3 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         runtime=megatron_compat.runtime_config(a),
     )
 
-
-def schedule_config(a: argparse.Namespace) -> ScheduleConfig:
-    return ScheduleConfig(
-        a.lr_warmup_iters, a.lr_warmup_samples, a.lr_decay_iters, a.lr_decay_samples, a.train_samples,
-        a.lr_warmup_init or 0.0, a.lr_wsd_decay_style or "exponential", a.lr_wsd_decay_iters,
-        a.lr_wsd_decay_samples, a.start_weight_decay, a.end_weight_decay,
-        a.weight_decay_incr_style or "constant", a.decoupled_lr, a.decoupled_min_lr)

@@ -506,6 +506,27 @@ def _resolve_schedule(a) -> None:
 
 
 @dataclass
+class ScheduleConfig:
+    """Megatron-LM's LR/WD schedule flags beyond the paper's recipe (lr_schedule.schedule_steps).
+    ``*_samples`` are set with --train-samples, ``*_iters`` otherwise; None: the default."""
+
+    lr_warmup_iters: Optional[int] = None
+    lr_warmup_samples: Optional[int] = None
+    lr_decay_iters: Optional[int] = None
+    lr_decay_samples: Optional[int] = None
+    train_samples: Optional[int] = None
+    lr_warmup_init: float = 0.0
+    lr_wsd_decay_style: str = "exponential"
+    lr_wsd_decay_iters: Optional[int] = None
+    lr_wsd_decay_samples: Optional[int] = None
+    start_weight_decay: Optional[float] = None
+    end_weight_decay: Optional[float] = None
+    weight_decay_incr_style: str = "constant"
+    decoupled_lr: Optional[float] = None
+    decoupled_min_lr: Optional[float] = None
+
+
+@dataclass
 class RuntimeConfig:
     """Megatron-LM's run-time switches (flags of the same names), read by the trainer."""
 
@@ -700,3 +721,12 @@ def render_groups() -> List[str]:
             reason = _GROUP_REASONS.get(group, _DEFAULT_REASON)
             lines.append(f"| {group} | {len(rest)} of {len(names)} | {reason} |")
     return lines
+
+
+def schedule_config(a: argparse.Namespace) -> ScheduleConfig:
+    """The run's :class:`ScheduleConfig` from the parsed flags."""
+    return ScheduleConfig(
+        a.lr_warmup_iters, a.lr_warmup_samples, a.lr_decay_iters, a.lr_decay_samples, a.train_samples,
+        a.lr_warmup_init or 0.0, a.lr_wsd_decay_style or "exponential", a.lr_wsd_decay_iters,
+        a.lr_wsd_decay_samples, a.start_weight_decay, a.end_weight_decay,
+        a.weight_decay_incr_style or "constant", a.decoupled_lr, a.decoupled_min_lr)
