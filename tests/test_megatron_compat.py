@@ -101,7 +101,7 @@ CASES = [
     C("--multi-latent-attention", R),
     C("--num-experts", R, "--num-experts", "8"),
     C("--moe-router-topk", R, "--moe-router-topk", "2"),
-    C("--use-cpu-initialization", O),
+    C("--use-cpu-initialization", R),
     C("--transformer-impl", H, "--transformer-impl", "local", owner="B1"),
     C("--no-rope-fusion", H, owner="B1"),
     C("--no-bias-swiglu-fusion", H, owner="B1"),
@@ -769,18 +769,21 @@ def test_manual_gc_exit_duration_and_runtime_flags(tmp_path, monkeypatch):
 
 
 def test_empty_unused_memory_level_with_a_recording_cuda(monkeypatch):
-    """On GPU, level 1 empties the CUDA cache after each step, level 2 also after forward-backward
-    (recording stand-in for torch.cuda.empty_cache; on CPU there is nothing to release)."""
+    """On GPU, as Megatron-LM's train_step: level 1 empties the CUDA cache after the forward-backward,
+    level 2 also after the optimizer step (recording stand-in for torch.cuda.empty_cache; on CPU
+    there is nothing to release)."""
     from megatron_let.training.megatron_compat import RuntimeConfig, StepHooks
 
     calls = []
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(1))
-    for level, expected in ((0, 0), (1, 1), (2, 2)):
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(where))
+    for level, expected in ((0, []), (1, ["fwd-bwd"]), (2, ["fwd-bwd", "step"])):
         calls.clear()
         hooks = StepHooks(RuntimeConfig(empty_unused_memory_level=level), torch.device("cuda"), 0.0)
+        where = "fwd-bwd"
         hooks.after_forward_backward()
+        where = "step"
         hooks.after_step(1)
-        assert len(calls) == expected
+        assert calls == expected
     calls.clear()
     StepHooks(RuntimeConfig(empty_unused_memory_level=2), torch.device("cpu"), 0.0).after_step(1)
     assert calls == []

@@ -208,13 +208,13 @@ FLAGS: List[Flag] = [
            "around evaluations)", dest="manual_gc_interval", type=int),
     _switch("--no-manual-gc-eval", HONOURED, "no --manual-gc collection around evaluations",
             dest="no_manual_gc_eval"),
-    _value("--empty-unused-memory-level", HONOURED, "release cached CUDA memory after each step (1) "
-           "and also after the forward-backward (2); nothing to release on CPU",
+    _value("--empty-unused-memory-level", HONOURED, "release cached CUDA memory after the "
+           "forward-backward (1) and also after the optimizer step (2); nothing to release on CPU",
            dest="empty_unused_memory_level", type=int, choices=[0, 1, 2]),
     _value("--exit-duration-in-mins", HONOURED, "save (with --save) and exit once the run has lasted "
            "this long, decided on all ranks together", dest="exit_duration_in_mins", type=int),
-    _switch("--use-cpu-initialization", OURS, "weights are initialised on the CPU when training on "
-            "CPU and on the GPU otherwise; both are deterministic per seed"),
+    _switch("--use-cpu-initialization", REFUSED, "weights are initialised on the device that trains "
+            "(deterministic per seed); CPU initialisation of a GPU run is not supported: drop it"),
     _value("--rampup-batch-size", REFUSED, "a batch-size ramp-up is not supported (LET's schedule "
            "is in steps of a fixed global batch): drop it", nargs="*"),
     _switch("--skip-train", REFUSED, "evaluation-only runs are tools/evaluate.py's job"),
@@ -440,6 +440,9 @@ def apply(a: argparse.Namespace) -> None:
             raise ValueError(f"--{name.replace('_', '-')} must be in [0, 1), got {v}")
     if a.cross_entropy_fusion_impl is not None and not a.cross_entropy_loss_fusion:
         raise ValueError("--cross-entropy-fusion-impl needs --cross-entropy-loss-fusion")
+    if a.grad_reduce_in_bf16 and a.mlm_accumulate_allreduce_grads_in_fp32:
+        raise ValueError("--grad-reduce-in-bf16 and --accumulate-allreduce-grads-in-fp32 contradict "
+                         "each other: keep one")
     if a.grad_reduce_in_bf16 and not a.bf16:
         raise ValueError("--grad-reduce-in-bf16 needs --bf16 (the gradients of an fp32 run are fp32)")
     for name in ("manual_gc_interval", "distributed_timeout_minutes", "exit_duration_in_mins",
@@ -605,11 +608,11 @@ class StepHooks:
             gc.collect()
 
     def after_forward_backward(self) -> None:
-        if self.runtime.empty_unused_memory_level >= 2:
+        if self.runtime.empty_unused_memory_level >= 1:
             self._empty_cache()
 
     def after_step(self, iteration: int) -> None:
-        if self.runtime.empty_unused_memory_level >= 1:
+        if self.runtime.empty_unused_memory_level >= 2:
             self._empty_cache()
         n = self.runtime.manual_gc_interval
         if self.runtime.manual_gc and n and iteration % n == 0:

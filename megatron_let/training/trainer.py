@@ -579,7 +579,7 @@ class Trainer:
             micro_batch_size=self.cfg.batch.micro_batch_size, forward_only=False,
         )
         if getattr(self, "step_hooks", None) is not None:
-            self.step_hooks.after_forward_backward()  # --empty-unused-memory-level 2
+            self.step_hooks.after_forward_backward()  # --empty-unused-memory-level
         if self.capture is not None and self.objective.needs(self.iteration).teacher_hidden_layer \
                 is not None:
             # layer k's stage: the alignment loss entered the backward once per micro-batch
