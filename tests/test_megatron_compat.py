@@ -898,3 +898,20 @@ def test_cross_entropy_loss_fusion_is_the_runs_loss(tmp_path, monkeypatch):
                                        "--metrics-jsonl", str(tmp_path / "b.jsonl")])
     assert used == ["native"] * 4  # 2 steps x 2 micro-batches
     assert fused[1]["lm loss"] == pytest.approx(plain[1]["lm loss"], rel=1e-6)
+
+
+@pytest.mark.parametrize("agent", ["torch.distributed.run", "megatron_let.runtime.torchrun"])
+def test_sigusr1_warning_under_a_real_torchrun(agent, tmp_path):
+    """The start-up warning in a real launch (``--dry-run``, one worker): plain torchrun warns,
+    megatron_let's torchrun does not."""
+    import subprocess
+
+    from launch import base_env, free_port
+
+    cmd = [sys.executable, "-m", agent, "--nproc_per_node", "1", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), os.path.join(ROOT, "pretrain_let.py"),
+           *BASE, "--global-batch-size", "1", "--exit-signal-handler", "--save", str(tmp_path / "c")]
+    proc = subprocess.run(cmd, env=base_env(), capture_output=True, text=True, timeout=300, cwd=ROOT)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    warned = "python -m megatron_let.runtime.torchrun" in proc.stderr and "SIGUSR1" in proc.stderr
+    assert warned == (agent == "torch.distributed.run"), proc.stderr[-3000:]
