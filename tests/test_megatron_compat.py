@@ -24,7 +24,7 @@ import contextlib
 import io
 import os
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import pytest

@@ -407,7 +407,6 @@ def apply(a: argparse.Namespace) -> None:
     Refused flags and contradicting values raise ValueError naming the flag; sample-based lengths
     become iterations (``a.train_iters``) so that everything downstream (objective schedules,
     dataset sizes) sees one run length."""
-    flags = by_name()
     for f in FLAGS:
         value = _given(a, f)
         if value is None:
@@ -461,7 +460,6 @@ def apply(a: argparse.Namespace) -> None:
         raise ValueError(f"--weight-decay-incr-style {a.weight_decay_incr_style} needs "
                          "--start-weight-decay and --end-weight-decay")
     _resolve_schedule(a)
-    del flags
 
 
 def _resolve_schedule(a) -> None:
