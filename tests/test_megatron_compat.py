@@ -915,3 +915,30 @@ def test_sigusr1_warning_under_a_real_torchrun(agent, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     warned = "python -m megatron_let.runtime.torchrun" in proc.stderr and "SIGUSR1" in proc.stderr
     assert warned == (agent == "torch.distributed.run"), proc.stderr[-3000:]
+
+
+def test_kv_channels_student_exports_to_an_equal_hf_llama(megatron_single_process):
+    """A --kv-channels 32 student (head_dim 32, not hidden/heads = 16) exported to Hugging Face: HF's
+    own LlamaForCausalLM forward gives the student's logits, and the import reads head_dim back."""
+    import transformers
+
+    from megatron_let.export.hf_conversion import hf_config_dict, llama_config_from_hf, megatron_to_hf
+    from megatron_let.model.llama import build_student
+    from megatron_let.training.arguments import parse_args
+
+    cfg = parse_args(TINY + ["--kv-channels", "32", "--dry-run"]).model
+    cfg.vocab_size = 96
+    torch.manual_seed(1)
+    student = build_student(cfg, parse_args(TINY + ["--dry-run"]).parallel, use_cpu=True).eval()
+    d = hf_config_dict(cfg)
+    assert d["head_dim"] == 32
+    hf = transformers.LlamaForCausalLM(transformers.LlamaConfig(**{
+        k: v for k, v in d.items() if k not in ("architectures", "transformers_version")})).eval()
+    sd = {k: v for k, v in student.state_dict().items() if not k.endswith("_extra_state")}
+    hf.load_state_dict(megatron_to_hf(sd, cfg), strict=True)
+    ids = torch.randint(0, 96, (2, 16))
+    with torch.no_grad():
+        ours = student(ids, torch.arange(16).expand(2, 16), None)[..., :96]
+        theirs = hf(ids).logits
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+    assert llama_config_from_hf(d).kv_channels == 32
