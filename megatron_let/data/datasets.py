@@ -37,7 +37,9 @@ def parse_split(split: str) -> list[float]:
 
     Missing trailing parts are 0 (``"98,2"`` -> train/valid only).
     """
-    parts = [p.strip() for p in re.split(r"[,/]", str(split))]
+    # quotes kept by a shell array ("--split '99,1,0'" in Megatron-LM's launchers): megatron-core
+    # reads only the numbers, so do we
+    parts = [p.strip() for p in re.split(r"[,/]", str(split).strip().strip("'\""))]
     if not 1 <= len(parts) <= 3 or any(p == "" for p in parts):
         raise ValueError(f"--split {split!r} must be up to three comma-separated numbers, e.g. '969,30,1'")
     # Plain decimals only: megatron-core re-parses the string with the regex [.0-9]+.
@@ -68,6 +70,7 @@ class DataConfig:
     reset_position_ids: bool = False  # --reset-position-ids: positions restart after each EOD
     reset_attention_mask: bool = False  # --reset-attention-mask: emit per-document attention masks
     eod_mask_loss: bool = False  # --eod-mask-loss: no loss on EOD tokens
+    mmap_bin_files: bool = True  # --no-mmap-bin-files: read the .bin files instead of mapping them
     split_fractions: list[float] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
@@ -199,6 +202,7 @@ def build_datasets(
         # The model builds causal masks itself; a [1, s, s] mask per sample only costs memory,
         # unless per-document masks were asked for.
         create_attention_mask=cfg.reset_attention_mask,
+        mmap_bin_files=cfg.mmap_bin_files,
     )
     # Skip splits nobody asked for (megatron-core would otherwise build a full epoch of them).
     for i, n in enumerate(sizes):

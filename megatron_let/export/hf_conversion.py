@@ -73,13 +73,9 @@ def _check_supported(hf: Mapping, where: str) -> None:
     for flag in ("attention_bias", "mlp_bias"):
         if hf.get(flag):
             raise ValueError(f"{where}: {flag}=true is not supported (the student has no biases)")
-    heads = hf["num_attention_heads"]
-    head_dim = hf.get("head_dim")
-    if head_dim is not None and head_dim * heads != hf["hidden_size"]:
-        raise ValueError(
-            f"{where}: head_dim {head_dim} x num_attention_heads {heads} != hidden_size "
-            f"{hf['hidden_size']}; the student needs head_dim = hidden_size / heads"
-        )
+    head_dim = hf.get("head_dim")  # any value: the student's --kv-channels
+    if head_dim is not None and int(head_dim) <= 0:
+        raise ValueError(f"{where}: head_dim {head_dim} must be > 0")
     rope_type = (hf.get("rope_parameters") or {}).get("rope_type", "default")
     scaling = hf.get("rope_scaling")
     if scaling:
@@ -120,6 +116,7 @@ def llama_config_from_hf(hf: Mapping, seq_length: Optional[int] = None,
         norm_epsilon=float(hf.get("rms_norm_eps", 1e-6)),
         init_method_std=float(hf.get("initializer_range", 0.02)),
         make_vocab_size_divisible_by=make_vocab_size_divisible_by,
+        kv_channels=int(hf["head_dim"]) if hf.get("head_dim") else None,
     )
 
 
@@ -136,6 +133,13 @@ def hf_config_dict(cfg: LlamaConfig, dtype: str = "float32", bos_token_id: Optio
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
     heads = cfg.num_attention_heads
+    # what LlamaForCausalLM cannot express (Megatron-LM flags the student honours)
+    if getattr(cfg, "rotary_percent", 1.0) != 1.0:
+        raise ValueError(f"--rotary-percent {cfg.rotary_percent}: LlamaForCausalLM rotates every "
+                         "head dimension; this student cannot be exported as Llama")
+    if getattr(cfg, "apply_layernorm_1p", False):
+        raise ValueError("--apply-layernorm-1p: the student's norm weights are zero-centred; the "
+                         "Llama export does not convert them")
     hf_cfg = transformers.LlamaConfig(
         vocab_size=cfg.vocab_size,
         hidden_size=cfg.hidden_size,
@@ -143,7 +147,7 @@ def hf_config_dict(cfg: LlamaConfig, dtype: str = "float32", bos_token_id: Optio
         num_hidden_layers=cfg.num_layers,
         num_attention_heads=heads,
         num_key_value_heads=cfg.num_query_groups or heads,
-        head_dim=cfg.hidden_size // heads,
+        head_dim=cfg.head_dim,
         hidden_act="silu",
         max_position_embeddings=cfg.max_position_embeddings,
         initializer_range=cfg.init_method_std,
@@ -173,7 +177,7 @@ def hf_config_dict(cfg: LlamaConfig, dtype: str = "float32", bos_token_id: Optio
 def _attn_dims(cfg: LlamaConfig):
     heads = cfg.num_attention_heads
     groups = cfg.num_query_groups or heads
-    return heads, groups, cfg.hidden_size // heads
+    return heads, groups, cfg.head_dim  # --kv-channels (default hidden / heads)
 
 
 def _take(sd: Mapping[str, torch.Tensor], key: str, shape: Sequence[int], source: str) -> torch.Tensor:

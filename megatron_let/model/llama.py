@@ -33,16 +33,29 @@ class LlamaConfig:
     norm_epsilon: float = 1e-5
     init_method_std: float = 0.02
     make_vocab_size_divisible_by: int = 128
+    # Megatron-LM's --kv-channels (None: hidden / heads), --rotary-percent, dropouts, --apply-layernorm-1p
+    kv_channels: Optional[int] = None
+    rotary_percent: float = 1.0
+    attention_dropout: float = 0.0
+    hidden_dropout: float = 0.0
+    apply_layernorm_1p: bool = False
 
     def __post_init__(self) -> None:
         if self.ffn_hidden_size is None:
             self.ffn_hidden_size = int(256 * ((int(8 * self.hidden_size / 3) + 255) // 256))
         if self.max_position_embeddings is None:
             self.max_position_embeddings = self.seq_length
+        if self.kv_channels is None and self.num_attention_heads and \
+                self.hidden_size % self.num_attention_heads == 0:
+            self.kv_channels = self.hidden_size // self.num_attention_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.kv_channels or self.hidden_size // self.num_attention_heads
 
     def validate(self, tensor_parallel_size: int = 1, pipeline_parallel_size: int = 1) -> None:
         """Raise ValueError for shapes megatron-core cannot build, before anything is allocated."""
-        if self.hidden_size % self.num_attention_heads:
+        if self.kv_channels is None and self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
                 f"{self.num_attention_heads}"
@@ -89,7 +102,7 @@ class LlamaConfig:
         h, f = self.hidden_size, self.ffn_hidden_size
         heads = self.num_attention_heads
         groups = self.num_query_groups or heads
-        head_dim = h // heads
+        head_dim = self.head_dim
         attn = h * (heads * head_dim) + 2 * h * (groups * head_dim) + (heads * head_dim) * h
         mlp = 3 * h * f
         per_layer = attn + mlp + 2 * h
@@ -125,6 +138,12 @@ class PerformanceConfig:
     overlap_grad_reduce: bool = False
     overlap_param_gather: bool = False  # needs the distributed optimizer
     ddp_bucket_size: Optional[int] = None  # elements per gradient bucket (None: megatron's default)
+    attention_backend: str = "auto"  # --attention-backend (megatron-core's AttnBackend name)
+    grad_reduce_in_bf16: bool = False  # --grad-reduce-in-bf16 (with --bf16)
+    # --cross-entropy-loss-fusion: megatron-core's fused vocab-parallel cross entropy, used by the
+    # model when it computes the loss from the labels and by the trainer's logits path (KD)
+    cross_entropy_loss_fusion: bool = False
+    cross_entropy_fusion_impl: str = "native"  # --cross-entropy-fusion-impl {native,te}
 
     def virtual_pipeline_size(self, num_layers: int, pipeline_parallel_size: int) -> Optional[int]:
         """Model chunks per pipeline rank, or None without the interleaved schedule."""
@@ -199,13 +218,18 @@ class LlamaRMSNorm(torch.nn.Module):
     def __init__(self, config, hidden_size: int, eps: float = 1e-5, **_unused) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = torch.nn.Parameter(torch.ones(hidden_size, dtype=config.params_dtype))
+        # --apply-layernorm-1p: the weight is stored as (scale - 1), initialised to 0 (as TE's
+        # zero_centered_gamma), so weight decay pulls the scale towards 1, not 0
+        self.zero_centered = bool(getattr(config, "layernorm_zero_centered_gamma", False))
+        init = torch.zeros if self.zero_centered else torch.ones
+        self.weight = torch.nn.Parameter(init(hidden_size, dtype=config.params_dtype))
         setattr(self.weight, "sequence_parallel", bool(config.sequence_parallel))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x32 = x.float()
         y = x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)
-        return (y * self.weight.float()).to(x.dtype)
+        scale = self.weight.float() + 1.0 if self.zero_centered else self.weight.float()
+        return (y * scale).to(x.dtype)
 
 
 def transformer_engine_available() -> bool:
@@ -226,6 +250,7 @@ def build_transformer_config(cfg: LlamaConfig, parallel, bf16: bool, use_cpu: bo
                              perf: Optional[PerformanceConfig] = None, spec=None):
     """megatron-core TransformerConfig for the LLaMA architecture and the run's features.
     ``spec`` (model/spec.py ``StudentSpec``) sets the fusions; default: the device's."""
+    from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
     perf = perf or PerformanceConfig()
@@ -238,15 +263,16 @@ def build_transformer_config(cfg: LlamaConfig, parallel, bf16: bool, use_cpu: bo
         ffn_hidden_size=cfg.ffn_hidden_size,
         num_attention_heads=cfg.num_attention_heads,
         num_query_groups=cfg.num_query_groups,
-        kv_channels=cfg.hidden_size // cfg.num_attention_heads,
+        kv_channels=cfg.head_dim,
         normalization="RMSNorm",
         layernorm_epsilon=cfg.norm_epsilon,
+        layernorm_zero_centered_gamma=cfg.apply_layernorm_1p,
         gated_linear_unit=True,
         activation_func=F.silu,
         add_bias_linear=False,
         add_qkv_bias=False,
-        hidden_dropout=0.0,
-        attention_dropout=0.0,
+        hidden_dropout=cfg.hidden_dropout,
+        attention_dropout=cfg.attention_dropout,
         init_method_std=cfg.init_method_std,
         tensor_model_parallel_size=parallel.tensor_model_parallel_size,
         pipeline_model_parallel_size=parallel.pipeline_model_parallel_size,
@@ -272,6 +298,9 @@ def build_transformer_config(cfg: LlamaConfig, parallel, bf16: bool, use_cpu: bo
         recompute_granularity=perf.recompute_granularity,
         recompute_method=perf.recompute_method,
         recompute_num_layers=perf.recompute_num_layers,
+        attention_backend=AttnBackend[perf.attention_backend],
+        cross_entropy_loss_fusion=perf.cross_entropy_loss_fusion,
+        cross_entropy_fusion_impl=perf.cross_entropy_fusion_impl,
     )
 
 
@@ -281,7 +310,7 @@ def build_ddp_config(perf: Optional[PerformanceConfig], use_distributed_optimize
 
     perf = perf or PerformanceConfig()
     return DistributedDataParallelConfig(
-        grad_reduce_in_fp32=True,
+        grad_reduce_in_fp32=not perf.grad_reduce_in_bf16,
         overlap_grad_reduce=perf.overlap_grad_reduce,
         overlap_param_gather=perf.overlap_param_gather,
         align_param_gather=perf.overlap_param_gather,  # Megatron-LM's default with overlap
@@ -344,6 +373,7 @@ def build_student(cfg: LlamaConfig, parallel, bf16: bool = False, use_cpu: bool 
         share_embeddings_and_output_weights=not cfg.untie_embeddings_and_output_weights,
         position_embedding_type="rope",
         rotary_base=cfg.rotary_base,
+        rotary_percent=cfg.rotary_percent,
     )
     if not use_cpu:
         model.cuda(torch.cuda.current_device())

@@ -300,5 +300,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(a: argparse.Namespace) -> ImplConfig:
-    return ImplConfig(transformer_impl=a.transformer_impl,
+    impl = a.transformer_impl
+    # Megatron-LM's --attention-backend local is megatron-core's local attention, i.e. the local spec
+    if getattr(a, "attention_backend", None) == "local":
+        if impl == "transformer_engine":
+            raise ValueError("--attention-backend local is megatron-core's local attention, which the "
+                             "Transformer Engine spec does not use: drop --transformer-impl "
+                             "transformer_engine or pass --transformer-impl local")
+        impl = "local"
+    return ImplConfig(transformer_impl=impl,
                       **{attr: getattr(a, attr) for _, attr, _, _ in FUSIONS})

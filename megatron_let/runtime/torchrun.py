@@ -143,6 +143,19 @@ def install(args) -> Optional[StopForwarder]:
     return forwarder
 
 
+def plain_torchrun_warning(exit_signal_handler: bool) -> Optional[str]:
+    """The start-up warning for a worker of plain ``torchrun`` run with --exit-signal-handler: the
+    agent dies of a SIGUSR1 (and cuts a SIGTERM's checkpoint short) before the workers can save.
+    Plain torchrun sets TORCHELASTIC_RUN_ID but not our agent's pid (:func:`install`)."""
+    if not exit_signal_handler or "TORCHELASTIC_RUN_ID" not in os.environ \
+            or AGENT_PID_ENV in os.environ:
+        return None
+    return ("--exit-signal-handler under plain torchrun: a SIGUSR1 sent to the torchrun agent (as "
+            "SLURM does before the time limit) kills it and the workers without a checkpoint, and "
+            "a SIGTERM gives them 30 s; launch with `python -m megatron_let.runtime.torchrun` "
+            "(torchrun's arguments) to have stop signals forwarded and the checkpoint written")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     from torch.distributed.elastic.multiprocessing.errors import record
     from torch.distributed.run import parse_args, run

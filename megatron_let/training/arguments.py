@@ -17,6 +17,7 @@ from megatron_let.training.observability_config import (
     add_observability_args,
     observability_config_from_args,
 )
+from megatron_let.training import megatron_compat
 from megatron_let.training.wandb_writer import WandbConfig, wandb_config_from_args
 
 
@@ -26,7 +27,7 @@ class OptimConfig:
 
     lr: float = 4e-4
     min_lr: Optional[float] = None  # None = 10% of lr
-    lr_warmup_fraction: float = 0.1
+    lr_warmup_fraction: Optional[float] = 0.1  # None: --lr-warmup-iters/-samples give the warmup
     lr_decay_style: str = "cosine"
     weight_decay: float = 0.01
     adam_beta1: float = 0.9
@@ -36,6 +37,8 @@ class OptimConfig:
     # resuming: the flags' schedule wins / the checkpoint's wins / neither: they must agree
     override_opt_param_scheduler: bool = False
     use_checkpoint_opt_param_scheduler: bool = False
+    # Megatron-LM's other LR/WD schedule flags
+    schedule: megatron_compat.ScheduleConfig = field(default_factory=megatron_compat.ScheduleConfig)
 
     def resolved_min_lr(self) -> float:
         return 0.1 * self.lr if self.min_lr is None else self.min_lr
@@ -128,6 +131,7 @@ class RunConfig:
     raw: Optional[argparse.Namespace] = field(default=None, repr=False)
     perf: PerformanceConfig = field(default_factory=PerformanceConfig)
     impl: ImplConfig = field(default_factory=ImplConfig)  # --transformer-impl, fusions (model/spec.py)
+    runtime: megatron_compat.RuntimeConfig = field(default_factory=megatron_compat.RuntimeConfig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -185,11 +189,13 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("training")
     g.add_argument("--micro-batch-size", type=int, default=4)
     g.add_argument("--global-batch-size", type=int)
-    g.add_argument("--train-iters", type=int, default=100)
+    g.add_argument("--train-iters", type=int, help="default 100 (or from --train-samples)")
     g.add_argument("--lr", type=float, default=4e-4)
     g.add_argument("--min-lr", type=float, help="default: 10%% of --lr (paper recipe)")
-    g.add_argument("--lr-warmup-fraction", type=float, default=0.1)
-    g.add_argument("--lr-decay-style", choices=("cosine", "linear", "constant"), default="cosine")
+    g.add_argument("--lr-warmup-fraction", type=float,
+                   help="default 0.1 unless --lr-warmup-iters/--lr-warmup-samples is given")
+    g.add_argument("--lr-decay-style", default="cosine",
+                   choices=("cosine", "linear", "constant", "inverse-square-root", "WSD"))
     g.add_argument("--weight-decay", type=float, default=0.01)
     g.add_argument("--adam-beta1", type=float, default=0.9)
     g.add_argument("--adam-beta2", type=float, default=0.999)
@@ -215,8 +221,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--data-path", nargs="+", help="prefixes of .bin/.idx files, optionally weighted")
     g.add_argument("--split", default="969,30,1")
     g.add_argument("--mock-data", action="store_true")
-    g.add_argument("--tokenizer-type",
-                   choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer"))
+    g.add_argument("--tokenizer-type",  # Megatron-LM's other types: refused with what to use
+                   choices=("SentencePieceTokenizer", "HuggingFaceTokenizer", "NullTokenizer",
+                            *megatron_compat.TOKENIZER_INSTEAD))
     g.add_argument("--tokenizer-model", help=".model file or a Hugging Face folder")
     g.add_argument("--vocab-size", type=int, help="vocabulary size for NullTokenizer/mock data")
     g.add_argument("--data-cache-path")
@@ -272,6 +279,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="teacher and student tokenizers differ: align by character offsets (LET†)")
     for cls in objectives.values():
         cls.add_arguments(p)
+    megatron_compat.add_arguments(p)  # the rest of Megatron-LM's flags (docs/megatron-compat.md)
     return p
 
 
@@ -293,6 +301,7 @@ def _model_config(a: argparse.Namespace, vocab_size: int) -> LlamaConfig:
         vocab_size=vocab_size, untie_embeddings_and_output_weights=a.untie,
         rotary_base=a.rotary_base, norm_epsilon=a.norm_epsilon,
         init_method_std=a.init_method_std, make_vocab_size_divisible_by=a.make_vocab_size_divisible_by,
+        **megatron_compat.model_fields(a),
     )
 
 
@@ -302,7 +311,11 @@ def parse_args(argv: Optional[List[str]] = None,
 
     Vocabulary size comes from --vocab-size, else is filled in later from the tokenizer. Tools that
     share the training flags pass ``build_parser()`` extended with their own."""
-    a = (parser or build_parser()).parse_args(argv)
+    parser = parser or build_parser()
+    a, extras = parser.parse_known_args(argv)
+    megatron_compat.refuse_unknown(extras)  # a Megatron-LM flag we do not take: say why
+    if extras:
+        parser.error(f"unrecognized arguments: {' '.join(extras)}")
     return config_from_namespace(a)
 
 
@@ -321,6 +334,7 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
 
     check_sizes(a)  # zero/negative sizes: a clear error before anything divides by them
     check_finite_floats(a)
+    megatron_compat.apply(a)  # Megatron-LM's flags: refusals, GQA switch, samples -> iterations
     if a.sequence_parallel and a.tensor_model_parallel_size == 1:
         a.sequence_parallel = False  # as Megatron-LM: SP is meaningless without TP
     model = _model_config(a, vocab_size=a.vocab_size or 0)
@@ -336,7 +350,10 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         recompute_num_layers=a.recompute_num_layers,
         num_layers_per_virtual_pipeline_stage=a.num_layers_per_virtual_pipeline_stage,
         overlap_grad_reduce=a.overlap_grad_reduce, overlap_param_gather=a.overlap_param_gather,
-        ddp_bucket_size=a.ddp_bucket_size,
+        ddp_bucket_size=a.ddp_bucket_size, attention_backend=a.attention_backend or "auto",
+        grad_reduce_in_bf16=bool(a.grad_reduce_in_bf16),
+        cross_entropy_loss_fusion=bool(a.cross_entropy_loss_fusion),
+        cross_entropy_fusion_impl=a.cross_entropy_fusion_impl or "native",
     )
     perf.validate(model, parallel.pipeline_model_parallel_size, a.use_distributed_optimizer)
     parallel.virtual_pipeline_model_parallel_size = perf.virtual_pipeline_size(
@@ -413,7 +430,8 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         batch=BatchConfig(a.micro_batch_size, a.global_batch_size, a.train_iters),
         optim=OptimConfig(a.lr, a.min_lr, a.lr_warmup_fraction, a.lr_decay_style, a.weight_decay,
                           a.adam_beta1, a.adam_beta2, a.adam_eps, a.clip_grad,
-                          a.override_opt_param_scheduler, a.use_checkpoint_opt_param_scheduler),
+                          a.override_opt_param_scheduler, a.use_checkpoint_opt_param_scheduler,
+                          megatron_compat.schedule_config(a)),
         data=DataArgs(a.data_path, a.split, a.mock_data, a.tokenizer_type, a.tokenizer_model,
                       a.vocab_size, a.data_cache_path, a.kd_data_selection),
         checkpoint=CheckpointConfig(a.save, a.load, a.save_interval, a.exit_signal_handler,
@@ -432,4 +450,6 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
         seed=a.seed, dry_run=a.dry_run, exit_interval=a.exit_interval,
         check_for_nan_in_loss_and_grad=a.check_for_nan_in_loss_and_grad, raw=a, perf=perf,
         impl=model_spec.config_from_args(a),
+        runtime=megatron_compat.runtime_config(a),
     )
+

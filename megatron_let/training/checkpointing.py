@@ -365,6 +365,9 @@ COMPAT_FIELDS = {  # LlamaConfig field -> flag
     "num_query_groups": "--num-query-groups", "vocab_size": "--vocab-size",
     "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
     "seq_length": "--seq-length",
+    # Megatron-LM's architecture flags (megatron_compat); absent from older checkpoints: skipped
+    "kv_channels": "--kv-channels", "rotary_percent": "--rotary-percent",
+    "apply_layernorm_1p": "--apply-layernorm-1p",
 }
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "spiece.model",
                     "vocab.txt")

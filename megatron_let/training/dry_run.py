@@ -154,6 +154,12 @@ def _layers(first: int, last: int) -> str:
     return f"{first}-{last}" if first != last else str(first)
 
 
+def _warmup_iters(cfg, global_batch_size: int) -> float:
+    from megatron_let.training.lr_schedule import schedule_steps
+
+    return schedule_steps(cfg.optim, cfg.batch.train_iters, global_batch_size)["lr_warmup_steps"]
+
+
 def format_plan(plan: DryRunPlan) -> str:
     cfg, model, layout = plan.cfg, plan.model, plan.layout
     out: List[str] = ["=" * 30 + " megatron_let dry run " + "=" * 30, "", "resolved configuration:"]
@@ -171,7 +177,7 @@ def format_plan(plan: DryRunPlan) -> str:
         f"{layout.dp} x {plan.num_microbatches} micro-batches",
         f"  tokens per step: {tokens:,}; whole run: {tokens * iters:,} tokens ({_count(tokens * iters)})",
         f"  learning rate: {cfg.optim.lr:g} -> {cfg.optim.resolved_min_lr():g}, "
-        f"{int(cfg.optim.lr_warmup_fraction * max(1, iters))} warmup iterations, "
+        f"{_warmup_iters(cfg, plan.global_batch_size):g} warmup iterations, "
         f"{cfg.optim.lr_decay_style} decay",
         f"  objective schedule: step 0 {plan.objective.schedule_values(0)}, "
         f"last step {plan.objective.schedule_values(max(0, iters - 1))}",

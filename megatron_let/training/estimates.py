@@ -135,7 +135,7 @@ def layer_matmul_parameters(model: LlamaConfig) -> int:
     h, f = model.hidden_size, model.ffn_hidden_size
     heads = model.num_attention_heads
     groups = model.num_query_groups or heads
-    head_dim = h // heads
+    head_dim = model.head_dim
     attn = h * heads * head_dim + 2 * h * groups * head_dim + heads * head_dim * h
     return attn + 3 * h * f
 
@@ -258,7 +258,7 @@ def layer_activation_bytes(model: LlamaConfig, micro_batch_size: int, tp: int,
     negligible) and dropout is off, so there are no masks."""
     h, f = model.hidden_size, model.ffn_hidden_size
     heads = model.num_attention_heads
-    h_kv = (model.num_query_groups or heads) * (h // heads)
+    h_kv = (model.num_query_groups or heads) * model.head_dim
     tokens = model.seq_length * micro_batch_size
     split = (h + 2 * h_kv) + h + 3 * f
     outside = 4 * h
@@ -332,7 +332,7 @@ def estimate_memory(cfg: RunConfig, model: LlamaConfig, layout: ParallelLayout,
                 cfg, model, layout, num_microbatches, teacher, use)
         stages.append(StageMemory(
             pp_rank=p, parameters=params, weights=params * (2 if bf16 else 4),
-            gradients=params * 4.0, optimizer=params * opt_per_param,
+            gradients=params * (2.0 if cfg.perf.grad_reduce_in_bf16 else 4.0), optimizer=params * opt_per_param,
             activations=per_chunk_kept * chunk_forwards + recompute_peak, logits=logits,
             teacher=teacher_bytes, in_flight_microbatches=in_flight,
         ))
@@ -498,7 +498,7 @@ def megatron_training_flops(model: LlamaConfig, batch_size: int, tp: int = 1,
     counted (as in Megatron-LM)."""
     h, f, layers = model.hidden_size, model.ffn_hidden_size, model.num_layers
     heads = model.num_attention_heads
-    head_dim = getattr(model, "kv_channels", None) or h // heads
+    head_dim = model.head_dim
     q = heads * head_dim
     kv = (model.num_query_groups or heads) * head_dim
     per_token = layers * (h * (q + 2 * kv) + q * h + 3 * h * f) + h * model.padded_vocab_size(tp)

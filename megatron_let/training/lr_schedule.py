@@ -13,14 +13,16 @@ at all (a fresh schedule from the flags), as in Megatron-LM.
 
 from __future__ import annotations
 
+from typing import Optional
+
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
 # megatron-core's name of a scheduler field (OptimizerParamScheduler.load_state_dict) -> our flags
 FLAG_OF_FIELD = {
     "learning rate": "--lr",
     "minimum learning rate": "--min-lr",
-    "warmup iterations": "--lr-warmup-fraction x --train-iters",
-    "total number of iterations": "--train-iters",
+    "warmup iterations": "--lr-warmup-fraction/--lr-warmup-iters/--lr-warmup-samples",
+    "total number of iterations": "--train-iters",  # or --lr-decay-iters/-samples when given
     "learning rate decay style": "--lr-decay-style",
     "start weight decay": "--weight-decay",
     "end weight decay": "--weight-decay",
@@ -61,15 +63,56 @@ class LRScheduler(OptimizerParamScheduler):
         return super()._check_and_set(cls_value, sd_value, name)
 
 
-def build_scheduler(optimizer, optim_cfg, train_iters: int) -> LRScheduler:
-    """The paper's schedule: linear warmup over a fraction of the run, then decay to min-lr."""
-    o = optim_cfg
+def schedule_steps(optim_cfg, train_iters: int, global_batch_size: Optional[int] = None) -> dict:
+    """Warmup, decay, WD-increment and WSD lengths in iterations (the scheduler steps once per
+    iteration), from Megatron-LM's flags (its ``get_optimizer_param_scheduler``).
+
+    Megatron-LM counts a sample-based schedule (``--train-samples``) in samples and steps it by the
+    global batch; the same schedule in iterations is ``samples / global batch``, kept exact (a float
+    when it does not divide), so the LR of every step is Megatron-LM's. Without samples the paper's
+    default is kept: ``int(--lr-warmup-fraction x decay iterations)``."""
+    s = optim_cfg.schedule
     iters = max(1, train_iters)
+    if s.train_samples is not None:
+        g = global_batch_size
+        if not g:
+            raise ValueError("a sample-based schedule (--train-samples) needs the global batch size")
+
+        def per_batch(samples):
+            return samples // g if samples % g == 0 else samples / g
+
+        decay = per_batch(s.lr_decay_samples if s.lr_decay_samples is not None else s.train_samples)
+        warmup = optim_cfg.lr_warmup_fraction * decay if optim_cfg.lr_warmup_fraction is not None \
+            else per_batch(s.lr_warmup_samples or 0)
+        wd_steps = per_batch(s.train_samples)
+        wsd = per_batch(s.lr_wsd_decay_samples) if s.lr_wsd_decay_samples is not None else None
+    else:
+        decay = s.lr_decay_iters if s.lr_decay_iters is not None else iters
+        warmup = int(optim_cfg.lr_warmup_fraction * decay) if optim_cfg.lr_warmup_fraction is not None \
+            else (s.lr_warmup_iters or 0)
+        wd_steps = iters
+        wsd = s.lr_wsd_decay_iters
+    if decay <= 0 or warmup >= decay:
+        raise ValueError(f"the LR warmup ({warmup} iterations) must be shorter than its decay "
+                         f"({decay} iterations): check --lr-warmup-*/--lr-decay-*")
+    return dict(lr_warmup_steps=warmup, lr_decay_steps=decay, wd_incr_steps=max(wd_steps, 1),
+                wsd_decay_steps=wsd)
+
+
+def build_scheduler(optimizer, optim_cfg, train_iters: int,
+                    global_batch_size: Optional[int] = None) -> LRScheduler:
+    """The paper's schedule by default (linear warmup over a tenth of the run, then decay to
+    min-lr), or the one Megatron-LM's schedule flags give (:func:`schedule_steps`)."""
+    o = optim_cfg
+    s = o.schedule
+    wd = o.weight_decay
     return LRScheduler(
-        optimizer, init_lr=0.0, max_lr=o.lr, min_lr=o.resolved_min_lr(),
-        lr_warmup_steps=int(o.lr_warmup_fraction * iters), lr_decay_steps=iters,
-        lr_decay_style=o.lr_decay_style, start_wd=o.weight_decay, end_wd=o.weight_decay,
-        wd_incr_steps=iters, wd_incr_style="constant",
+        optimizer, init_lr=s.lr_warmup_init, max_lr=o.lr, min_lr=o.resolved_min_lr(),
+        lr_decay_style=o.lr_decay_style,
+        start_wd=s.start_weight_decay if s.start_weight_decay is not None else wd,
+        end_wd=s.end_weight_decay if s.end_weight_decay is not None else wd,
+        wd_incr_style=s.weight_decay_incr_style, lr_wsd_decay_style=s.lr_wsd_decay_style,
         use_checkpoint_opt_param_scheduler=o.use_checkpoint_opt_param_scheduler,
         override_opt_param_scheduler=o.override_opt_param_scheduler,
+        **schedule_steps(o, train_iters, global_batch_size),
     )

@@ -350,6 +350,9 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
             )
         read_selection(cfg.data.kd_data_selection)
 
+    from megatron_let.training.lr_schedule import schedule_steps
+
+    schedule_steps(cfg.optim, cfg.batch.train_iters, gbs)  # warmup shorter than decay, as a run
     train_samples, valid_samples = sample_counts(cfg, gbs)
     datasets: List[DatasetCheck] = []
     if cfg.data.data_path and not cfg.data.mock_data:
@@ -386,6 +389,14 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
                 f"{result.checkpoint_bytes / GIB:.2f} GiB each are planned ({need / GIB:.2f} GiB): "
                 "the run may fail at a save"
             )
+    import torch
+
+    from megatron_let.training.megatron_compat import preflight_warnings
+
+    # the device the run will use (a dry run on a login node may describe a GPU run)
+    device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and
+                                                     torch.cuda.is_available()) else "cpu"
+    warnings.extend(preflight_warnings(cfg, device_type))  # the Megatron-LM flags
     if emit:
         emit_warnings(warnings)
     return result

@@ -58,7 +58,9 @@ def build_run_datasets(cfg: RunConfig, tokenizer, global_batch_size: int):
         data_path=d.data_path, split=d.split, seq_length=cfg.model.seq_length,
         mock_data=d.mock_data, seed=cfg.seed, data_cache_path=d.data_cache_path,
         tokenizer_type=d.tokenizer_type or "NullTokenizer", tokenizer_model=d.tokenizer_model,
-        vocab_size=d.vocab_size,
+        vocab_size=d.vocab_size, num_workers=cfg.runtime.num_workers,
+        mmap_bin_files=cfg.runtime.mmap_bin_files, reset_position_ids=cfg.runtime.reset_position_ids,
+        eod_mask_loss=cfg.runtime.eod_mask_loss,
     )
     from megatron_let.training.preflight import sample_counts
 
@@ -117,6 +119,7 @@ class Trainer:
         # first: a stop signal that arrives during set-up is kept for the first step boundary
         # (SIGUSR1's default action would kill the worker)
         self.signals = _SignalFlag(cfg.checkpoint.exit_signal_handler)
+        self._start_time = time.time()  # --exit-duration-in-mins counts from here
         self.device = resolve_device(cfg.device)
         self.use_cpu = self.device.type == "cpu"
         from megatron_let.training.preflight import preflight
@@ -124,7 +127,9 @@ class Trainer:
         # everything --dry-run checks, before any compute: sets self.tokenizer and self.objective
         self.preflight = preflight(cfg, self)
 
-        initialize_distributed(self.device, cfg.parallel, cfg.seed)
+        timeout = cfg.runtime.distributed_timeout_minutes  # --distributed-timeout-minutes
+        initialize_distributed(self.device, cfg.parallel, cfg.seed,
+                               **({"timeout_minutes": timeout} if timeout else {}))
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
         self.dp_size = parallel_state.get_data_parallel_world_size()
@@ -262,10 +267,12 @@ class Trainer:
                 clip_grad=o.clip_grad, bf16=cfg.bf16,
                 params_dtype=torch.bfloat16 if cfg.bf16 else torch.float32,
                 use_distributed_optimizer=cfg.parallel.use_distributed_optimizer,
+                decoupled_lr=o.schedule.decoupled_lr, decoupled_min_lr=o.schedule.decoupled_min_lr,
             ),
             self.model,
         )
-        self.scheduler = build_scheduler(self.optimizer, o, cfg.batch.train_iters)
+        self.scheduler = build_scheduler(self.optimizer, o, cfg.batch.train_iters,
+                                         self.global_batch_size)
 
     def _build_data(self) -> None:
         from megatron_let.data.datasets import build_data_iterator
@@ -277,6 +284,7 @@ class Trainer:
             build_data_iterator, micro_batch_size=cfg.batch.micro_batch_size,
             data_parallel_rank=self.dp_rank, data_parallel_size=self.dp_size, seed=cfg.seed,
             pin_memory=self.device.type == "cuda",
+            num_workers=cfg.runtime.num_workers,  # --num-workers
         )
         self.selection = None
         if d.kd_data_selection:  # objective and format: checked by the preflight
@@ -574,7 +582,12 @@ class Trainer:
             # vocab_parallel_cross_entropy overwrites its input (its own fp32 copy when logits are
             # bf16): an objective that reads the logits themselves (KD) gets them cloned first.
             logits = output
-            nll = vocab_parallel_cross_entropy(logits.clone() if needs_logits else logits, labels)
+            cross_entropy = vocab_parallel_cross_entropy
+            if self.cfg.perf.cross_entropy_loss_fusion:  # as the model's own loss path (build_transformer_config)
+                from megatron_let.training.megatron_compat import fused_cross_entropy
+
+                cross_entropy = fused_cross_entropy(self.cfg.perf.cross_entropy_fusion_impl)
+            nll = cross_entropy(logits.clone() if needs_logits else logits, labels)
         count = loss_mask.sum()
         nll_sum = (nll * loss_mask).sum()
         if self._forward_only:
@@ -605,6 +618,8 @@ class Trainer:
                 num_microbatches=self.num_microbatches, seq_length=self.cfg.model.seq_length,
                 micro_batch_size=self.cfg.batch.micro_batch_size, forward_only=False,
             )
+        if getattr(self, "step_hooks", None) is not None:
+            self.step_hooks.after_forward_backward()  # --empty-unused-memory-level
         if self.capture is not None and self.objective.needs(self.iteration).teacher_hidden_layer \
                 is not None:
             # layer k's stage: the alignment loss entered the backward once per micro-batch
@@ -660,6 +675,10 @@ class Trainer:
             f"{self.iteration}: global batch {self.global_batch_size} = micro {cfg.batch.micro_batch_size}"
             f" x dp {self.dp_size} x {self.num_microbatches} micro-batches, seq {cfg.model.seq_length}"
         )
+        from megatron_let.training.megatron_compat import StepHooks
+
+        self.step_hooks = StepHooks(cfg.runtime, self.device, self._start_time)
+        self.step_hooks.start()  # --manual-gc
         # tests slow steps down to land a SIGKILL between checkpoints
         test_sleep = float(os.environ.get("MEGATRON_LET_TEST_STEP_SLEEP", "0"))
         while self.iteration < cfg.batch.train_iters:
@@ -682,6 +701,7 @@ class Trainer:
             self.observer.profiler.end(self.iteration)
             self.observer.accumulate(self.metrics, self.model, self.optimizer)
             self.iteration += 1
+            self.step_hooks.after_step(self.iteration)  # --manual-gc-interval, empty cache
             if use_selection:
                 self.consumed_selection_samples += self.global_batch_size
             else:
@@ -717,20 +737,27 @@ class Trainer:
                 interval.restart(self.iteration)
             with interval.paused():
                 if cfg.logging.eval_interval and self.iteration % cfg.logging.eval_interval == 0:
+                    self.step_hooks.around_eval()
                     self._run_eval()
+                    self.step_hooks.around_eval()
                 every = cfg.logging.eval_downstream_interval
                 if every and self.iteration % every == 0:
                     self._run_downstream_eval()
             stop_signal = self.signals.any_rank(self._collective_device())
+            out_of_time = self.step_hooks.duration_expired(time.time())  # --exit-duration-in-mins
             save_now = cfg.checkpoint.save and (
                 (cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0)
-                or stop_signal
+                or stop_signal or out_of_time
             )
             if save_now:
                 with interval.paused():
                     self.save()
             if stop_signal:
                 self._log(f"exit signal received: checkpoint saved at iteration {self.iteration}, exiting")
+                return last
+            if out_of_time:
+                self._log(f"--exit-duration-in-mins {cfg.runtime.exit_duration_in_mins} reached at "
+                          f"iteration {self.iteration}" + (": checkpoint saved" if save_now else ""))
                 return last
             if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
                 if cfg.checkpoint.save and not save_now:  # as Megatron-LM: save, then exit
