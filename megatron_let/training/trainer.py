@@ -311,12 +311,37 @@ class Trainer:
         problems = compatibility_problems(
             extra, self.cfg.model, self._tokenizer_record(),
             # a model-only start (--no-load-optim) may train at a new sequence length
-            check_seq_length=not ck.no_load_optim)
+            check_seq_length=not ck.no_load_optim, padded_vocab=self._padded_vocab())
         if problems:
             raise CheckpointError(f"checkpoint {path} does not match this run: " + "; ".join(problems))
+        self._check_data_on_resume(extra, path)
         saved = extra.get("objective")
         if saved and saved != self.cfg.objective:
             self._log(f"objective changes from {saved} (checkpoint) to {self.cfg.objective}")
+
+    def _check_data_on_resume(self, extra: Dict, path: str) -> None:
+        """Another data stream than the checkpoint's is refused unless --override-data-on-resume."""
+        from megatron_let.training.compatibility import data_problems, data_record
+        from megatron_let.training.errors import CheckpointError
+
+        saved = extra.get("data")
+        if saved is None:
+            self._log(f"{path} records no data settings (older megatron_let): --data-path, --split "
+                      "and --seed are not checked against it")
+            return
+        problems = data_problems(saved, data_record(self.cfg))
+        if not problems:
+            return
+        if not self.cfg.checkpoint.override_data_on_resume:
+            raise CheckpointError(
+                f"checkpoint {path} was trained on other data than this run: " + "; ".join(problems)
+                + ". Resuming would read another sample sequence; pass --override-data-on-resume "
+                "to resume on this run's data anyway")
+        self._log("WARNING: --override-data-on-resume: resuming on other data than the checkpoint's: "
+                  + "; ".join(problems))
+
+    def _padded_vocab(self) -> int:
+        return self.cfg.model.padded_vocab_size(self.cfg.parallel.tensor_model_parallel_size)
 
     def _tokenizer_record(self) -> Dict:
         return {"type": self.cfg.data.tokenizer_type or "NullTokenizer",
@@ -351,6 +376,7 @@ class Trainer:
 
     def save(self) -> None:
         from megatron_let.training.checkpointing import save_checkpoint
+        from megatron_let.training.compatibility import data_record
 
         t0 = time.time()
         with self._params_synced():
@@ -361,7 +387,8 @@ class Trainer:
                        "consumed_train_samples": self.consumed_train_samples,
                        "consumed_selection_samples": self.consumed_selection_samples,
                        "objective": self.cfg.objective, "model": dataclasses.asdict(self.cfg.model),
-                       "tokenizer": self._tokenizer_record()},
+                       "tokenizer": self._tokenizer_record(), "padded_vocab_size": self._padded_vocab(),
+                       "data": data_record(self.cfg)},
             )
         if self.save_lock is not None:
             self.save_lock.heartbeat(force=True)
