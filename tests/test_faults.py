@@ -76,6 +76,10 @@ FAULT_CASES = [
      "rank, exit 1; no checkpoint of that or a later step"),
     ("nan-flag", "`--let-lambda nan`, `--lr inf`, any float flag non-finite", "parse-time error naming the flag"),
     ("nan-teacher", "NaN in the teacher's weights", "error at teacher load naming the folder and tensor"),
+    ("nan-teacher-output", "a teacher whose output overflows to NaN/inf although its weights are finite",
+     "stops at that iteration naming the teacher folder, the rank and micro-batch, and that the "
+     "teacher's output (not the student) was non-finite; exit 1 (the flag rides on the step's one "
+     "reduction: no extra host sync)"),
     ("disk-full", "the `--save` file system fills up during a save", "error saying the disk is full, "
      "naming the checkpoint path and the free space; the partial `.tmp` is removed; exit 1"),
 ]
@@ -581,7 +585,8 @@ def test_changed_data_refused_unless_overridden(reference, tmp_path):
     assert "pass --override-data-on-resume" in err
     d = str(tmp_path / "ck")
     shutil.copytree(ck, d)
-    proc = _run(["--train-iters", "6", "--load", d, "--seed", "6", "--override-data-on-resume"])
+    proc = _run(["--train-iters", "6", "--load", d, "--seed", "6", "--override-data-on-resume",
+                 "--override-opt_param-scheduler"])
     assert "WARNING: --override-data-on-resume: resuming on other data than the checkpoint's: " \
            "--seed: checkpoint 5, this run 6" in proc.stdout
     assert "resumed from" in proc.stdout and "iteration        6/" in proc.stdout
@@ -717,3 +722,27 @@ def test_load_parent_folder_names_the_subfolder(reference, tmp_path):
     with pytest.raises(FileNotFoundError, match="--load .*typo does not exist"):
         parse_args(base + ["--load", str(tmp_path / "typo"), "--save", str(tmp_path / "ck")])
     parse_args(base + ["--load", str(tmp_path / "ck") + "/", "--save", str(tmp_path / "ck")])  # first run
+
+
+def test_non_finite_teacher_output_names_the_teacher(tmp_path):
+    _case("nan-teacher-output")
+    import torch
+    from tiny_teachers import save_tiny_llama_teacher
+
+    path = tmp_path / "teacher"
+    model = save_tiny_llama_teacher(path, vocab_size=200)
+    with torch.no_grad():  # finite weights whose products overflow float32
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.weight.fill_(1e38)
+            layer.mlp.up_proj.weight.fill_(1e38)
+    model.save_pretrained(str(path), safe_serialization=True)
+    proc = run_pretrain(TINY_MODEL + ["--mock-data", "--vocab-size", "200", "--micro-batch-size", "2",
+                                      "--global-batch-size", "4", "--objective", "let",
+                                      "--teacher-path", str(path), "--train-iters", "3",
+                                      "--let-student-layer", "2"], check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    err = proc.stderr
+    assert "pretrain_let.py: error: the teacher's output is non-finite (NaN/inf) at iteration 1 " \
+           "(rank 0: hidden states of micro-batch 0, hidden states of micro-batch 1)" in err, err[-3000:]
+    assert f"teacher {path}" in err and "the student's values are not the cause" in err
+    assert "Traceback" not in err and "lower --lr" not in err
