@@ -107,6 +107,12 @@ BAD_INPUT_CASES: List[BadInput] = [
              TINY_MODEL + MOCK + ["--objective", "salt", "--teacher-path", "{assets}/teacher",
                                   "--kd-data-selection", "{assets}/selection_2d.npy"],
              r"--kd-data-selection .*selection_2d\.npy must be a non-empty 1-D integer array"),
+    BadInput("kd-selection-out-of-range", "a --kd-data-selection index beyond the training samples",
+             TINY_MODEL + MOCK + ["--objective", "salt", "--teacher-path", "{assets}/teacher",
+                                  "--micro-batch-size", "2", "--train-iters", "2",
+                                  "--kd-data-selection", "{assets}/selection_far.npy"],
+             r"--kd-data-selection .*selection_far\.npy indexes sample 9 but the training dataset has "
+             r"4 samples \(--train-iters x --global-batch-size\)"),
     BadInput("kd-selection-with-let", "--kd-data-selection with an objective without KD phase",
              LET + ["{assets}/teacher", "--kd-data-selection", "{assets}/selection.npy"],
              r"--kd-data-selection is only used by an objective with a KD data phase "
@@ -223,6 +229,7 @@ def assets(tmp_path_factory):
     with open(os.path.join(root, "garbage.npy"), "wb") as f:
         f.write(b"not numpy")
     np.save(os.path.join(root, "selection.npy"), np.arange(4))
+    np.save(os.path.join(root, "selection_far.npy"), np.array([0, 9]))
     np.save(os.path.join(root, "selection_2d.npy"), np.zeros((2, 2), dtype=np.int64))
     with open(os.path.join(root, "a_file"), "w") as f:
         f.write("x")

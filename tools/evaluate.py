@@ -41,6 +41,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the results as JSON here")
     p.add_argument("--seq-length", type=int, help="evaluation window (default: the checkpoint's seq_length)")
     p.add_argument("--tokenizer-model", help="override the tokenizer path recorded in the checkpoint")
+    p.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
+                   help="skip the size/CRC-32 check of every checkpoint file at load (as pretrain_let.py)")
 
     g = p.add_argument_group("parallelism (megatron_let checkpoints)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)
@@ -91,7 +93,8 @@ def _load(args):
     tokenizer = build_tokenizer_from_info(tok_info)
     device = resolve_device(args.device)
     initialize_distributed(device, parallel, args.seed)
-    model, cfg, extra = load_student(args.load, parallel, use_cpu=device.type == "cpu", seq_length=args.seq_length)
+    model, cfg, extra = load_student(args.load, parallel, use_cpu=device.type == "cpu", seq_length=args.seq_length,
+                                   verify=args.verify_checkpoint)
     return model, cfg, tokenizer, tok_info
 
 
