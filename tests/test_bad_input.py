@@ -460,3 +460,42 @@ def test_stale_or_foreign_dataset_metadata_warns(tmp_path):
     check = check_dataset_ids(prefix, None, 300, 384, "--vocab-size 300", warnings, 1 << 20)
     assert (check.max_id, check.id_source) == (150, "full scan of the .bin")  # the real maximum
     assert len(warnings) == 1 and "describes 99 tokens but" in warnings[0] and "stale" in warnings[0]
+
+
+def test_preprocess_memory_is_bounded_per_line(tmp_path):
+    """A line above --max-line-bytes is refused with its number before it is held in memory
+    (tokenizing it would take a few tens of times its size); shorter lines are processed."""
+    import subprocess
+    import sys
+
+    from launch import ROOT, base_env
+
+    big = tmp_path / "big.jsonl"
+    with open(big, "w") as f:
+        f.write('{"text": "1 2"}\n')
+        f.write('{"text": "' + "7 " * (12 * 2**20) + '"}\n')  # a 24 MiB line
+        f.write('{"text": "3"}\n')
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"text": "1 2"}\n{"text": "' + "7 " * 300_000 + '"}\n')  # 600 KB: under 1 MiB
+
+    def peak(path, out):
+        """(exit code, last stderr line, peak RSS in MiB) of the tool in a fresh process."""
+        probe = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, "
+                 "text=True); print(p.returncode); print((p.stderr.strip().splitlines() or [''])[-1]); "
+                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        cmd = [sys.executable, "-c", probe, sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"),
+               "--input", str(path), "--output-prefix", str(tmp_path / out), "--tokenizer-type",
+               "NullTokenizer", "--vocab-size", "200", "--max-line-bytes", str(2**20)]
+        lines = subprocess.run(cmd, capture_output=True, text=True, env=base_env(), timeout=300,
+                               check=True).stdout.splitlines()
+        return int(lines[0]), lines[1], int(lines[2]) / 1024
+
+    rc, err, big_peak = peak(big, "big")
+    assert rc == 1 and err == (f"preprocess_data.py: error: {big} line 2: longer than --max-line-bytes "
+                               "1048576 (1 MiB); tokenizing one line takes a few tens of times its size "
+                               "in memory: split the document, or raise --max-line-bytes if the machine "
+                               "has the memory"), err
+    assert not list(tmp_path.glob("big_*"))  # partial outputs removed
+    rc, err, small_peak = peak(small, "small")
+    assert rc == 0, err
+    assert big_peak < small_peak + 16, (big_peak, small_peak)  # the 24 MiB line was never read whole
