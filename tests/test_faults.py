@@ -43,7 +43,8 @@ FAULT_CASES = [
     ("second-writer", "a second run on the same `--save` while the first is alive",
      "refused before any compute, naming host, pid and SLURM job of the holder; exit 2"),
     ("flipped-byte", "one byte flipped inside a shard", "error naming the file (CRC-32), the newest "
-     "complete older checkpoint and `--ckpt-step`; exit 2"),
+     "complete older checkpoint and `--ckpt-step`; exit 2. `tools/evaluate.py` and `tools/export_hf.py` "
+     "refuse it the same way, and take `--no-verify-checkpoint` as training does"),
     ("truncated-or-deleted-shard", "a shard truncated or deleted",
      "error naming the file and its expected size, or that it is missing"),
     ("corrupt-metadata", "garbage `metadata.json`, `.metadata` or `common.pt` (`--no-verify-checkpoint`)",
@@ -746,3 +747,26 @@ def test_non_finite_teacher_output_names_the_teacher(tmp_path):
            "(rank 0: hidden states of micro-batch 0, hidden states of micro-batch 1)" in err, err[-3000:]
     assert f"teacher {path}" in err and "the student's values are not the cause" in err
     assert "Traceback" not in err and "lower --lr" not in err
+
+
+def test_tools_verify_checkpoint_or_skip_it(reference, tmp_path):
+    _case("flipped-byte")
+    from launch import run_script
+
+    d, it5 = _damaged_copy(reference, tmp_path)
+    shard = os.path.join(it5, "__0_0.distcp")
+    with open(shard, "r+b") as f:
+        f.seek(os.path.getsize(shard) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    prefix = _write_dataset(str(tmp_path / "ds"), seed=1)
+    tools = {"export_hf.py": ["--load", d, "--out", str(tmp_path / "hf")],
+             "evaluate.py": ["--task", "ppl", "--load", d, "--data-path", prefix, "--device", "cpu"]}
+    for tool, args in tools.items():
+        proc = run_script(os.path.join("tools", tool), args, check=False)
+        assert proc.returncode != 0 and f"{shard} fails its CRC-32 check" in proc.stderr, \
+            (tool, proc.stderr[-2000:])
+        proc = run_script(os.path.join("tools", tool), args + ["--no-verify-checkpoint"], check=False)
+        assert proc.returncode == 0, (tool, proc.stderr[-2000:])
+        assert "CRC-32" not in proc.stderr

@@ -336,6 +336,12 @@ class Trainer:
         problems = data_problems(saved, data_record(self.cfg))
         if not problems:
             return
+        if self.cfg.checkpoint.no_load_optim or int(extra.get("iteration", 0)) == 0:
+            # a new run from these weights (the reproduction's shared initial checkpoint): no
+            # sample sequence is being continued
+            self._log("data differs from the checkpoint's (a model-only start, allowed): "
+                      + "; ".join(problems))
+            return
         if not self.cfg.checkpoint.override_data_on_resume:
             raise CheckpointError(
                 f"checkpoint {path} was trained on other data than this run: " + "; ".join(problems)
