@@ -20,6 +20,8 @@ from typing import Any, Dict, List, Optional
 # LlamaConfig fields that may differ between a checkpoint and the run resuming it
 MAY_CHANGE_ON_RESUME = {
     "init_method_std": "only draws the initial weights, which the checkpoint replaces",
+    # (with learned absolute positions the embedding's shape would change: the strict load refuses)
+    "max_position_embeddings": "RoPE computes positions per sequence: it only bounds --seq-length",
 }
 # fields compared only when the optimizer state is loaded (a model-only start may change them)
 MODEL_ONLY_START_MAY_CHANGE = {
