@@ -770,3 +770,29 @@ def test_tools_verify_checkpoint_or_skip_it(reference, tmp_path):
         proc = run_script(os.path.join("tools", tool), args + ["--no-verify-checkpoint"], check=False)
         assert proc.returncode == 0, (tool, proc.stderr[-2000:])
         assert "CRC-32" not in proc.stderr
+
+
+def test_model_only_start_logs_data_differences(tmp_path):
+    """--no-load-optim (or an iteration-0 checkpoint, the reproduction's shared initial one) is a
+    new run from the weights: data differences are logged, not refused."""
+    _case("changed-data")
+    from megatron_let.training.arguments import parse_args
+    from megatron_let.training.compatibility import data_record
+    from megatron_let.training.errors import CheckpointError
+    from megatron_let.training.trainer import Trainer
+
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--mock-data",
+            "--vocab-size", "200", "--load", str(tmp_path)]
+    saved = {"iteration": 4, "data": data_record(parse_args(base + ["--seed", "5"]))}
+    for extra, saved_iteration, refused in (([], 4, True), (["--no-load-optim"], 4, False), ([], 0, False)):
+        trainer = Trainer(parse_args(base + ["--seed", "6", *extra]))
+        logged = []
+        trainer._log = logged.append
+        record = dict(saved, iteration=saved_iteration)
+        if refused:
+            with pytest.raises(CheckpointError, match="--seed: checkpoint 5, this run 6"):
+                trainer._check_data_on_resume(record, "ck")
+        else:
+            trainer._check_data_on_resume(record, "ck")
+            assert logged == ["data differs from the checkpoint's (a model-only start, allowed): "
+                              "--seed: checkpoint 5, this run 6"]
