@@ -107,6 +107,12 @@ BAD_INPUT_CASES: List[BadInput] = [
              TINY_MODEL + MOCK + ["--objective", "salt", "--teacher-path", "{assets}/teacher",
                                   "--kd-data-selection", "{assets}/selection_2d.npy"],
              r"--kd-data-selection .*selection_2d\.npy must be a non-empty 1-D integer array"),
+    BadInput("kd-selection-out-of-range", "a --kd-data-selection index beyond the training samples",
+             TINY_MODEL + MOCK + ["--objective", "salt", "--teacher-path", "{assets}/teacher",
+                                  "--micro-batch-size", "2", "--train-iters", "2",
+                                  "--kd-data-selection", "{assets}/selection_far.npy"],
+             r"--kd-data-selection .*selection_far\.npy indexes sample 9 but the training dataset has "
+             r"4 samples \(--train-iters x --global-batch-size\)"),
     BadInput("kd-selection-with-let", "--kd-data-selection with an objective without KD phase",
              LET + ["{assets}/teacher", "--kd-data-selection", "{assets}/selection.npy"],
              r"--kd-data-selection is only used by an objective with a KD data phase "
@@ -223,6 +229,7 @@ def assets(tmp_path_factory):
     with open(os.path.join(root, "garbage.npy"), "wb") as f:
         f.write(b"not numpy")
     np.save(os.path.join(root, "selection.npy"), np.arange(4))
+    np.save(os.path.join(root, "selection_far.npy"), np.array([0, 9]))
     np.save(os.path.join(root, "selection_2d.npy"), np.zeros((2, 2), dtype=np.int64))
     with open(os.path.join(root, "a_file"), "w") as f:
         f.write("x")
@@ -453,3 +460,42 @@ def test_stale_or_foreign_dataset_metadata_warns(tmp_path):
     check = check_dataset_ids(prefix, None, 300, 384, "--vocab-size 300", warnings, 1 << 20)
     assert (check.max_id, check.id_source) == (150, "full scan of the .bin")  # the real maximum
     assert len(warnings) == 1 and "describes 99 tokens but" in warnings[0] and "stale" in warnings[0]
+
+
+def test_preprocess_memory_is_bounded_per_line(tmp_path):
+    """A line above --max-line-bytes is refused with its number before it is held in memory
+    (tokenizing it would take a few tens of times its size); shorter lines are processed."""
+    import subprocess
+    import sys
+
+    from launch import ROOT, base_env
+
+    big = tmp_path / "big.jsonl"
+    with open(big, "w") as f:
+        f.write('{"text": "1 2"}\n')
+        f.write('{"text": "' + "7 " * (12 * 2**20) + '"}\n')  # a 24 MiB line
+        f.write('{"text": "3"}\n')
+    small = tmp_path / "small.jsonl"
+    small.write_text('{"text": "1 2"}\n{"text": "' + "7 " * 300_000 + '"}\n')  # 600 KB: under 1 MiB
+
+    def peak(path, out):
+        """(exit code, last stderr line, peak RSS in MiB) of the tool in a fresh process."""
+        probe = ("import resource, subprocess, sys; p = subprocess.run(sys.argv[1:], capture_output=True, "
+                 "text=True); print(p.returncode); print((p.stderr.strip().splitlines() or [''])[-1]); "
+                 "print(resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss)")
+        cmd = [sys.executable, "-c", probe, sys.executable, os.path.join(ROOT, "tools", "preprocess_data.py"),
+               "--input", str(path), "--output-prefix", str(tmp_path / out), "--tokenizer-type",
+               "NullTokenizer", "--vocab-size", "200", "--max-line-bytes", str(2**20)]
+        lines = subprocess.run(cmd, capture_output=True, text=True, env=base_env(), timeout=300,
+                               check=True).stdout.splitlines()
+        return int(lines[0]), lines[1], int(lines[2]) / 1024
+
+    rc, err, big_peak = peak(big, "big")
+    assert rc == 1 and err == (f"preprocess_data.py: error: {big} line 2: longer than --max-line-bytes "
+                               "1048576 (1 MiB); tokenizing one line takes a few tens of times its size "
+                               "in memory: split the document, or raise --max-line-bytes if the machine "
+                               "has the memory"), err
+    assert not list(tmp_path.glob("big_*"))  # partial outputs removed
+    rc, err, small_peak = peak(small, "small")
+    assert rc == 0, err
+    assert big_peak < small_peak + 16, (big_peak, small_peak)  # the 24 MiB line was never read whole

@@ -477,23 +477,27 @@ def test_gpt_samples_are_slices_of_document_stream(gpt_datasets, corpus, sp_refe
     ref = _reference_docs(sp_reference, docs)
     n_train_docs = round(0.9 * len(docs))
     for ds, doc_range, n in ((train, range(0, n_train_docs), n_train), (valid, range(n_train_docs, len(docs)), 20)):
-        assert len(ds) >= n
-        order = np.asarray(ds.document_index)
-        epochs = len(order) // len(doc_range)
-        assert len(order) == epochs * len(doc_range)
-        if ds is train:
-            assert epochs >= 2, "the train samples should need a second pass over the documents"
-        assert sorted(order.tolist()) == sorted(list(doc_range) * epochs)  # each split doc once per epoch
+        assert len(ds) == n
+        base = ds.dataset  # megatron-core's dataset, built for one epoch
+        order = np.asarray(base.document_index)
+        assert sorted(order.tolist()) == list(doc_range)  # each split doc once
         stream = np.concatenate([ref[d] for d in order])
-        for i in range(len(ds)):
-            start = int(ds.shuffle_index[i]) * SEQ
+        for i in range(len(base)):
+            start = int(base.shuffle_index[i]) * SEQ
             window = stream[start : start + SEQ + 1]
-            sample = ds[i]
+            sample = ds[i] if i < n else base[i]
             assert set(sample) == {"tokens", "labels", "loss_mask", "position_ids"}
             np.testing.assert_array_equal(sample["tokens"].numpy(), window[:-1])
             np.testing.assert_array_equal(sample["labels"].numpy(), window[1:])
             assert torch.equal(sample["loss_mask"], torch.ones(SEQ))
             assert torch.equal(sample["position_ids"], torch.arange(SEQ))
+        if ds is train:  # ~1.5 epochs: the second is a permutation of the first epoch's samples
+            e = len(base)
+            assert e < n < 2 * e
+            second = [ds.index(p) for p in range(e, 2 * e)]
+            assert sorted(second) == list(range(e)) and second != list(range(e))
+            for p in range(e, n, 7):
+                np.testing.assert_array_equal(ds[p]["tokens"].numpy(), base[second[p - e]]["tokens"].numpy())
 
 
 def test_pad_equal_to_eos_masks_nothing_and_stays_quiet(work, corpus, hf_folder):
@@ -555,7 +559,7 @@ def test_build_datasets_blend_mock_and_errors(preprocessed, sp_tok, work):
     null = build_tokenizer("NullTokenizer", None, vocab_size=97)
     cfg = DataConfig(mock_data=True, seq_length=SEQ, tokenizer_type="NullTokenizer", vocab_size=97)
     train, valid, test = build_datasets(cfg, null, 50, 0, 0)
-    assert valid is None and test is None and len(train) >= 50
+    assert valid is None and test is None and len(train) == 50
     sample = train[5]
     assert torch.equal(sample["tokens"][1:], sample["labels"][:-1])
     assert int(sample["tokens"].max()) < 97

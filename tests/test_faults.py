@@ -44,23 +44,44 @@ FAULT_CASES = [
     ("second-writer", "a second run on the same `--save` while the first is alive",
      "refused before any compute, naming host, pid and SLURM job of the holder; exit 2"),
     ("flipped-byte", "one byte flipped inside a shard", "error naming the file (CRC-32), the newest "
-     "complete older checkpoint and `--ckpt-step`; exit 2"),
+     "complete older checkpoint and `--ckpt-step`; exit 2. `tools/evaluate.py` and `tools/export_hf.py` "
+     "refuse it the same way, and take `--no-verify-checkpoint` as training does"),
     ("truncated-or-deleted-shard", "a shard truncated or deleted",
      "error naming the file and its expected size, or that it is missing"),
     ("corrupt-metadata", "garbage `metadata.json`, `.metadata` or `common.pt` (`--no-verify-checkpoint`)",
      "error naming the file and the newest complete older checkpoint with `--ckpt-step`"),
-    ("tracker-names-missing", "the tracker names a checkpoint folder that is gone",
-     "error naming the newest complete older checkpoint and `--ckpt-step N`"),
+    ("tracker-names-missing", "the tracker names a checkpoint folder that is gone, or an iteration "
+     "that never existed (a truncated tracker: \"1\" for \"12\")",
+     "error listing the complete checkpoints present and the `--ckpt-step N` to load"),
     ("ckpt-step", "`--ckpt-step N` after that error", "resumes from iteration N; equal losses"),
     ("load-iter-folder", "`--load DIR/iter_0000002` (one checkpoint folder)", "loads that iteration (never a silent fresh start); "
      "equal losses"),
     ("incompatible-checkpoint", "resume with a different `--vocab-size`, `--num-attention-heads`, tied "
      "embeddings", "error listing every mismatch with both values, before any tensor is read; exit 2"),
+    ("changed-math", "resume with another `--norm-epsilon`, `--rotary-base`, "
+     "`--make-vocab-size-divisible-by` (padded vocabulary) or any other model field",
+     "error listing every mismatch with both values (every model config field is compared but an "
+     "allow-list with reasons); exit 2"),
+    ("changed-data", "resume with another `--seed`, `--data-path`, `--split` or `--kd-data-selection` file",
+     "error naming both values and `--override-data-on-resume`; with that flag: resumes, logged"),
+    ("longer-run", "resume extending `--train-iters` (`--override-opt_param-scheduler`) on a "
+     "multi-epoch dataset", "continues the uninterrupted run's sample sequence exactly (per-sample "
+     "hashes) with equal losses"),
+    ("global-batch-change", "resume with another `--global-batch-size` (4 → 8)",
+     "the next samples in sequence: nothing repeated, nothing skipped (per-sample hashes)"),
+    ("reprocessed-in-place", "a `--data-path` dataset re-preprocessed in place (other documents)",
+     "the index cache is keyed to the files' sizes and mtimes: new indices, the new data's windows"),
+    ("load-parent-folder", "`--load DIR` with no checkpoint in DIR but one in a subfolder",
+     "error naming the subfolder to pass; a `--load` that does not exist (and is not `--save`): error"),
     ("objective-change", "resume a baseline checkpoint with `--objective let`", "allowed, logged"),
     ("nan-loss", "`--lr 1e3`: loss/grad norm become NaN", "stops at that iteration naming term and "
      "rank, exit 1; no checkpoint of that or a later step"),
     ("nan-flag", "`--let-lambda nan`, `--lr inf`, any float flag non-finite", "parse-time error naming the flag"),
     ("nan-teacher", "NaN in the teacher's weights", "error at teacher load naming the folder and tensor"),
+    ("nan-teacher-output", "a teacher whose output overflows to NaN/inf although its weights are finite",
+     "stops at that iteration naming the teacher folder, the rank and micro-batch, and that the "
+     "teacher's output (not the student) was non-finite; exit 1 (the flag rides on the step's one "
+     "reduction: no extra host sync)"),
     ("disk-full", "the `--save` file system fills up during a save", "error saying the disk is full, "
      "naming the checkpoint path and the free space; the partial `.tmp` is removed; exit 1"),
 ]
@@ -282,8 +303,15 @@ def test_tracker_names_missing_then_ckpt_step(reference, tmp_path):
     from megatron_let.training.checkpointing import find_checkpoint
     from megatron_let.training.errors import CheckpointError
 
-    with pytest.raises(CheckpointError, match="names iteration 5 but .* load it with --ckpt-step 4"):
+    with pytest.raises(CheckpointError, match="names iteration 5 but .* complete checkpoints under "
+                                              ".*: iterations 2, 4; load the newest older one with "
+                                              "--ckpt-step 4"):
         find_checkpoint(d)  # a run prints this and exits 2 (as test_flipped_byte_in_shard shows)
+    open(os.path.join(d, TRACKER), "w").write("1")  # "12" truncated: newer ones exist
+    with pytest.raises(CheckpointError, match="names iteration 1 but .*iterations 2, 4; load the "
+                                              "newest one with --ckpt-step 4"):
+        find_checkpoint(d)
+    open(os.path.join(d, TRACKER), "w").write("5")
     metrics = str(tmp_path / "step.jsonl")
     out = _run(["--train-iters", "5", "--load", d, "--ckpt-step", "4", "--metrics-jsonl", metrics]).stdout
     assert "resumed from" in out and "at iteration 4" in out
@@ -505,3 +533,278 @@ def test_reliability_doc_is_current():
     assert current == reliability_table.render(), \
         "docs/reliability.md is stale: run python tools/reliability_table.py"
     assert f"**{len(FAULT_CASES)} faults survived**" in current
+
+
+# ------------------------------------------------------------------ resumes that change the math or the data
+
+def test_changed_math_refused_naming_both_values(reference):
+    _case("changed-math")
+    _, ck = reference
+    err = _fails(["--train-iters", "6", "--load", ck, "--norm-epsilon", "1e-6", "--rotary-base", "500000",
+                  "--make-vocab-size-divisible-by", "100"])
+    assert "does not match this run" in err
+    assert "--norm-epsilon: checkpoint 1e-05, this run 1e-06" in err
+    assert "--rotary-base: checkpoint 10000, this run 500000" in err
+    assert "--make-vocab-size-divisible-by: checkpoint 128, this run 100" in err
+    assert "padded vocabulary (--make-vocab-size-divisible-by x --tensor-model-parallel-size): " \
+           "checkpoint 256, this run 200" in err
+
+
+def test_model_check_covers_every_config_field():
+    """A field added to LlamaConfig later is compared without touching the check; only the
+    allow-list may differ, and an older checkpoint's missing field counts as its default."""
+    _case("changed-math")
+    import dataclasses
+
+    from megatron_let.model.llama import LlamaConfig
+    from megatron_let.training.compatibility import (MAY_CHANGE_ON_RESUME, MODEL_ONLY_START_MAY_CHANGE,
+                                                     model_problems)
+
+    cfg = LlamaConfig(num_layers=2, hidden_size=64, num_attention_heads=4, num_query_groups=2,
+                      vocab_size=200)
+    saved = dataclasses.asdict(cfg)
+    for f in dataclasses.fields(cfg):
+        changed = dict(saved)
+        value = saved[f.name]
+        changed[f.name] = (not value) if isinstance(value, bool) else \
+            (value * 2 if isinstance(value, (int, float)) else 7)
+        problems = model_problems(changed, cfg)
+        if f.name in MAY_CHANGE_ON_RESUME:
+            assert problems == [], f.name
+        else:
+            assert len(problems) == 1 and problems[0].startswith("--" + f.name.replace("_", "-")), \
+                (f.name, problems)
+        if f.name in MODEL_ONLY_START_MAY_CHANGE:
+            assert model_problems(changed, cfg, check_seq_length=False) == []
+    old = {k: v for k, v in saved.items() if k != "rotary_base"}  # an older checkpoint
+    assert model_problems(old, cfg) == []
+    assert model_problems(old, dataclasses.replace(cfg, rotary_base=500000)) == [
+        "--rotary-base: checkpoint 10000, this run 500000"]
+    # a checkpoint from before the Megatron-LM architecture flags: kv_channels None meant hidden/heads
+    megatron_fields = ("kv_channels", "rotary_percent", "attention_dropout", "hidden_dropout",
+                       "apply_layernorm_1p")
+    older = {k: v for k, v in saved.items() if k not in megatron_fields}
+    assert model_problems(older, cfg) == []
+    assert model_problems({**saved, "kv_channels": None}, cfg) == []
+    assert model_problems(older, dataclasses.replace(cfg, kv_channels=32)) == [
+        "--kv-channels: checkpoint 16, this run 32"]
+
+
+def test_changed_data_refused_unless_overridden(reference, tmp_path):
+    _case("changed-data")
+    _, ck = reference
+    err = _fails(["--train-iters", "6", "--load", ck, "--seed", "6"])
+    assert "was trained on other data than this run: --seed: checkpoint 5, this run 6" in err
+    assert "pass --override-data-on-resume" in err
+    d = str(tmp_path / "ck")
+    shutil.copytree(ck, d)
+    proc = _run(["--train-iters", "6", "--load", d, "--seed", "6", "--override-data-on-resume",
+                 "--override-opt_param-scheduler"])
+    assert "WARNING: --override-data-on-resume: resuming on other data than the checkpoint's: " \
+           "--seed: checkpoint 5, this run 6" in proc.stdout
+    assert "resumed from" in proc.stdout and "iteration        6/" in proc.stdout
+
+
+def test_data_record_names_path_split_and_selection(tmp_path):
+    _case("changed-data")
+    import numpy as np
+
+    from megatron_let.training.arguments import parse_args
+    from megatron_let.training.compatibility import data_problems, data_record
+
+    sel = tmp_path / "sel.npy"
+    np.save(sel, np.arange(4))
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4",
+            "--tokenizer-type", "NullTokenizer", "--vocab-size", "200", "--objective", "salt",
+            "--kd-data-selection", str(sel)]
+    pa, pb = _write_dataset(str(tmp_path / "a"), 1), _write_dataset(str(tmp_path / "b"), 2)
+    a = data_record(parse_args(base + ["--data-path", pa, "--split", "98,2"]))
+    same = data_record(parse_args(base + ["--data-path", pa, "--split", "98,2,0"]))
+    assert data_problems(a, same) == []
+    np.save(sel, np.arange(5))  # the same file name, another selection
+    b = data_record(parse_args(base + ["--data-path", "0.5", pa, "0.5", pb, "--split", "9,1"]))
+    problems = data_problems(a, b)
+    assert problems[0] == f"--data-path: checkpoint {pa}, this run 0.5 {pa} 0.5 {pb}"
+    assert problems[1] == "--split: checkpoint 0.98,0.02,0, this run 0.9,0.1,0"
+    assert problems[2].startswith(f"--kd-data-selection: checkpoint {sel} (sha256 ")
+    assert len(problems) == 3
+
+
+DATA_ARGS = TINY_MODEL + ["--objective", "baseline", "--tokenizer-type", "NullTokenizer",
+                          "--vocab-size", "200", "--micro-batch-size", "2", "--seed", "5",
+                          "--split", "1,0,0"]
+
+
+def _write_dataset(prefix, seed, n_docs=40):
+    """A small NullTokenizer dataset: ~23 samples of 32 tokens per epoch."""
+    import numpy as np
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+
+    rng = np.random.default_rng(seed)
+    b = IndexedDatasetBuilder(prefix + ".bin", dtype=np.uint16)
+    for _ in range(n_docs):
+        doc = rng.integers(0, 199, size=int(rng.integers(8, 30))).astype(np.uint16)
+        b.add_document(doc, [len(doc)])
+    b.finalize(prefix + ".idx")
+    return prefix
+
+
+def _data_run(args, sample_log, check=True):
+    from launch import run_script
+
+    env = base_env()
+    env["MEGATRON_LET_TEST_SAMPLE_LOG"] = sample_log
+    return run_script("pretrain_let.py", DATA_ARGS + args, env=env, check=check)
+
+
+def _samples(log):
+    with open(log) as f:
+        return [(int(p), h) for p, h in (line.split() for line in f)]
+
+
+@pytest.fixture(scope="module")
+def data_reference(tmp_path_factory):
+    """An uninterrupted 12-iteration run over ~2 epochs of a small dataset: (prefix, samples, metrics)."""
+    d = tmp_path_factory.mktemp("data_reference")
+    prefix = _write_dataset(str(d / "ds"), seed=1)
+    log, metrics = str(d / "samples.txt"), str(d / "m.jsonl")
+    _data_run(["--data-path", prefix, "--train-iters", "12", "--global-batch-size", "4",
+               "--metrics-jsonl", metrics], log)
+    samples = _samples(log)
+    assert [p for p, _ in samples] == list(range(48))
+    assert len(set(h for _, h in samples[:23])) > 20  # distinct windows
+    return prefix, samples, read_metrics(metrics)
+
+
+def test_longer_run_continues_the_sample_sequence(data_reference, tmp_path):
+    _case("longer-run")
+    prefix, ref_samples, ref_metrics = data_reference
+    ck, a, b = str(tmp_path / "ck"), str(tmp_path / "a.txt"), str(tmp_path / "b.txt")
+    common = ["--data-path", prefix, "--global-batch-size", "4", "--save", ck]
+    _data_run(common + ["--train-iters", "6"], a)
+    metrics = str(tmp_path / "m.jsonl")
+    _data_run(common + ["--train-iters", "12", "--load", ck, "--override-opt_param-scheduler",
+                        "--metrics-jsonl", metrics], b)
+    assert _samples(a) + _samples(b) == ref_samples  # nothing repeated, nothing skipped
+    _assert_same_losses(metrics, ref_metrics, range(7, 13))
+
+
+def test_global_batch_change_continues_the_sample_sequence(data_reference, tmp_path):
+    _case("global-batch-change")
+    prefix, ref_samples, _ = data_reference
+    ck, a, b = str(tmp_path / "ck"), str(tmp_path / "a.txt"), str(tmp_path / "b.txt")
+    _data_run(["--data-path", prefix, "--save", ck, "--train-iters", "3", "--global-batch-size", "4"], a)
+    _data_run(["--data-path", prefix, "--save", ck, "--load", ck, "--train-iters", "6",
+               "--global-batch-size", "8", "--override-opt_param-scheduler"], b)
+    assert _samples(a) + _samples(b) == ref_samples[:36]  # 3 x 4, then 3 x 8
+
+
+def test_reprocessed_dataset_gets_new_indices(tmp_path):
+    _case("reprocessed-in-place")
+    prefix = _write_dataset(str(tmp_path / "ds"), seed=1)
+    cache = str(tmp_path / "cache")
+    common = ["--data-path", prefix, "--train-iters", "2", "--global-batch-size", "4"]
+    _data_run(common + ["--data-cache-path", cache], str(tmp_path / "old.txt"))
+    time.sleep(0.01)
+    _write_dataset(prefix, seed=2, n_docs=55)  # other documents, same file names
+    _data_run(common + ["--data-cache-path", cache], str(tmp_path / "new.txt"))
+    _data_run(common + ["--data-cache-path", str(tmp_path / "fresh_cache")], str(tmp_path / "fresh.txt"))
+    new = _samples(str(tmp_path / "new.txt"))
+    assert new == _samples(str(tmp_path / "fresh.txt"))  # the new data's windows
+    assert new != _samples(str(tmp_path / "old.txt"))
+
+
+def test_load_parent_folder_names_the_subfolder(reference, tmp_path):
+    _case("load-parent-folder")
+    from megatron_let.training.arguments import parse_args
+    from megatron_let.training.checkpointing import find_checkpoint
+    from megatron_let.training.errors import CheckpointError
+
+    _, ck = reference
+    parent = tmp_path / "runs"
+    shutil.copytree(ck, parent / "run1" / "ck")
+    with pytest.raises(CheckpointError, match=f"--load {parent} holds no checkpoint, but "
+                                              f"{parent / 'run1' / 'ck'} holds one: pass --load "
+                                              f"{parent / 'run1' / 'ck'}"):
+        find_checkpoint(str(parent))
+    err = _fails(["--train-iters", "6", "--load", str(parent)])  # a run: exit 2, nothing trained
+    assert f"pass --load {parent / 'run1' / 'ck'}" in err
+    assert find_checkpoint(str(tmp_path / "empty_dir_absent")) is None
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--mock-data",
+            "--vocab-size", "200"]
+    with pytest.raises(FileNotFoundError, match="--load .*typo does not exist"):
+        parse_args(base + ["--load", str(tmp_path / "typo"), "--save", str(tmp_path / "ck")])
+    parse_args(base + ["--load", str(tmp_path / "ck") + "/", "--save", str(tmp_path / "ck")])  # first run
+
+
+def test_non_finite_teacher_output_names_the_teacher(tmp_path):
+    _case("nan-teacher-output")
+    import torch
+    from tiny_teachers import save_tiny_llama_teacher
+
+    path = tmp_path / "teacher"
+    model = save_tiny_llama_teacher(path, vocab_size=200)
+    with torch.no_grad():  # finite weights whose products overflow float32
+        for layer in model.model.layers:
+            layer.mlp.gate_proj.weight.fill_(1e38)
+            layer.mlp.up_proj.weight.fill_(1e38)
+    model.save_pretrained(str(path), safe_serialization=True)
+    proc = run_pretrain(TINY_MODEL + ["--mock-data", "--vocab-size", "200", "--micro-batch-size", "2",
+                                      "--global-batch-size", "4", "--objective", "let",
+                                      "--teacher-path", str(path), "--train-iters", "3",
+                                      "--let-student-layer", "2"], check=False)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    err = proc.stderr
+    assert "pretrain_let.py: error: the teacher's output is non-finite (NaN/inf) at iteration 1 " \
+           "(rank 0: hidden states of micro-batch 0, hidden states of micro-batch 1)" in err, err[-3000:]
+    assert f"teacher {path}" in err and "the student's values are not the cause" in err
+    assert "Traceback" not in err and "lower --lr" not in err
+
+
+def test_tools_verify_checkpoint_or_skip_it(reference, tmp_path):
+    _case("flipped-byte")
+    from launch import run_script
+
+    d, it5 = _damaged_copy(reference, tmp_path)
+    shard = os.path.join(it5, "__0_0.distcp")
+    with open(shard, "r+b") as f:
+        f.seek(os.path.getsize(shard) // 2)
+        b = f.read(1)
+        f.seek(-1, 1)
+        f.write(bytes([b[0] ^ 0xFF]))
+    prefix = _write_dataset(str(tmp_path / "ds"), seed=1)
+    tools = {"export_hf.py": ["--load", d, "--out", str(tmp_path / "hf")],
+             "evaluate.py": ["--task", "ppl", "--load", d, "--data-path", prefix, "--device", "cpu"]}
+    for tool, args in tools.items():
+        proc = run_script(os.path.join("tools", tool), args, check=False)
+        assert proc.returncode != 0 and f"{shard} fails its CRC-32 check" in proc.stderr, \
+            (tool, proc.stderr[-2000:])
+        proc = run_script(os.path.join("tools", tool), args + ["--no-verify-checkpoint"], check=False)
+        assert proc.returncode == 0, (tool, proc.stderr[-2000:])
+        assert "CRC-32" not in proc.stderr
+
+
+def test_model_only_start_logs_data_differences(tmp_path):
+    """--no-load-optim (or an iteration-0 checkpoint, the reproduction's shared initial one) is a
+    new run from the weights: data differences are logged, not refused."""
+    _case("changed-data")
+    from megatron_let.training.arguments import parse_args
+    from megatron_let.training.compatibility import data_record
+    from megatron_let.training.errors import CheckpointError
+    from megatron_let.training.trainer import Trainer
+
+    base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--mock-data",
+            "--vocab-size", "200", "--load", str(tmp_path)]
+    saved = {"iteration": 4, "data": data_record(parse_args(base + ["--seed", "5"]))}
+    for extra, saved_iteration, refused in (([], 4, True), (["--no-load-optim"], 4, False), ([], 0, False)):
+        trainer = Trainer(parse_args(base + ["--seed", "6", *extra]))
+        logged = []
+        trainer._log = logged.append
+        record = dict(saved, iteration=saved_iteration)
+        if refused:
+            with pytest.raises(CheckpointError, match="--seed: checkpoint 5, this run 6"):
+                trainer._check_data_on_resume(record, "ck")
+        else:
+            trainer._check_data_on_resume(record, "ck")
+            assert logged == ["data differs from the checkpoint's (a model-only start, allowed): "
+                              "--seed: checkpoint 5, this run 6"]

@@ -164,7 +164,8 @@ def test_select_data_scores_and_selection_is_consumed(tmp_path, teacher_dir, meg
     # training draws the KD phase from the selection, then the full data
     from megatron_let.training.trainer import Trainer
 
-    cfg = parse_args(KD + ["--objective", "salt", "--teacher-path", teacher_dir, "--train-iters", "4",
+    # the selection's run: its indices are positions of that run's training samples
+    cfg = parse_args(KD + ["--objective", "salt", "--teacher-path", teacher_dir, "--train-iters", "6",
                            "--kd-stop-step", "2", "--kd-data-selection", out, "--log-interval", "10"])
     trainer = Trainer(cfg)
     trainer.setup()
@@ -182,6 +183,6 @@ def test_select_data_scores_and_selection_is_consumed(tmp_path, teacher_dir, meg
     kd_phase = [tuple(r.tolist()) for t in seen[:4] for r in t]  # 2 steps x 2 micro-batches x 2
     assert all(row in selected for row in kd_phase)
     later = [tuple(r.tolist()) for t in seen[4:] for r in t]
-    expected_later = [tuple(train_ds[j]["tokens"].tolist()) for j in range(8)]
+    expected_later = [tuple(train_ds[j]["tokens"].tolist()) for j in range(16)]
     assert later == expected_later
-    assert trainer.consumed_selection_samples == 8 and trainer.consumed_train_samples == 8
+    assert trainer.consumed_selection_samples == 8 and trainer.consumed_train_samples == 16

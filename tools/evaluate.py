@@ -42,6 +42,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", help="write the results as JSON here")
     p.add_argument("--seq-length", type=int, help="evaluation window (default: the checkpoint's seq_length)")
     p.add_argument("--tokenizer-model", help="override the tokenizer path recorded in the checkpoint")
+    p.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
+                   help="skip the size/CRC-32 check of every checkpoint file at load (as pretrain_let.py)")
 
     g = p.add_argument_group("parallelism (megatron_let checkpoints)")
     g.add_argument("--tensor-model-parallel-size", type=int, default=1)

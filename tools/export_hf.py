@@ -30,6 +30,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="weight dtype of the export; auto = the dtype recorded by import_hf, else float32")
     p.add_argument("--tokenizer-model", help="override the tokenizer path recorded in the checkpoint")
     p.add_argument("--max-shard-size-gb", type=float, default=5.0, help="split weights into files of this size")
+    p.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
+                   help="skip the size/CRC-32 check of every checkpoint file at load (as pretrain_let.py)")
     p.add_argument("--verify", action="store_true",
                    help="reload the export with transformers and compare logits with megatron_let's forward")
     return p
@@ -67,7 +69,7 @@ def export(args: argparse.Namespace) -> dict:
         raise ValueError(f"--out {args.out!r} is a file")
 
     initialize_distributed(torch.device("cpu"), ParallelConfig(), seed=0)
-    model, cfg, _ = load_student(args.load, ParallelConfig(), use_cpu=True)
+    model, cfg, _ = load_student(args.load, ParallelConfig(), use_cpu=True, verify=args.verify_checkpoint)
     hf_sd = megatron_to_hf(full_state_dict(model), cfg, dtype=DTYPES[dtype])
     bos = tokenizer.bos if tokenizer.bos >= 0 else None
     pad = tokenizer.pad if tokenizer.pad >= 0 else None

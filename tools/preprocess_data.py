@@ -19,7 +19,7 @@ from megatron_let.runtime.cli import quiet_backend_warnings
 
 quiet_backend_warnings()
 
-from megatron_let.data.indexed import preprocess_jsonl
+from megatron_let.data.indexed import MAX_LINE_BYTES, preprocess_jsonl
 from megatron_let.data.tokenizers import TOKENIZER_TYPES
 
 
@@ -42,6 +42,9 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("runtime")
     g.add_argument("--workers", type=int, default=1, help="tokenizer processes")
     g.add_argument("--log-interval", type=int, default=1000, help="report progress every N documents")
+    g.add_argument("--max-line-bytes", type=int, default=MAX_LINE_BYTES,
+                   help="refuse a jsonl line longer than this, naming it (memory per line is bounded: "
+                        "tokenizing a line takes a few tens of times its size); default 16 MiB")
     return p
 
 
@@ -57,6 +60,7 @@ def main(argv: list[str] | None = None) -> int:
         append_eod=args.append_eod,
         workers=args.workers,
         log_interval=args.log_interval,
+        max_line_bytes=args.max_line_bytes,
     )
     return 0
 

@@ -18,6 +18,7 @@ from ``consumed_samples`` reproduces an uninterrupted run exactly.
 
 from __future__ import annotations
 
+import os
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -26,6 +27,7 @@ from typing import Callable, Iterator, Sequence
 import numpy as np
 import torch
 
+from megatron_let.data.epochs import EpochCycle, GreedyBlend
 from megatron_let.data.indexed import IndexedDatasetSummary, parse_data_path, validate_indexed_dataset
 from megatron_let.data.tokenizers import TOKENIZER_TYPES
 
@@ -161,6 +163,11 @@ def build_datasets(
     ``reset_attention_mask``; otherwise the model applies its causal mask). A split with 0
     requested samples is not built and returned as ``None``.
 
+    Each split is exactly as long as requested, and its sample order does not depend on that
+    length (megatron-core builds one epoch, :mod:`megatron_let.data.epochs` adds the others), so
+    a longer run reads a shorter run's samples first. An unweighted ``--data-path`` with several
+    prefixes is megatron-core's one-epoch size-proportional blend (no further epochs).
+
     Works without torch.distributed and under it; in the distributed case every rank must call
     this (megatron-core builds on rank 0, barriers, then the other ranks load the cached indices,
     so ``data_cache_path`` must be visible to all ranks). ``is_built_on_rank`` defaults to
@@ -171,8 +178,6 @@ def build_datasets(
             that cannot supply the requested number of samples.
         FileNotFoundError: a ``--data-path`` prefix lacks its .bin/.idx.
     """
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-
     sizes = [train_samples, valid_samples, test_samples]
     for name, n in zip(_SPLIT_NAMES, sizes):
         if isinstance(n, bool) or not isinstance(n, (int, np.integer)) or n < 0:
@@ -181,13 +186,68 @@ def build_datasets(
     if tokenizer is None:
         raise ValueError("build_datasets needs a tokenizer (for eod/pad ids); see build_tokenizer")
 
-    blend = None
+    entries = None
     if not cfg.mock_data:
         entries = parse_data_path(cfg.data_path)
         summaries = [validate_indexed_dataset(prefix) for _, prefix in entries]
         _check_splits_nonempty(summaries, cfg.split_fractions, sizes, cfg.split)
-        weights = None if entries[0][0] is None else [w for w, _ in entries]
-        blend = ([p for _, p in entries], weights)
+    # One epoch per megatron-core dataset, our epochs on top (data/epochs.py): the sample at
+    # each position then does not depend on how many samples this run asks for.
+    one_epoch = [1 if n > 0 else 0 for n in sizes]
+    if entries is None or (len(entries) == 1 and entries[0][0] is None):
+        blend = None if entries is None else ([entries[0][1]], None)
+        built = _build_megatron(cfg, tokenizer, blend, one_epoch, is_built_on_rank)
+        return tuple(None if ds is None else EpochCycle(ds, cfg.seed, n) for ds, n in zip(built, sizes))
+    if entries[0][0] is not None:  # a weighted blend: each prefix cycled, blended greedily
+        per_prefix = [_build_megatron(cfg, tokenizer, ([p], None), one_epoch, is_built_on_rank)
+                      for _, p in entries]
+        weights = [w for w, _ in entries]
+        return tuple(
+            None if n == 0 else GreedyBlend([EpochCycle(b[i], cfg.seed) for b in per_prefix], weights, n)
+            for i, n in enumerate(sizes))
+    # unweighted prefixes: megatron-core blends one epoch of each by size (prefix-stable)
+    datasets = _build_megatron(cfg, tokenizer, ([p for _, p in entries], None), sizes, is_built_on_rank)
+    for name, ds, n in zip(_SPLIT_NAMES, datasets, sizes):
+        if n > 0 and ds is not None and len(ds) < n:
+            raise ValueError(
+                f"the {name} dataset has {len(ds)} samples but {n} were requested; an unweighted "
+                "--data-path with several prefixes yields one epoch only -- give weights "
+                "('w1 prefix1 w2 prefix2 ...') to sample more"
+            )
+    return tuple(datasets)
+
+
+def content_key(prefixes) -> str:
+    """What identifies the files behind ``prefixes``: path, size and modification time of each
+    .idx/.bin. Part of megatron-core's index cache key, so a dataset re-preprocessed in place
+    gets new indices instead of the old ones (wrong windows, IndexError)."""
+    import hashlib
+    import json
+    import os
+
+    parts = []
+    for prefix in prefixes:
+        for ext in (".idx", ".bin"):
+            st = os.stat(prefix + ext)
+            parts.append([os.path.abspath(prefix + ext), st.st_size, st.st_mtime_ns])
+    return hashlib.md5(json.dumps(parts).encode()).hexdigest()
+
+
+def _content_keyed(cls):
+    """``cls`` with :func:`content_key` among the config attributes of its cache key."""
+
+    class ContentKeyed(cls):
+        @staticmethod
+        def _key_config_attributes():
+            return cls._key_config_attributes() + ["data_content_key"]
+
+    ContentKeyed.__name__ = cls.__name__  # cache file names stay megatron-core's
+    return ContentKeyed
+
+
+def _build_megatron(cfg: DataConfig, tokenizer, blend, sizes, is_built_on_rank):
+    """megatron-core's builder over ``blend`` (None: mock data) for ``sizes`` samples."""
+    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
     config = GPTDatasetConfig(
         random_seed=cfg.seed,
@@ -208,24 +268,19 @@ def build_datasets(
     for i, n in enumerate(sizes):
         if n == 0:
             config.split_matrix[i] = None
+    if blend is None:
+        cls = MockGPTDataset
+    else:
+        cls = _content_keyed(GPTDataset)
+        config.data_content_key = content_key(blend[0])
 
-    cls = MockGPTDataset if cfg.mock_data else GPTDataset
-    builder = _builder_class()(cls, sizes, is_built_on_rank or (lambda: True), config)
+    builder = _builder_class()(cls, list(sizes), is_built_on_rank or (lambda: True), config)
     with warnings.catch_warnings():
         # Tokenizers that reuse EOS as pad (SmolLM2, Llama-3): megatron-core then resets the pad
         # id to -1 so no real token is masked, and warns. Documents are packed, never padded,
         # so that reset is exactly right and the warning is noise.
         warnings.filterwarnings("ignore", message="The pad token id in the tokenizer collides")
-        datasets = builder.build()
-
-    for name, ds, n in zip(_SPLIT_NAMES, datasets, sizes):
-        if n > 0 and ds is not None and len(ds) < n:
-            raise ValueError(
-                f"the {name} dataset has {len(ds)} samples but {n} were requested; an unweighted "
-                "--data-path with several prefixes yields one epoch only -- give weights "
-                "('w1 prefix1 w2 prefix2 ...') to sample more"
-            )
-    return tuple(datasets)
+        return builder.build()
 
 
 class PretrainingSampler:
@@ -327,6 +382,26 @@ class SelectionDataset(torch.utils.data.Dataset):
         return self.dataset[self.dataset_index(position)]
 
 
+SAMPLE_LOG_ENV = "MEGATRON_LET_TEST_SAMPLE_LOG"  # tests: append "position md5(tokens)" per sample read
+
+
+class _SampleLog(torch.utils.data.Dataset):
+    """Records every sample read (its global position and a hash of its tokens), so tests can
+    prove that a resumed run reads exactly an uninterrupted run's samples."""
+
+    def __init__(self, source, path: str) -> None:
+        self.source, self.path = source, path
+
+    def __getitem__(self, position: int):
+        import hashlib
+
+        sample = self.source[position]
+        digest = hashlib.md5(sample["tokens"].numpy().tobytes()).hexdigest()
+        with open(self.path, "a") as f:
+            f.write(f"{position} {digest}\n")
+        return sample
+
+
 def build_data_iterator(
     ds,
     micro_batch_size: int,
@@ -360,6 +435,8 @@ def build_data_iterator(
     else:
         source = ds
         total = len(ds)
+    if os.environ.get(SAMPLE_LOG_ENV):
+        source = _SampleLog(source, os.environ[SAMPLE_LOG_ENV])
     sampler = PretrainingSampler(total, consumed_samples, micro_batch_size, data_parallel_rank, data_parallel_size)
     loader = torch.utils.data.DataLoader(
         source,

@@ -375,10 +375,28 @@ def _encode_line(item: tuple[int, str]) -> tuple[int, dict[str, np.ndarray], int
     return line_no, out, len(line.encode("utf-8"))
 
 
-def _nonblank_lines(path: str) -> Iterator[tuple[int, str]]:
+MAX_LINE_BYTES = 16 * 2**20  # --max-line-bytes default: one document's peak memory is ~35x this
+
+
+def _nonblank_lines(path: str, max_line_bytes: int = MAX_LINE_BYTES) -> Iterator[tuple[int, str]]:
+    """Non-blank lines with their numbers. A line is read only up to ``max_line_bytes``: a longer
+    one is refused with its number before it is held in memory (parsing and tokenizing a line
+    costs a few tens of times its size)."""
     # bytes, decoded line by line, so that invalid UTF-8 is reported with its line
     with open(path, "rb") as f:
-        for line_no, raw in enumerate(f, start=1):
+        line_no = 0
+        while True:
+            raw = f.readline(max_line_bytes + 1)
+            if not raw:
+                return
+            line_no += 1
+            if len(raw) > max_line_bytes:
+                raise ValueError(
+                    f"{path} line {line_no}: longer than --max-line-bytes {max_line_bytes} "
+                    f"({max_line_bytes / 2**20:g} MiB); tokenizing one line takes a few tens of times "
+                    "its size in memory: split the document, or raise --max-line-bytes if the "
+                    "machine has the memory"
+                )
             try:
                 line = raw.decode("utf-8")
             except UnicodeDecodeError as err:
@@ -414,6 +432,7 @@ def preprocess_jsonl(
     workers: int = 1,
     log_interval: int = 1000,
     log_stream=sys.stderr,
+    max_line_bytes: int = MAX_LINE_BYTES,
 ) -> PreprocessResult:
     """Tokenize a jsonl file into megatron indexed datasets ``{output_prefix}_{key}_document``.
 
@@ -442,6 +461,8 @@ def preprocess_jsonl(
         raise ValueError(f"--workers must be >= 1, got {workers}")
     if log_interval < 1:
         raise ValueError(f"--log-interval must be >= 1, got {log_interval}")
+    if max_line_bytes < 1:
+        raise ValueError(f"--max-line-bytes must be >= 1, got {max_line_bytes}")
     if not output_prefix:
         raise ValueError("--output-prefix is empty")
 
@@ -469,10 +490,10 @@ def preprocess_jsonl(
             pool = mp.get_context("fork" if sys.platform.startswith("linux") else "spawn").Pool(
                 workers, initializer=_init_worker, initargs=init_args
             )
-            encoded = pool.imap(_encode_line, _nonblank_lines(input_path), chunksize=64)
+            encoded = pool.imap(_encode_line, _nonblank_lines(input_path, max_line_bytes), chunksize=64)
         else:
             _init_worker(*init_args)
-            encoded = map(_encode_line, _nonblank_lines(input_path))
+            encoded = map(_encode_line, _nonblank_lines(input_path, max_line_bytes))
 
         for _, docs, nbytes in encoded:
             num_docs += 1

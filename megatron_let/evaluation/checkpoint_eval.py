@@ -50,7 +50,7 @@ def _load(args):
     resolve_spec(ImplConfig(args.transformer_impl), device.type)  # a missing TE: an error before any compute
     initialize_distributed(device, parallel, args.seed)
     model, cfg, extra = load_student(args.load, parallel, use_cpu=device.type == "cpu", seq_length=args.seq_length,
-                                     transformer_impl=args.transformer_impl)
+                                     transformer_impl=args.transformer_impl, verify=args.verify_checkpoint)
     return model, cfg, tokenizer, tok_info
 
 

@@ -106,8 +106,12 @@ def build_eval_dataset(cfg: PerplexityConfig, seq_length: int, tokenizer, tokeni
                           seed=cfg.seed, data_cache_path=cfg.data_cache_path,
                           tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model)
     sizes = [1 if name == cfg.eval_split else 0 for name in SPLITS]  # 1 sample => a single epoch
+    from megatron_let.data.epochs import EpochCycle
+
     datasets = build_datasets(data_cfg, tokenizer, *sizes)
-    return datasets[SPLITS.index(cfg.eval_split)]
+    ds = datasets[SPLITS.index(cfg.eval_split)]
+    # build_datasets hands out exactly the samples asked for; the pass is megatron-core's epoch
+    return ds.dataset if isinstance(ds, EpochCycle) else ds
 
 
 def evaluate_perplexity(model, model_cfg: LlamaConfig, tokenizer, dataset,

@@ -83,6 +83,7 @@ class CheckpointConfig:
     no_load_rng: bool = False
     ckpt_step: Optional[int] = None  # load this iteration instead of the tracker's
     verify: bool = True  # check the manifest's sizes and CRC-32s at load
+    override_data_on_resume: bool = False  # resume although data/split/seed differ (logged)
 
 
 @dataclass
@@ -242,6 +243,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load iteration N of --load instead of the one its tracker names")
     g.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
                    help="skip the size/CRC-32 check of every checkpoint file at load")
+    g.add_argument("--override-data-on-resume", action="store_true",
+                   help="resume although --data-path/--split/--seed/--kd-data-selection differ "
+                        "from the checkpoint's (logged)")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
@@ -418,7 +422,8 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
             BatchConfig(a.micro_batch_size, a.global_batch_size, a.train_iters).num_microbatches(
                 parallel_check.data_parallel_size(world)),
             a.pipeline_model_parallel_size)
-    if a.load and not os.path.isdir(a.load) and a.load != a.save:
+    if a.load and not os.path.isdir(a.load) and (
+            not a.save or os.path.normpath(a.load) != os.path.normpath(a.save)):
         raise FileNotFoundError(f"--load {a.load} does not exist")
     if a.ckpt_step is not None and (not a.load or a.ckpt_step < 0):
         raise ValueError("--ckpt-step N needs --load DIR and N >= 0")
@@ -436,7 +441,8 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
                       a.vocab_size, a.data_cache_path, a.kd_data_selection),
         checkpoint=CheckpointConfig(a.save, a.load, a.save_interval, a.exit_signal_handler,
                                     a.no_load_optim, a.no_load_rng, ckpt_step=a.ckpt_step,
-                                    verify=a.verify_checkpoint),
+                                    verify=a.verify_checkpoint,
+                                    override_data_on_resume=a.override_data_on_resume),
         logging=LoggingConfig(
             a.log_interval, a.eval_interval, a.eval_iters, a.tensorboard_dir, a.metrics_jsonl,
             a.eval_downstream_interval, a.eval_downstream_limit,

@@ -147,12 +147,48 @@ def find_checkpoint(load: str, ckpt_step: Optional[int] = None) -> Optional[Tupl
         have = complete_iterations(load)
         if have:  # killed after the first checkpoint's rename, before its tracker
             return have[-1], checkpoint_dir(load, have[-1]), f"no {TRACKER}; newest complete checkpoint"
+        nested = nested_checkpoints(load)
+        if nested:  # --load at the parent of a run's folder: never a silent fresh start
+            raise CheckpointError(f"--load {load} holds no checkpoint, but "
+                                  + ", ".join(nested[:5]) + (" holds one" if len(nested) == 1 else
+                                                             " hold checkpoints")
+                                  + f": pass --load {nested[0]}")
         return None
     path = _usable_dir(load, tracked)
     if path is None:
         raise CheckpointError(f"{os.path.join(load, TRACKER)} names iteration {tracked} but "
-                              f"{checkpoint_dir(load, tracked)} is missing; " + older_hint(load, tracked))
+                              f"{checkpoint_dir(load, tracked)} is missing; " + present_hint(load, tracked))
     return tracked, path, TRACKER
+
+
+def present_hint(root: str, iteration: int) -> str:
+    """Every complete checkpoint under ``root`` and the ``--ckpt-step`` to load one (a tracker
+    that names a missing iteration may be truncated, so newer ones are listed too)."""
+    have = complete_iterations(root)
+    if not have:
+        return f"there is no complete checkpoint under {root}"
+    older = [i for i in have if i < iteration]
+    pick = older[-1] if older else have[-1]
+    which = "the newest older one" if older else "the newest one"
+    return (f"complete checkpoints under {root}: iterations {', '.join(map(str, have))}; load "
+            f"{which} with --ckpt-step {pick} (or fix the tracker)")
+
+
+def nested_checkpoints(root: str, depth: int = 2) -> List[str]:
+    """Folders below ``root`` (not ``root`` itself) that hold a tracker or a complete ``iter_*``:
+    a ``--load`` that names their parent by mistake."""
+    found = []
+    if depth <= 0 or not os.path.isdir(root):
+        return found
+    for name in sorted(os.listdir(root)):
+        sub = os.path.join(root, name)
+        if name.startswith(".") or ITER_RE.match(name) or not os.path.isdir(sub):
+            continue
+        if os.path.isfile(os.path.join(sub, TRACKER)) or complete_iterations(sub):
+            found.append(sub)
+        else:
+            found += nested_checkpoints(sub, depth - 1)
+    return found
 
 
 def incomplete_saves(root: str) -> List[str]:
@@ -359,16 +395,6 @@ def verify_checkpoint(path: str, root: str, iteration: int,
         f"{time.time() - t0:.2f}s")
 
 
-COMPAT_FIELDS = {  # LlamaConfig field -> flag
-    "num_layers": "--num-layers", "hidden_size": "--hidden-size",
-    "ffn_hidden_size": "--ffn-hidden-size", "num_attention_heads": "--num-attention-heads",
-    "num_query_groups": "--num-query-groups", "vocab_size": "--vocab-size",
-    "untie_embeddings_and_output_weights": "--untie-embeddings-and-output-weights",
-    "seq_length": "--seq-length",
-    # Megatron-LM's architecture flags (megatron_compat); absent from older checkpoints: skipped
-    "kv_channels": "--kv-channels", "rotary_percent": "--rotary-percent",
-    "apply_layernorm_1p": "--apply-layernorm-1p",
-}
 _TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "merges.txt", "spiece.model",
                     "vocab.txt")
 
@@ -385,20 +411,15 @@ def _tokenizer_bytes(path: Optional[str]) -> Optional[Dict[str, bytes]]:
 
 
 def compatibility_problems(saved: Dict[str, Any], model_cfg, tokenizer: Dict[str, Any],
-                           check_seq_length: bool = True) -> List[str]:
+                           check_seq_length: bool = True,
+                           padded_vocab: Optional[int] = None) -> List[str]:
     """Differences between a checkpoint's recorded model/tokenizer and this run's, one per line."""
-    problems = []
-    saved_model = saved.get("model") or {}
-    run_model = dataclasses.asdict(model_cfg)
-    for key, flag in COMPAT_FIELDS.items():
-        if key not in saved_model or (key == "seq_length" and not check_seq_length):
-            continue
-        a, b = saved_model[key], run_model[key]
-        if key == "num_query_groups":  # None = one group per head
-            a = a or saved_model.get("num_attention_heads")
-            b = b or run_model["num_attention_heads"]
-        if a != b:
-            problems.append(f"{flag}: checkpoint {a}, this run {b}")
+    from megatron_let.training.compatibility import model_problems, padded_vocab_problem
+
+    # every LlamaConfig field but an explicit allow-list (training/compatibility.py)
+    problems = model_problems(saved.get("model") or {}, model_cfg, check_seq_length)
+    if padded_vocab is not None and padded_vocab_problem(saved, padded_vocab):
+        problems.append(padded_vocab_problem(saved, padded_vocab))
     saved_tok = saved.get("tokenizer") or {}
     for key in ("type", "vocab_size"):
         if key in saved_tok and saved_tok[key] != tokenizer.get(key):

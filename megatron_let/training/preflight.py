@@ -11,8 +11,8 @@ from ``pretrain_let.py``). In order:
    when ``--vocab-size`` is given), and ``--vocab-size`` not below the tokenizer's size;
 4. the objective's own settings and the teacher folder (causal LM, layer range, positions against
    ``--seq-length``, every weight tensor present, shared vocabulary; no weight is loaded);
-5. ``--kd-data-selection``: only with an objective that has a KD data phase, and a 1-D integer
-   ``.npy`` (its range against the dataset is checked once the dataset exists);
+5. ``--kd-data-selection``: only with an objective that has a KD data phase, a 1-D integer
+   ``.npy``, its indices below the training sample count (the dataset's exact length);
 6. every ``--data-path`` prefix: token ids within the student vocabulary (from the ``.meta.json``
    written by ``tools/preprocess_data.py``, else a bounded sampled scan of the ``.bin``), no empty
    requested split, and a warning when the run reads its data more than once;
@@ -123,6 +123,16 @@ def read_selection(path: str):
     if sel.min() < 0:
         raise ValueError(f"--kd-data-selection {path} holds a negative sample index {int(sel.min())}")
     return sel.astype(np.int64)
+
+
+def check_selection_range(path: str, selection, train_samples: int) -> None:
+    """The training dataset holds exactly ``train_samples`` samples (data/epochs.py), so a
+    selection's range is known before any dataset is built."""
+    if int(selection.max()) >= train_samples:
+        raise ValueError(
+            f"--kd-data-selection {path} indexes sample {int(selection.max())} but the training "
+            f"dataset has {train_samples} samples (--train-iters x --global-batch-size): was it made "
+            "with the same --train-iters/--global-batch-size?")
 
 
 def _existing_ancestor(path: str) -> str:
@@ -348,12 +358,14 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
                 f"--kd-data-selection is only used by an objective with a KD data phase "
                 f"(--objective salt), not --objective {cfg.objective}"
             )
-        read_selection(cfg.data.kd_data_selection)
+        selection = read_selection(cfg.data.kd_data_selection)
 
     from megatron_let.training.lr_schedule import schedule_steps
 
     schedule_steps(cfg.optim, cfg.batch.train_iters, gbs)  # warmup shorter than decay, as a run
     train_samples, valid_samples = sample_counts(cfg, gbs)
+    if cfg.data.kd_data_selection:
+        check_selection_range(cfg.data.kd_data_selection, selection, train_samples)
     datasets: List[DatasetCheck] = []
     if cfg.data.data_path and not cfg.data.mock_data:
         from megatron_let.data.indexed import SAMPLED_SCAN_BYTES

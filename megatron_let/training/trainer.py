@@ -70,6 +70,9 @@ def build_run_datasets(cfg: RunConfig, tokenizer, global_batch_size: int):
     return train_ds, valid_ds
 
 
+TEACHER_NON_FINITE = "teacher output non-finite"  # micro-batches whose teacher output had NaN/inf
+
+
 class _SignalFlag:
     """Remembers SIGTERM/SIGUSR1 so the loop can checkpoint at the next step boundary."""
 
@@ -109,6 +112,7 @@ class Trainer:
         self.save_lock = None
         self.capture_chunk: Optional[int] = None  # the model chunk holding student layer k
         self._grad_norm_known = False  # set by each _train_step (tests may replace it)
+        self._teacher_flags = []  # (kind, micro-batch, 0-dim "non-finite" tensor) of this step
 
     # ------------------------------------------------------------------ set-up
     def setup(self) -> None:
@@ -326,12 +330,43 @@ class Trainer:
         problems = compatibility_problems(
             extra, self.cfg.model, self._tokenizer_record(),
             # a model-only start (--no-load-optim) may train at a new sequence length
-            check_seq_length=not ck.no_load_optim)
+            check_seq_length=not ck.no_load_optim, padded_vocab=self._padded_vocab())
         if problems:
             raise CheckpointError(f"checkpoint {path} does not match this run: " + "; ".join(problems))
+        self._check_data_on_resume(extra, path)
         saved = extra.get("objective")
         if saved and saved != self.cfg.objective:
             self._log(f"objective changes from {saved} (checkpoint) to {self.cfg.objective}")
+
+    def _check_data_on_resume(self, extra: Dict, path: str) -> None:
+        """Another data stream than the checkpoint's is refused unless --override-data-on-resume."""
+        from megatron_let.training.compatibility import data_problems, data_record
+        from megatron_let.training.errors import CheckpointError
+
+        saved = extra.get("data")
+        if saved is None:
+            self._log(f"{path} records no data settings (older megatron_let): --data-path, --split "
+                      "and --seed are not checked against it")
+            return
+        problems = data_problems(saved, data_record(self.cfg))
+        if not problems:
+            return
+        if self.cfg.checkpoint.no_load_optim or int(extra.get("iteration", 0)) == 0:
+            # a new run from these weights (the reproduction's shared initial checkpoint): no
+            # sample sequence is being continued
+            self._log("data differs from the checkpoint's (a model-only start, allowed): "
+                      + "; ".join(problems))
+            return
+        if not self.cfg.checkpoint.override_data_on_resume:
+            raise CheckpointError(
+                f"checkpoint {path} was trained on other data than this run: " + "; ".join(problems)
+                + ". Resuming would read another sample sequence; pass --override-data-on-resume "
+                "to resume on this run's data anyway")
+        self._log("WARNING: --override-data-on-resume: resuming on other data than the checkpoint's: "
+                  + "; ".join(problems))
+
+    def _padded_vocab(self) -> int:
+        return self.cfg.model.padded_vocab_size(self.cfg.parallel.tensor_model_parallel_size)
 
     def _tokenizer_record(self) -> Dict:
         return {"type": self.cfg.data.tokenizer_type or "NullTokenizer",
@@ -366,6 +401,7 @@ class Trainer:
 
     def save(self) -> None:
         from megatron_let.training.checkpointing import save_checkpoint
+        from megatron_let.training.compatibility import data_record
 
         t0 = time.time()
         with self._params_synced():
@@ -376,7 +412,8 @@ class Trainer:
                        "consumed_train_samples": self.consumed_train_samples,
                        "consumed_selection_samples": self.consumed_selection_samples,
                        "objective": self.cfg.objective, "model": dataclasses.asdict(self.cfg.model),
-                       "tokenizer": self._tokenizer_record()},
+                       "tokenizer": self._tokenizer_record(), "padded_vocab_size": self._padded_vocab(),
+                       "data": data_record(self.cfg)},
             )
         if self.save_lock is not None:
             self.save_lock.heartbeat(force=True)
@@ -525,10 +562,12 @@ class Trainer:
             # LET† (aligner: the teacher has its own tokenizer) is handled by the step teacher
             if holds_k and needs.teacher_hidden_layer is not None:
                 hidden, sharded = self.step_teacher.hidden(j, tokens)
+                self._note_teacher_output("hidden states", j, hidden)
                 self.capture.set_pending(hidden, loss_mask, teacher_sharded=sharded)
             if needs.teacher_logits and post_process:
                 teacher_logits = self.step_teacher.logits(
                     j, tokens, self.objective.teacher_logits_range())
+                self._note_teacher_output("logits", j, teacher_logits)
         # NLL-only objectives and evaluation pass the labels: megatron-core computes the (vocab-
         # parallel) cross entropy inside the model, as Megatron-LM does, so the model returns the
         # per-token loss and no [b, s, V] copy of the logits (transposed, upcast to fp32) is made.
@@ -605,6 +644,7 @@ class Trainer:
         from megatron.core.pipeline_parallel import get_forward_backward_func
 
         self._forward_only = False
+        self._teacher_flags = []
         for chunk in self.model:
             chunk.zero_grad_buffer()
         self.optimizer.zero_grad()
@@ -670,6 +710,8 @@ class Trainer:
         last: Dict[str, float] = {}
         metric_names = ["lm loss", "output loss term", "hidden loss term",
                         *self.objective.metric_names]
+        if cfg.check_for_nan_in_loss_and_grad and getattr(self, "needs_teacher_ever", False):
+            metric_names.append(TEACHER_NON_FINITE)  # rides on the step's one reduction
         self._log(
             f"training {cfg.objective} for {cfg.batch.train_iters} iterations from iteration "
             f"{self.iteration}: global batch {self.global_batch_size} = micro {cfg.batch.micro_batch_size}"
@@ -710,6 +752,8 @@ class Trainer:
             reduced = self.metrics.reduce(
                 metric_names + self.observer.metric_names,
                 finite_checks=checks if cfg.check_for_nan_in_loss_and_grad else None)
+            if reduced.pop(TEACHER_NON_FINITE, 0.0) > 0:  # before the student's NaN it causes
+                self._stop_teacher_non_finite()
             if self.metrics.non_finite:  # before anything of this step is logged or saved
                 self._stop_non_finite(reduced, step_stats)
             if self.save_lock is not None:
@@ -773,6 +817,35 @@ class Trainer:
             self.save()
         return last
 
+
+    def _note_teacher_output(self, kind: str, j: Optional[int], out: torch.Tensor) -> None:
+        """Flags a non-finite teacher output on the device (no host sync inside the step); the
+        flag joins the step's metric reduction."""
+        if not self.cfg.check_for_nan_in_loss_and_grad:
+            return
+        if j is None:  # not prefetched: count this kind's forwards in the step
+            j = sum(1 for k, _, _ in self._teacher_flags if k == kind)
+        bad = (~torch.isfinite(out.detach())).any()
+        self._teacher_flags.append((kind, j, bad))
+        self.metrics.add(TEACHER_NON_FINITE, bad.to(torch.float64), torch.ones((), dtype=torch.float64,
+                                                                               device=bad.device),
+                         replicated=False)
+
+    def _stop_teacher_non_finite(self) -> None:
+        """Collective, only after a flag: which ranks and micro-batches saw it; then stop."""
+        from megatron_let.training.errors import NonFiniteError
+
+        local = [(kind, j) for kind, j, bad in self._teacher_flags if bool(bad)]
+        seen = [None] * self.world
+        torch.distributed.all_gather_object(seen, (self.rank, local))
+        where = "; ".join(f"rank {r}: " + ", ".join(f"{kind} of micro-batch {j}" for kind, j in items)
+                          for r, items in seen if items)
+        raise NonFiniteError(
+            f"the teacher's output is non-finite (NaN/inf) at iteration {self.iteration} ({where}): "
+            f"teacher {self.cfg.teacher.path}. Its weights are finite (checked at load), so its "
+            "forward overflowed on this batch; the student's values are not the cause. Nothing of "
+            "this step was saved; check the teacher's dtype and config (e.g. run it in float32), "
+            "then resume from the last checkpoint")
 
     def _stop_non_finite(self, reduced: Dict[str, float], step_stats: Dict[str, float]) -> None:
         from megatron_let.training.errors import NonFiniteError
