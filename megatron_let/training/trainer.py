@@ -132,6 +132,10 @@ class Trainer:
         self.is_first_stage = parallel_state.is_pipeline_first_stage()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
         self._take_save_lock()
+        if cfg.checkpoint.save:  # before a stop signal can reach them: they must outlive it
+            from megatron_let.runtime.signal_shield import start_checkpoint_helpers
+
+            start_checkpoint_helpers()
         self.objective.context.tp_group = parallel_state.get_tensor_model_parallel_group()
         if cfg.parallel.sequence_parallel:
             self.objective.context.sequence_parallel_group = self.objective.context.tp_group
