@@ -41,7 +41,7 @@ FAULT_CASES = [
     ("stale-lock", "the lock of a killed run (dead pid on this host) or with a heartbeat older than "
      "10 min", "taken over with a warning naming the old holder"),
     ("second-writer", "a second run on the same `--save` while the first is alive",
-     "refused before any compute, naming host, pid and SLURM job of the holder; exit 2"),
+     "refused before any compute (`--dry-run` too), naming host, pid and SLURM job of the holder; exit 2"),
     ("flipped-byte", "one byte flipped inside a shard", "error naming the file (CRC-32), the newest "
      "complete older checkpoint and `--ckpt-step`; exit 2"),
     ("truncated-or-deleted-shard", "a shard truncated or deleted",
@@ -339,7 +339,7 @@ def test_nan_loss_stops_before_any_save(tmp_path):
     assert not os.path.exists(os.path.join(ck, ".megatron_let.lock"))  # released at exit
 
 
-def test_second_writer_refused(tmp_path):
+def test_second_writer_refused(tmp_path, capsys):
     _case("second-writer")
     import socket
 
@@ -351,6 +351,12 @@ def test_second_writer_refused(tmp_path):
     err = _fails(["--train-iters", "2", "--save", str(ck)])
     assert f"is in use by another run (host {socket.gethostname()} pid {os.getpid()}, SLURM job 777" in err
     assert os.listdir(ck) == [".megatron_let.lock"]  # nothing written, the holder's lock kept
+    sys.path.insert(0, ROOT)
+    import pretrain_let
+
+    assert pretrain_let.main(["--dry-run", *ARGS, "--train-iters", "2", "--save", str(ck)]) == 2
+    assert f"is in use by another run (host {socket.gethostname()} pid {os.getpid()}, SLURM job 777" \
+        in capsys.readouterr().err  # --dry-run refuses as the run does
 
 
 def _mount_tmpfs(path, size):

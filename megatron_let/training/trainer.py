@@ -295,9 +295,12 @@ class Trainer:
             try:
                 self.save_lock = SaveLock(save, log=self._log)
                 self.save_lock.acquire()
+                self.save_lock.start_heartbeat()  # fresh through long evaluations and saves
                 for action in recover_interrupted_saves(save):
                     self._log(action)
             except (SaveLockError, OSError) as e:
+                if self.save_lock is not None:
+                    self.save_lock.release()  # ours if taken: stop its heartbeat, remove it
                 self.save_lock, error = None, e
         failed = torch.tensor([1 if error else 0], dtype=torch.int32, device=self._collective_device())
         torch.distributed.all_reduce(failed)
@@ -367,9 +370,9 @@ class Trainer:
                        "objective": self.cfg.objective, "model": dataclasses.asdict(self.cfg.model),
                        "tokenizer": self._tokenizer_record()},
             )
-        if self.save_lock is not None:
-            self.save_lock.heartbeat(force=True)
         self._log(f"saved checkpoint {path} in {time.time() - t0:.1f}s")
+        if self.save_lock is not None:  # after the log line: a failure here loses no checkpoint
+            self.save_lock.heartbeat(force=True)
 
     @contextlib.contextmanager
     def _params_synced(self):
