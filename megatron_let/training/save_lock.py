@@ -35,7 +35,7 @@ import time
 import uuid
 from typing import Callable, Iterator, Optional
 
-from megatron_let.training.errors import DiskFullError, SaveLockError
+from megatron_let.training.errors import CheckpointWriteError, DiskFullError, SaveLockError
 
 LOCK_NAME = ".megatron_let.lock"
 GUARD_SUFFIX = ".guard"
@@ -68,7 +68,7 @@ def write_error(exc: OSError, path: str, what: str) -> OSError:
     reason = os.strerror(exc.errno) if exc.errno else str(exc)
     if exc.errno in (errno.ENOSPC, errno.EDQUOT):
         return DiskFullError(exc.errno, f"disk full while writing {what} {path} ({reason}): free space")
-    return OSError(exc.errno, f"cannot write {what} {path}: [Errno {exc.errno}] {reason}")
+    return CheckpointWriteError(exc.errno, f"cannot write {what} {path}: [Errno {exc.errno}] {reason}")
 
 
 class SaveLock:

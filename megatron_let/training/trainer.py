@@ -131,11 +131,13 @@ class Trainer:
         self.global_batch_size = cfg.batch.micro_batch_size * self.dp_size * self.num_microbatches
         self.is_first_stage = parallel_state.is_pipeline_first_stage()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
-        self._take_save_lock()
         if cfg.checkpoint.save:  # before a stop signal can reach them: they must outlive it
             from megatron_let.runtime.signal_shield import start_checkpoint_helpers
+            from megatron_let.training import fault_injection
 
+            fault_injection.install_from_env()  # test hook: a chosen write fails (ENOSPC, EIO)
             start_checkpoint_helpers()
+        self._take_save_lock()
         self.objective.context.tp_group = parallel_state.get_tensor_model_parallel_group()
         if cfg.parallel.sequence_parallel:
             self.objective.context.sequence_parallel_group = self.objective.context.tp_group
