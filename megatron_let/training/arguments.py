@@ -73,6 +73,7 @@ class CheckpointConfig:
     no_load_rng: bool = False
     ckpt_step: Optional[int] = None  # load this iteration instead of the tracker's
     verify: bool = True  # check the manifest's sizes and CRC-32s at load
+    async_save: bool = False  # shards written by a background process (Megatron-LM's --async-save)
 
 
 @dataclass
@@ -224,6 +225,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="load iteration N of --load instead of the one its tracker names")
     g.add_argument("--no-verify-checkpoint", dest="verify_checkpoint", action="store_false",
                    help="skip the size/CRC-32 check of every checkpoint file at load")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in a background process while training goes on "
+                        "(the tracker names one only once it is complete)")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
@@ -406,7 +410,7 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
                       a.vocab_size, a.data_cache_path, a.kd_data_selection),
         checkpoint=CheckpointConfig(a.save, a.load, a.save_interval, a.exit_signal_handler,
                                     a.no_load_optim, a.no_load_rng, ckpt_step=a.ckpt_step,
-                                    verify=a.verify_checkpoint),
+                                    verify=a.verify_checkpoint, async_save=a.async_save),
         logging=LoggingConfig(
             a.log_interval, a.eval_interval, a.eval_iters, a.tensorboard_dir, a.metrics_jsonl,
             a.eval_downstream_interval, a.eval_downstream_limit,

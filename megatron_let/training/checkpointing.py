@@ -320,27 +320,41 @@ def _save_failed(error: Optional[BaseException], tmp: str) -> None:
     raise error
 
 
-def write_checkpoint(root: str, iteration: int, state: Dict[str, Any], with_rng: bool) -> str:
-    """Collective: write ``state`` (a dist_checkpointing dict) as ``root/iter_N`` the safe way."""
+def _start_write(root: str, iteration: int, state: Dict[str, Any], with_rng: bool,
+                 asynchronous: bool = False):
+    """Collective: ``iter_N.tmp`` made, shards written (or, asynchronously, their AsyncRequest
+    returned), RNG files written. Returns ``(tmp, request)``."""
     from megatron.core import dist_checkpointing
 
     rank, _ = _rank_world()
-    final = checkpoint_dir(root, iteration)
-    tmp = final + ".tmp"
+    tmp = checkpoint_dir(root, iteration) + ".tmp"
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         recover_interrupted_saves(root)  # also removes a .tmp of this iteration
         os.makedirs(tmp)
     torch.distributed.barrier()
-    error = None
+    error, request = None, None
     try:
-        dist_checkpointing.save(state, tmp)
+        request = dist_checkpointing.save(state, tmp, async_sharded_save=asynchronous)
         if with_rng:
             os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
             torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
     except _errors() as e:
         error = e
     _save_failed(error, tmp)
+    return tmp, request
+
+
+def write_checkpoint(root: str, iteration: int, state: Dict[str, Any], with_rng: bool) -> str:
+    """Collective: write ``state`` (a dist_checkpointing dict) as ``root/iter_N`` the safe way."""
+    tmp, _ = _start_write(root, iteration, state, with_rng)
+    return _complete(root, iteration, tmp)
+
+
+def _complete(root: str, iteration: int, tmp: str) -> str:
+    """Collective, once every shard of ``tmp`` is written: manifest last, then rank 0 publishes."""
+    rank, _ = _rank_world()
+    final = checkpoint_dir(root, iteration)
     torch.distributed.barrier()
     if rank == 0:
         _test_pause("write", iteration)
@@ -413,14 +427,19 @@ def _publish(root: str, iteration: int) -> None:
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
-                    extra: Dict[str, Any]) -> str:
+                    extra: Dict[str, Any], async_saver=None,
+                    on_saved: Optional[Callable[[str], None]] = None) -> str:
     """Save on every rank (collective). ``model`` is the bare GPTModel of this stage, or the list
-    of its model chunks (interleaved pipeline)."""
+    of its model chunks (interleaved pipeline). With ``async_saver`` (megatron_let.training.
+    async_save) the shards are written in the background and ``on_saved(path)`` runs once the
+    checkpoint is complete and tracked."""
     state = _sharded_state_dict(model, optimizer, is_loading=False, with_optimizer=True)
     state["scheduler"] = scheduler.state_dict()
     state["extra"] = extra
     # where the distributed optimizer keeps each parameter: lets a run without it load this one
     state.update(conversion.layout_state(optimizer, _chunks(model)))
+    if async_saver is not None:
+        return async_saver.save(root, iteration, state, on_saved)
     return write_checkpoint(root, iteration, state, with_rng=True)
 
 

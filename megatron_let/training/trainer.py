@@ -103,6 +103,7 @@ class Trainer:
         self.teacher_microbatches = 0  # teacher forwards on this rank in the last step
         self._forward_only = False
         self.save_lock = None
+        self.async_saver = None  # --async-save (megatron_let.training.async_save)
         self.capture_chunk: Optional[int] = None  # the model chunk holding student layer k
         self._grad_norm_known = False  # set by each _train_step (tests may replace it)
 
@@ -138,6 +139,10 @@ class Trainer:
             fault_injection.install_from_env()  # test hook: a chosen write fails (ENOSPC, EIO)
             start_checkpoint_helpers()
         self._take_save_lock()
+        if cfg.checkpoint.save and cfg.checkpoint.async_save:
+            from megatron_let.training.async_save import AsyncSaver
+
+            self.async_saver = AsyncSaver()
         self.objective.context.tp_group = parallel_state.get_tensor_model_parallel_group()
         if cfg.parallel.sequence_parallel:
             self.objective.context.sequence_parallel_group = self.objective.context.tp_group
@@ -362,6 +367,9 @@ class Trainer:
         from megatron_let.training.checkpointing import save_checkpoint
 
         t0 = time.time()
+        if self.async_saver is not None:
+            self._save_async(save_checkpoint)
+            return
         with self._params_synced():
             path = save_checkpoint(
                 self.cfg.checkpoint.save, self.iteration, self.student_chunks, self.optimizer,
@@ -372,9 +380,38 @@ class Trainer:
                        "objective": self.cfg.objective, "model": dataclasses.asdict(self.cfg.model),
                        "tokenizer": self._tokenizer_record()},
             )
-        self._log(f"saved checkpoint {path} in {time.time() - t0:.1f}s")
+        self._saved(path, t0)
+
+    def _saved(self, path: str, t0: float, how: str = "") -> None:
+        self._log(f"saved checkpoint {path} in {time.time() - t0:.1f}s{how}")
         if self.save_lock is not None:  # after the log line: a failure here loses no checkpoint
             self.save_lock.heartbeat(force=True)
+
+    def _save_async(self, save_checkpoint) -> None:
+        """--async-save: start this iteration's save; training goes on while it is written."""
+        t0 = time.time()
+        with self._params_synced():
+            path = save_checkpoint(
+                self.cfg.checkpoint.save, self.iteration, self.student_chunks, self.optimizer,
+                self.scheduler, self._checkpoint_extra(), async_saver=self.async_saver,
+                on_saved=lambda p: self._saved(p, t0, " (asynchronous save, finalised)"))
+        self._log(f"writing checkpoint {path} in the background "
+                  f"({time.time() - t0:.1f}s to start it)")
+
+    def _checkpoint_extra(self) -> Dict:
+        return {"iteration": self.iteration, "consumed_train_samples": self.consumed_train_samples,
+                "consumed_selection_samples": self.consumed_selection_samples,
+                "objective": self.cfg.objective, "model": dataclasses.asdict(self.cfg.model),
+                "tokenizer": self._tokenizer_record()}
+
+    def _finished(self, last: Dict[str, float]) -> Dict[str, float]:
+        self.finish_saves()
+        return last
+
+    def finish_saves(self) -> None:
+        """Collective: finalise an asynchronous save still being written (before any exit)."""
+        if self.async_saver is not None:
+            self.async_saver.wait()
 
     @contextlib.contextmanager
     def _params_synced(self):
@@ -657,6 +694,8 @@ class Trainer:
                 self._stop_non_finite(reduced, step_stats)
             if self.save_lock is not None:
                 self.save_lock.heartbeat()
+            if self.async_saver is not None:  # finalise a save whose writers are all done
+                self.async_saver.poll()
             values = dict(reduced)
             # both terms are token means over the same global batch, so they add
             values["total loss"] = values.pop("output loss term", float("nan")) + values.pop(
@@ -692,21 +731,22 @@ class Trainer:
                 with interval.paused():
                     self.save()
             if stop_signal:
+                self.finish_saves()  # the signal's checkpoint is complete before we say so
                 self._log(f"exit signal received: checkpoint saved at iteration {self.iteration}, exiting")
-                return last
+                return self._finished(last)
             if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
                 if cfg.checkpoint.save and not save_now:  # as Megatron-LM: save, then exit
                     with interval.paused():
                         self.save()
                 self._log(f"--exit-interval {cfg.exit_interval} reached at iteration {self.iteration}")
-                return last
+                return self._finished(last)
         if cfg.logging.eval_interval and self.iteration % cfg.logging.eval_interval != 0:
             self._run_eval()
         if cfg.checkpoint.save and not (
             cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0
         ):
             self.save()
-        return last
+        return self._finished(last)
 
 
     def _stop_non_finite(self, reduced: Dict[str, float], step_stats: Dict[str, float]) -> None:
@@ -810,6 +850,8 @@ class Trainer:
     def close(self) -> None:
         if getattr(self, "writer", None) is not None:
             self.writer.close()
+        if self.async_saver is not None:  # normally finalised by train(); here only after errors
+            self.async_saver.close()
         if self.save_lock is not None:
             self.save_lock.release()
             self.save_lock = None
