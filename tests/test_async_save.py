@@ -39,7 +39,7 @@ def test_async_save_matches_sync_save(sync_run, tmp_path):
     ck, metrics = str(tmp_path / "ck"), str(tmp_path / "m.jsonl")
     out = _run(ck, metrics, "--async-save").stdout
     assert f"writing checkpoint {ck}/iter_0000002 in the background" in out
-    assert f"saved checkpoint {ck}/iter_0000005" in out and "asynchronous save, finalised" in out
+    assert f"saved checkpoint {ck}/iter_0000005" in out and "asynchronous save; finalising blocked training" in out
     ref_ck, ref = sync_run
     _assert_same_losses(metrics, ref, range(1, 6))
     assert open(os.path.join(ck, TRACKER)).read().strip() == "5"

@@ -33,16 +33,17 @@ class AsyncSaver:
         self.blocked_s = 0.0  # time the training loop waited for saves (start + finalisations)
 
     def save(self, root: str, iteration: int, state: Dict,
-             on_saved: Optional[Callable[[str], None]] = None) -> str:
+             on_saved: Optional[Callable[[str, float], None]] = None) -> str:
         """Collective: start writing ``root/iter_N``; returns its final path (not yet there)."""
         t0 = time.time()
         self.wait()  # one save at a time: the previous one is finalised first
         tmp, request = ckpt._start_write(root, iteration, state, with_rng=True, asynchronous=True)
 
         def complete() -> None:
+            t1 = time.time()
             path = ckpt._complete(root, iteration, tmp)
             if on_saved is not None:
-                on_saved(path)
+                on_saved(path, time.time() - t1)
 
         request.add_finalize_fn(complete)
         try:

@@ -428,11 +428,11 @@ def _publish(root: str, iteration: int) -> None:
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
                     extra: Dict[str, Any], async_saver=None,
-                    on_saved: Optional[Callable[[str], None]] = None) -> str:
+                    on_saved: Optional[Callable[[str, float], None]] = None) -> str:
     """Save on every rank (collective). ``model`` is the bare GPTModel of this stage, or the list
     of its model chunks (interleaved pipeline). With ``async_saver`` (megatron_let.training.
-    async_save) the shards are written in the background and ``on_saved(path)`` runs once the
-    checkpoint is complete and tracked."""
+    async_save) the shards are written in the background and ``on_saved(path, seconds)`` runs once
+    the checkpoint is complete and tracked (``seconds``: the finalisation's own time)."""
     state = _sharded_state_dict(model, optimizer, is_loading=False, with_optimizer=True)
     state["scheduler"] = scheduler.state_dict()
     state["extra"] = extra

@@ -394,7 +394,8 @@ class Trainer:
             path = save_checkpoint(
                 self.cfg.checkpoint.save, self.iteration, self.student_chunks, self.optimizer,
                 self.scheduler, self._checkpoint_extra(), async_saver=self.async_saver,
-                on_saved=lambda p: self._saved(p, t0, " (asynchronous save, finalised)"))
+                on_saved=lambda p, took: self._saved(
+                    p, t0, f" (asynchronous save; finalising blocked training {took:.1f}s)"))
         self._log(f"writing checkpoint {path} in the background "
                   f"({time.time() - t0:.1f}s to start it)")
 
