@@ -15,7 +15,7 @@ import os
 import pytest
 
 from launch import read_metrics, run_pretrain
-from test_faults import ARGS, TRACKER, _assert_same_losses, _killed_in_save
+from test_faults import ARGS, TRACKER, _assert_same_losses, _case, _killed_in_save
 
 
 def _run(ck, metrics, *extra):
@@ -53,6 +53,7 @@ def test_async_save_matches_sync_save(sync_run, tmp_path):
 
 
 def test_kill_during_async_save_resumes_from_previous(sync_run, tmp_path):
+    _case("async-save-killed")
     ck = str(tmp_path / "ck")
     args = ["--train-iters", "5", "--save", ck, "--load", ck, "--save-interval", "2", "--async-save"]
     out = _killed_in_save(args, "write@4", str(tmp_path / "killed.log"))

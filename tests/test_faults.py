@@ -67,6 +67,9 @@ FAULT_CASES = [
      "heartbeat", "one error line naming the file, exit 1; the previous checkpoint stays the latest "
      "and loads; no temporary file left (`iter_N.tmp`, tracker or lock `.tmp`); a tracker failure says "
      "the complete `iter_N` and its `--ckpt-step`; a heartbeat failure comes after the save is logged"),
+    ("async-save-killed", "SIGKILL while an `--async-save` checkpoint is being written in the "
+     "background (shards written, not finalised)", "`iter_N.tmp` without manifest is ignored: resumes "
+     "from the previous checkpoint; equal losses (and an async run equals a sync run)"),
     ("stop-signal-every-process", "SIGTERM or SIGUSR1 to every process of the job step, "
      "megatron-core's helper processes included (SLURM's time limit, `scancel` without `--batch`), "
      "after a periodic save", "checkpoint of the step it arrived in, exit 0 (plain `torchrun`'s agent "

@@ -394,6 +394,9 @@ def test_stop_signal_to_every_process_of_the_step(launcher, sig, tmp_path, step_
     every helper process: the run still checkpoints the step it arrived in, exits 0, and resumes
     exactly. Before the helpers were shielded, the save died with BrokenPipeError, exit 1."""
     from launch import base_env
+    from test_faults import _case
+
+    _case("stop-signal-every-process")
 
     ck, metrics, log = str(tmp_path / "ck"), str(tmp_path / "m.jsonl"), str(tmp_path / "run.log")
     env = dict(base_env(), MEGATRON_LET_TEST_STEP_SLEEP="0.5")
