@@ -347,6 +347,8 @@ def _step_cmd(launcher: str, ck: str, metrics: str, iters: int = STEP_ITERS) -> 
 
     script = [os.path.join(ROOT, "pretrain_let.py"), *STEP_ARGS, "--train-iters", str(iters),
               "--save", ck, "--load", ck, "--metrics-jsonl", metrics]
+    if launcher == "python --async-save":  # the signal may find a background save in flight
+        return [sys.executable, *script, "--async-save"]
     if launcher == "python":
         return [sys.executable, *script]
     module = "megatron_let.runtime.torchrun" if launcher == "megatron_let.torchrun" else "torch.distributed.run"
@@ -388,7 +390,7 @@ def step_reference(tmp_path_factory):
 @pytest.mark.parametrize("launcher,sig", [
     ("python", signal.SIGTERM), ("python", signal.SIGUSR1),
     ("megatron_let.torchrun", signal.SIGUSR1), ("megatron_let.torchrun", signal.SIGTERM),
-    ("torchrun", signal.SIGTERM)])
+    ("torchrun", signal.SIGTERM), ("python --async-save", signal.SIGUSR1)])
 def test_stop_signal_to_every_process_of_the_step(launcher, sig, tmp_path, step_reference):
     """After a periodic save (so megatron-core's helpers exist), the signal reaches the trainers and
     every helper process: the run still checkpoints the step it arrived in, exits 0, and resumes
@@ -410,7 +412,7 @@ def test_stop_signal_to_every_process_of_the_step(launcher, sig, tmp_path, step_
             assert proc.poll() is None, open(log).read()[-4000:]
             assert time.time() < deadline, open(log).read()[-4000:]
             time.sleep(0.05)
-        if launcher == "python":
+        if launcher.startswith("python"):
             os.killpg(proc.pid, sig)  # one process group: the trainer and its helpers
         else:  # torchrun starts each worker in a session of its own
             signalled = _signal_job_step(proc, sig)
@@ -432,9 +434,10 @@ def test_stop_signal_to_every_process_of_the_step(launcher, sig, tmp_path, step_
     assert 3 <= stopped < STEP_ITERS and max(read_metrics(metrics)) == stopped, (stopped, out[-3000:])
     assert os.path.isfile(os.path.join(ck, f"iter_{stopped:07d}", "manifest.json"))
     assert not [n for n in os.listdir(ck) if n.endswith(".tmp")], os.listdir(ck)
-    if (launcher, sig) not in (("python", signal.SIGTERM), ("megatron_let.torchrun", signal.SIGUSR1)):
+    if (launcher, sig) not in (("python", signal.SIGTERM), ("megatron_let.torchrun", signal.SIGUSR1),
+                               ("python --async-save", signal.SIGUSR1)):
         return  # the resume is the same for every stop; two are enough
-    world = 1 if launcher == "python" else 2
+    world = 1 if launcher.startswith("python") else 2
     resumed = str(tmp_path / "resumed.jsonl")
     proc = subprocess.run(_step_cmd(launcher, ck, resumed), env=base_env(), cwd=ROOT,
                           capture_output=True, text=True, timeout=600)
