@@ -42,7 +42,7 @@ FAULT_CASES = [
     ("stale-lock", "the lock of a killed run (dead pid on this host) or with a heartbeat older than "
      "10 min", "taken over with a warning naming the old holder"),
     ("second-writer", "a second run on the same `--save` while the first is alive",
-     "refused before any compute, naming host, pid and SLURM job of the holder; exit 2"),
+     "refused before any compute (`--dry-run` too), naming host, pid and SLURM job of the holder; exit 2"),
     ("flipped-byte", "one byte flipped inside a shard", "error naming the file (CRC-32), the newest "
      "complete older checkpoint and `--ckpt-step`; exit 2. `tools/evaluate.py` and `tools/export_hf.py` "
      "refuse it the same way, and take `--no-verify-checkpoint` as training does"),
@@ -84,6 +84,18 @@ FAULT_CASES = [
      "reduction: no extra host sync)"),
     ("disk-full", "the `--save` file system fills up during a save", "error saying the disk is full, "
      "naming the checkpoint path and the free space; the partial `.tmp` is removed; exit 1"),
+    ("write-error-every-site", "`ENOSPC` or `EIO` injected at each write of a save: a shard, "
+     "`.metadata`, `metadata.json`, `common.pt`, the RNG file, the manifest, the tracker, the lock's "
+     "heartbeat", "one error line naming the file, exit 1; the previous checkpoint stays the latest "
+     "and loads; no temporary file left (`iter_N.tmp`, tracker or lock `.tmp`); a tracker failure says "
+     "the complete `iter_N` and its `--ckpt-step`; a heartbeat failure comes after the save is logged"),
+    ("async-save-killed", "SIGKILL while an `--async-save` checkpoint is being written in the "
+     "background (shards written, not finalised)", "`iter_N.tmp` without manifest is ignored: resumes "
+     "from the previous checkpoint; equal losses (and an async run equals a sync run)"),
+    ("stop-signal-every-process", "SIGTERM or SIGUSR1 to every process of the job step, "
+     "megatron-core's helper processes included (SLURM's time limit, `scancel` without `--batch`), "
+     "after a periodic save", "checkpoint of the step it arrived in, exit 0 (plain `torchrun`'s agent "
+     "exits 1 by its own SIGTERM handling, its workers checkpoint all the same); equal losses on resume"),
 ]
 
 ARGS = TINY_MODEL + ["--objective", "baseline", "--mock-data", "--vocab-size", "200",
@@ -368,7 +380,7 @@ def test_nan_loss_stops_before_any_save(tmp_path):
     assert not os.path.exists(os.path.join(ck, ".megatron_let.lock"))  # released at exit
 
 
-def test_second_writer_refused(tmp_path):
+def test_second_writer_refused(tmp_path, capsys):
     _case("second-writer")
     import socket
 
@@ -380,6 +392,12 @@ def test_second_writer_refused(tmp_path):
     err = _fails(["--train-iters", "2", "--save", str(ck)])
     assert f"is in use by another run (host {socket.gethostname()} pid {os.getpid()}, SLURM job 777" in err
     assert os.listdir(ck) == [".megatron_let.lock"]  # nothing written, the holder's lock kept
+    sys.path.insert(0, ROOT)
+    import pretrain_let
+
+    assert pretrain_let.main(["--dry-run", *ARGS, "--train-iters", "2", "--save", str(ck)]) == 2
+    assert f"is in use by another run (host {socket.gethostname()} pid {os.getpid()}, SLURM job 777" \
+        in capsys.readouterr().err  # --dry-run refuses as the run does
 
 
 def _mount_tmpfs(path, size):
@@ -405,6 +423,67 @@ def test_disk_full_names_the_path(tmp_path):
         assert sorted(os.listdir(ck)) == []  # partial .tmp removed, lock released
     finally:
         subprocess.run(["umount", mnt], check=False)
+
+
+WRITE_SITES = [  # (site, glob of the file whose write fails, errno, iteration of the failing save)
+    ("shard", "*/iter_0000004.tmp/__0_1.distcp", "ENOSPC", 4),
+    ("shard", "*/iter_0000004.tmp/__0_0.distcp", "EIO", 4),
+    (".metadata", "*/iter_0000004.tmp/.metadata*", "ENOSPC", 4),
+    ("metadata.json", "*/iter_0000004.tmp/metadata.json", "EIO", 4),
+    ("common.pt", "*/iter_0000004.tmp/common.pt", "ENOSPC", 4),
+    ("rng", "*/iter_0000004.tmp/rng/*", "EIO", 4),
+    ("manifest", "*/iter_0000004.tmp/manifest.json.tmp", "ENOSPC", 4),
+    ("tracker", "*/latest_checkpointed_iteration.txt.tmp", "ENOSPC", 2),
+    ("tracker", "*/latest_checkpointed_iteration.txt.tmp", "EIO", 2),
+    ("heartbeat", "*/.megatron_let.lock.*.tmp#3", "ENOSPC", 4),  # 1: acquire, 2: after save 2
+    ("heartbeat", "*/.megatron_let.lock.*.tmp#3", "EIO", 4),
+]
+
+
+@pytest.mark.parametrize("site,glob,code,at", WRITE_SITES,
+                         ids=[f"{s}-{c}" for s, _, c, _ in WRITE_SITES])
+def test_write_error_at_every_site(site, glob, code, at, reference, tmp_path):
+    """The failing write is injected in the real run (MEGATRON_LET_TEST_FAIL_WRITE: the file is
+    created, then its write fails, as on a full disk) in megatron-core's writers as in ours."""
+    _case("write-error-every-site")
+    ck = str(tmp_path / "ck")
+    env = base_env()
+    env["MEGATRON_LET_TEST_FAIL_WRITE"] = f"{glob}:{code}"
+    cmd = [sys.executable, os.path.join(ROOT, "pretrain_let.py"), *ARGS, "--train-iters", "4",
+           "--save", ck, "--save-interval", "2"]
+    proc = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 1, proc.stdout[-2000:] + proc.stderr[-3000:]
+    errors = [l for l in proc.stderr.splitlines() if l.startswith("pretrain_let.py: error:")]
+    assert len(errors) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    error = errors[0]
+    assert f"[Errno {getattr(__import__('errno'), code)}]" in error, error
+    assert ("disk full" in error) == (code == "ENOSPC"), error
+    left = []
+    for dirpath, dirs, files in os.walk(ck):
+        left += [os.path.join(dirpath, n) for n in dirs + files if n.endswith(".tmp")]
+    assert not left, left
+    assert not [n for n in os.listdir(ck) if n.startswith(".megatron_let.lock")], os.listdir(ck)
+    if site == "tracker":  # the checkpoint is complete, only the tracker is behind
+        assert f"cannot write the checkpoint tracker {ck}/{TRACKER}" in error, error
+        assert f"{ck}/iter_0000002 is complete" in error and "--ckpt-step 2" in error, error
+        assert not os.path.exists(os.path.join(ck, TRACKER))
+        assert os.path.isfile(os.path.join(ck, "iter_0000002", "manifest.json"))
+        return
+    if site == "heartbeat":  # after the save, which completed and was logged
+        assert f"saved checkpoint {ck}/iter_0000004" in proc.stdout, proc.stdout[-2000:]
+        assert f"the lock file {ck}/.megatron_let.lock" in error, error
+        assert _tracker(ck) == "4"
+        return
+    tmp = f"{ck}/iter_0000004.tmp"
+    assert f"checkpoint {tmp}" in error and f"{tmp}/" in error, error  # the folder and the file
+    assert f"saved checkpoint {ck}/iter_0000002" in proc.stdout
+    assert _tracker(ck) == "2" and sorted(os.listdir(ck)) == ["iter_0000002", TRACKER]
+    if (site, code) == ("shard", "ENOSPC"):  # the previous checkpoint is whole: resume, same losses
+        ref, _ = reference
+        metrics = str(tmp_path / "resumed.jsonl")
+        _run(["--train-iters", "4", "--save", ck, "--load", ck, "--save-interval", "2",
+              "--metrics-jsonl", metrics])
+        _assert_same_losses(metrics, ref, range(3, 5))  # constant LR: the reference's steps 3, 4
 
 
 # ------------------------------------------------------------------ in-process (no extra runs)

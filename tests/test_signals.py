@@ -326,3 +326,124 @@ def test_worker_dies_with_its_agent_only_under_torchrun(launched_by):
             agent.kill()
         if worker is not None and worker.is_running():
             worker.kill()
+
+
+# ---------------------------------------------------------------------------------------------
+# the stop signal delivered to every process of the job step (SLURM's time limit, scancel without
+# --batch, --signal=USR1 without B:), megatron-core's helper processes included
+# ---------------------------------------------------------------------------------------------
+
+STEP_ARGS = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
+             "--num-attention-heads", "4", "--seq-length", "32", "--max-position-embeddings", "32",
+             "--device", "cpu", "--log-interval", "1", "--lr", "3e-3", "--lr-warmup-fraction", "0.0",
+             "--lr-decay-style", "constant", "--objective", "baseline", "--mock-data",
+             "--vocab-size", "200", "--micro-batch-size", "2", "--global-batch-size", "4",
+             "--seed", "5", "--save-interval", "2", "--exit-signal-handler"]
+STEP_ITERS = 8
+
+
+def _step_cmd(launcher: str, ck: str, metrics: str, iters: int = STEP_ITERS) -> list[str]:
+    import sys
+
+    script = [os.path.join(ROOT, "pretrain_let.py"), *STEP_ARGS, "--train-iters", str(iters),
+              "--save", ck, "--load", ck, "--metrics-jsonl", metrics]
+    if launcher == "python --async-save":  # the signal may find a background save in flight
+        return [sys.executable, *script, "--async-save"]
+    if launcher == "python":
+        return [sys.executable, *script]
+    module = "megatron_let.runtime.torchrun" if launcher == "megatron_let.torchrun" else "torch.distributed.run"
+    return [sys.executable, "-m", module, "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+            "--master_port", str(free_port()), *script]
+
+
+def _signal_job_step(proc: subprocess.Popen, sig: int) -> list[str]:
+    """What SLURM does: ``sig`` to every process of the step (its process tracking follows every
+    descendant, whatever its session). Returns the signalled processes' names."""
+    root = psutil.Process(proc.pid)
+    every = [root, *root.children(recursive=True)]
+    names = []
+    for p in every:
+        try:
+            names.append(" ".join(p.cmdline())[-60:])
+            p.send_signal(sig)
+        except psutil.Error:
+            pass
+    return names
+
+
+@pytest.fixture(scope="module")
+def step_reference(tmp_path_factory):
+    """Uninterrupted runs' losses, one process and two (data parallel)."""
+    from launch import base_env
+
+    out = {}
+    for world, launcher in ((1, "python"), (2, "torch.distributed.run")):
+        d = tmp_path_factory.mktemp(f"step_ref{world}")
+        metrics = str(d / "m.jsonl")
+        proc = subprocess.run(_step_cmd(launcher, str(d / "ck"), metrics), env=base_env(), cwd=ROOT,
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        out[world] = read_metrics(metrics)
+    return out
+
+
+@pytest.mark.parametrize("launcher,sig", [
+    ("python", signal.SIGTERM), ("python", signal.SIGUSR1),
+    ("megatron_let.torchrun", signal.SIGUSR1), ("megatron_let.torchrun", signal.SIGTERM),
+    ("torchrun", signal.SIGTERM), ("python --async-save", signal.SIGUSR1)])
+def test_stop_signal_to_every_process_of_the_step(launcher, sig, tmp_path, step_reference):
+    """After a periodic save (so megatron-core's helpers exist), the signal reaches the trainers and
+    every helper process: the run still checkpoints the step it arrived in, exits 0, and resumes
+    exactly. Before the helpers were shielded, the save died with BrokenPipeError, exit 1."""
+    from launch import base_env
+    from test_faults import _case
+
+    _case("stop-signal-every-process")
+
+    ck, metrics, log = str(tmp_path / "ck"), str(tmp_path / "m.jsonl"), str(tmp_path / "run.log")
+    env = dict(base_env(), MEGATRON_LET_TEST_STEP_SLEEP="0.5")
+    with open(log, "w") as out:
+        proc = subprocess.Popen(_step_cmd(launcher, ck, metrics), env=env, cwd=ROOT, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.time() + 300
+        while not (os.path.isfile(os.path.join(ck, "latest_checkpointed_iteration.txt"))
+                   and os.path.isfile(metrics) and len(read_metrics(metrics)) >= 3):
+            assert proc.poll() is None, open(log).read()[-4000:]
+            assert time.time() < deadline, open(log).read()[-4000:]
+            time.sleep(0.05)
+        if launcher.startswith("python"):
+            os.killpg(proc.pid, sig)  # one process group: the trainer and its helpers
+        else:  # torchrun starts each worker in a session of its own
+            signalled = _signal_job_step(proc, sig)
+            assert any("multiprocessing" in n for n in signalled), signalled  # the helpers too
+        rc = proc.wait(timeout=300)
+    finally:
+        _kill_tree(proc)
+    out = open(log).read()
+    assert "BrokenPipeError" not in out and not re.search(r"\[rank\d+\]: Traceback", out), out[-4000:]
+    if launcher == "torchrun":
+        # plain torchrun's agent turns its own SIGTERM into SignalException and exit 1 (torch's
+        # code), after its workers finished: the checkpoint is complete all the same
+        assert rc == 1 and "SignalException" in out, out[-4000:]
+        assert out.count("exit signal received: checkpoint saved") == 1, out[-4000:]
+    else:
+        assert rc == 0 and "Traceback" not in out, out[-4000:]
+    assert "exit signal received: checkpoint saved" in out, out[-4000:]
+    stopped = int(tracker(ck))
+    assert 3 <= stopped < STEP_ITERS and max(read_metrics(metrics)) == stopped, (stopped, out[-3000:])
+    assert os.path.isfile(os.path.join(ck, f"iter_{stopped:07d}", "manifest.json"))
+    assert not [n for n in os.listdir(ck) if n.endswith(".tmp")], os.listdir(ck)
+    if (launcher, sig) not in (("python", signal.SIGTERM), ("megatron_let.torchrun", signal.SIGUSR1),
+                               ("python --async-save", signal.SIGUSR1)):
+        return  # the resume is the same for every stop; two are enough
+    world = 1 if launcher.startswith("python") else 2
+    resumed = str(tmp_path / "resumed.jsonl")
+    proc = subprocess.run(_step_cmd(launcher, ck, resumed), env=base_env(), cwd=ROOT,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert f"resumed from {ck} at iteration {stopped}" in proc.stdout
+    got, ref = read_metrics(resumed), step_reference[world]
+    assert sorted(got) == list(range(stopped + 1, STEP_ITERS + 1))
+    for it in got:
+        assert got[it]["lm loss"] == pytest.approx(ref[it]["lm loss"], abs=1e-6, rel=0), it

@@ -48,6 +48,8 @@ PATCHED_MODULES: dict[str, str] = {
     "megatron.core.optimizer.distrib_optimizer": "shard buffers on current_device()",
     "megatron.core.dist_checkpointing.strategies.filesystem_async": "torch.cuda.synchronize()",
     "megatron.core.dist_checkpointing.strategies.state_dict_saver": "save-verification tensors on cuda",
+    "megatron.core.dist_checkpointing.strategies.async_utils": "async-save completion all-reduce on "
+                                                               "torch.cuda.current_device()",
     "megatron.core.dist_checkpointing.strategies.async_utils": "liveness tensors on current_device()",
     "megatron.core.dist_checkpointing.strategies.fully_parallel": "torch.cuda.synchronize()",
     "megatron.core.dist_checkpointing.tensor_aware_state_dict": "torch.cuda.synchronize()",

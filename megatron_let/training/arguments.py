@@ -84,6 +84,7 @@ class CheckpointConfig:
     ckpt_step: Optional[int] = None  # load this iteration instead of the tracker's
     verify: bool = True  # check the manifest's sizes and CRC-32s at load
     override_data_on_resume: bool = False  # resume although data/split/seed differ (logged)
+    async_save: bool = False  # shards written by a background process (Megatron-LM's --async-save)
 
 
 @dataclass
@@ -246,6 +247,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--override-data-on-resume", action="store_true",
                    help="resume although --data-path/--split/--seed/--kd-data-selection differ "
                         "from the checkpoint's (logged)")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in a background process while training goes on "
+                        "(the tracker names one only once it is complete)")
 
     g = p.add_argument_group("logging")
     g.add_argument("--log-interval", type=int, default=10)
@@ -441,7 +445,7 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
                       a.vocab_size, a.data_cache_path, a.kd_data_selection),
         checkpoint=CheckpointConfig(a.save, a.load, a.save_interval, a.exit_signal_handler,
                                     a.no_load_optim, a.no_load_rng, ckpt_step=a.ckpt_step,
-                                    verify=a.verify_checkpoint,
+                                    verify=a.verify_checkpoint, async_save=a.async_save,
                                     override_data_on_resume=a.override_data_on_resume),
         logging=LoggingConfig(
             a.log_interval, a.eval_interval, a.eval_iters, a.tensorboard_dir, a.metrics_jsonl,

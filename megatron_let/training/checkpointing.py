@@ -22,7 +22,9 @@ when re-saving an iteration that exists), ``iter_N.tmp`` -> ``iter_N``, tracker,
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import errno
 import os
 import random
 import re
@@ -303,43 +305,146 @@ def _gather(obj) -> list:
 
 # ---------------------------------------------------------------------------------- save
 
-def write_checkpoint(root: str, iteration: int, state: Dict[str, Any], with_rng: bool) -> str:
-    """Collective: write ``state`` (a dist_checkpointing dict) as ``root/iter_N`` the safe way."""
+def _os_error(exc: Optional[BaseException], seen=None) -> Optional[OSError]:
+    """The OSError under ``exc`` (its cause/context, or a rank's failure in DCP's CheckpointException)."""
+    seen = seen or set()
+    if exc is None or id(exc) in seen:
+        return None
+    seen.add(id(exc))
+    if isinstance(exc, OSError) and exc.errno:
+        return exc
+    failures = getattr(exc, "failures", None)
+    nested = [f[0] if isinstance(f, tuple) else f for f in (failures.values() if isinstance(failures, dict) else [])]
+    for inner in [exc.__cause__, exc.__context__, *nested]:
+        found = _os_error(inner, seen)
+        if found is not None:
+            return found
+    # megatron-core's shard writers report an OSError only as text: "Worker failure: [Errno 5] ..."
+    m = _ERRNO_TEXT.search(str(exc))
+    if m:
+        return OSError(int(m.group(1)), m.group(2), m.group(3))
+    return None
+
+
+_ERRNO_TEXT = re.compile(r"\[Errno (\d+)\] ([^:\n]+)(?:: '([^'\n]+)')?")
+
+
+def _save_failed(error: Optional[BaseException], tmp: str) -> None:
+    """Collective, after each step of a save: when any rank failed, rank 0 removes the partial
+    ``tmp`` and every rank raises (one line naming the path; the failing rank's own error)."""
+    rank, _ = _rank_world()
+    if not any(_gather(error is not None)):
+        return
+    if rank == 0:  # a partial folder only takes space the user needs back
+        shutil.rmtree(tmp, ignore_errors=True)
+    if error is None:
+        from megatron_let.training.errors import CheckpointWriteError
+
+        raise CheckpointWriteError(errno.EIO, f"saving checkpoint {tmp} failed on another rank "
+                                              "(see its error); the partial folder is removed")
+    full = integrity.disk_full_error(error, tmp)
+    if full is not None:
+        raise full from error
+    os_error = _os_error(error)
+    if os_error is not None:
+        from megatron_let.training.errors import CheckpointWriteError
+
+        where = f" ({os_error.filename})" if os_error.filename else ""
+        raise CheckpointWriteError(
+            os_error.errno, f"cannot write checkpoint {tmp}{where}: [Errno {os_error.errno}] "
+                            f"{os.strerror(os_error.errno)}; the partial folder is removed") from error
+    raise error
+
+
+def _start_write(root: str, iteration: int, state: Dict[str, Any], with_rng: bool,
+                 asynchronous: bool = False):
+    """Collective: ``iter_N.tmp`` made, shards written (or, asynchronously, their AsyncRequest
+    returned), RNG files written. Returns ``(tmp, request)``."""
     from megatron.core import dist_checkpointing
 
     rank, _ = _rank_world()
-    final = checkpoint_dir(root, iteration)
-    tmp = final + ".tmp"
+    tmp = checkpoint_dir(root, iteration) + ".tmp"
     if rank == 0:
         os.makedirs(root, exist_ok=True)
         recover_interrupted_saves(root)  # also removes a .tmp of this iteration
         os.makedirs(tmp)
     torch.distributed.barrier()
+    error, request = None, None
     try:
-        dist_checkpointing.save(state, tmp)
+        request = dist_checkpointing.save(state, tmp, async_sharded_save=asynchronous)
         if with_rng:
             os.makedirs(os.path.join(tmp, "rng"), exist_ok=True)
             torch.save(_rng_state(), os.path.join(tmp, "rng", f"rank_{rank:05d}.pt"))
-        torch.distributed.barrier()
-        if rank == 0:
-            _test_pause("write", iteration)
-        files = {}
-        for share in _gather(integrity.checksum_share(tmp, *_rank_world())):
-            files.update(share)
-        if rank == 0:
-            integrity.write_manifest(tmp, iteration, files)
     except _errors() as e:
-        full = integrity.disk_full_error(e, tmp)
-        if full is None:
-            raise
-        if rank == 0:  # a partial folder only takes space the user needs back
-            shutil.rmtree(tmp, ignore_errors=True)
-        raise full from e
+        error = e
+    _save_failed(error, tmp)
+    return tmp, request
+
+
+def write_checkpoint(root: str, iteration: int, state: Dict[str, Any], with_rng: bool) -> str:
+    """Collective: write ``state`` (a dist_checkpointing dict) as ``root/iter_N`` the safe way."""
+    tmp, _ = _start_write(root, iteration, state, with_rng)
+    return _complete(root, iteration, tmp)
+
+
+def _complete(root: str, iteration: int, tmp: str) -> str:
+    """Collective, once every shard of ``tmp`` is written: manifest last, then rank 0 publishes."""
+    rank, _ = _rank_world()
+    final = checkpoint_dir(root, iteration)
     torch.distributed.barrier()
     if rank == 0:
-        _publish(root, iteration)
-    torch.distributed.barrier()
+        _test_pause("write", iteration)
+    files = {}
+    for share in _gather(integrity.checksum_share(tmp, *_rank_world())):
+        files.update(share)
+    error = None
+    if rank == 0:
+        try:
+            integrity.write_manifest(tmp, iteration, files)
+        except OSError as e:
+            error = e
+    _save_failed(error, tmp)
+    error = None
+    if rank == 0:
+        try:
+            _publish(root, iteration)
+        except OSError as e:
+            error = e
+    if any(_gather(error is not None)):  # the checkpoint is complete; only the tracker is behind
+        if error is not None:
+            raise error
+        from megatron_let.training.errors import CheckpointWriteError
+
+        raise CheckpointWriteError(errno.EIO, f"rank 0 could not publish {final} (see its error)")
     return final
+
+
+def _write_tracker(root: str, iteration: int) -> None:
+    """Replace the tracker atomically; on failure remove its temporary file and name the tracker,
+    and say that ``iter_N`` (already renamed in) is complete and how to load it."""
+    from megatron_let.training.errors import CheckpointWriteError, DiskFullError
+
+    tracker = os.path.join(root, TRACKER)
+    tracker_tmp = tracker + ".tmp"
+    try:
+        previous = read_latest_iteration(root)
+    except CheckpointError:
+        previous = None
+    try:
+        with open(tracker_tmp, "w") as f:
+            f.write(str(iteration))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tracker_tmp, tracker)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            os.unlink(tracker_tmp)
+        kind = DiskFullError if e.errno in (errno.ENOSPC, errno.EDQUOT) else CheckpointWriteError
+        names = f"still names {previous}" if previous is not None else "does not exist"
+        full = "disk full: " if kind is DiskFullError else ""
+        raise kind(e.errno, f"{full}cannot write the checkpoint tracker {tracker} ([Errno {e.errno}] "
+                            f"{os.strerror(e.errno)}): {checkpoint_dir(root, iteration)} is complete"
+                            f" but the tracker {names}; --ckpt-step {iteration} loads it") from None
 
 
 def _publish(root: str, iteration: int) -> None:
@@ -351,26 +456,26 @@ def _publish(root: str, iteration: int) -> None:
     os.replace(final + ".tmp", final)
     _fsync_dir(root)
     _test_pause("renamed", iteration)
-    tracker_tmp = os.path.join(root, TRACKER + ".tmp")
-    with open(tracker_tmp, "w") as f:
-        f.write(str(iteration))
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tracker_tmp, os.path.join(root, TRACKER))
+    _write_tracker(root, iteration)
     _fsync_dir(root)
     _test_pause("tracker", iteration)
     shutil.rmtree(final + ".old", ignore_errors=True)
 
 
 def save_checkpoint(root: str, iteration: int, model, optimizer, scheduler,
-                    extra: Dict[str, Any]) -> str:
+                    extra: Dict[str, Any], async_saver=None,
+                    on_saved: Optional[Callable[[str, float], None]] = None) -> str:
     """Save on every rank (collective). ``model`` is the bare GPTModel of this stage, or the list
-    of its model chunks (interleaved pipeline)."""
+    of its model chunks (interleaved pipeline). With ``async_saver`` (megatron_let.training.
+    async_save) the shards are written in the background and ``on_saved(path, seconds)`` runs once
+    the checkpoint is complete and tracked (``seconds``: the finalisation's own time)."""
     state = _sharded_state_dict(model, optimizer, is_loading=False, with_optimizer=True)
     state["scheduler"] = scheduler.state_dict()
     state["extra"] = extra
     # where the distributed optimizer keeps each parameter: lets a run without it load this one
     state.update(conversion.layout_state(optimizer, _chunks(model)))
+    if async_saver is not None:
+        return async_saver.save(root, iteration, state, on_saved)
     return write_checkpoint(root, iteration, state, with_rng=True)
 
 

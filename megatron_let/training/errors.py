@@ -11,6 +11,10 @@ class DiskFullError(OSError):
     """A checkpoint save ran out of disk space (ENOSPC/EDQUOT, or torch's ``unexpected pos``)."""
 
 
+class CheckpointWriteError(OSError):
+    """A write of a checkpoint save (or of the ``--save`` lock) failed (EIO, EROFS, ...): names the file."""
+
+
 class NonFiniteError(RuntimeError):
     """A loss term or the gradient norm became NaN/inf (``--check-for-nan-in-loss-and-grad``)."""
 
@@ -20,4 +24,4 @@ class SaveLockError(ValueError):
 
 
 # raised during training (after set-up); pretrain_let.py turns them into one error line, exit 1
-RUN_ERRORS = (CheckpointError, DiskFullError, NonFiniteError, SaveLockError)
+RUN_ERRORS = (CheckpointError, DiskFullError, CheckpointWriteError, NonFiniteError, SaveLockError)

@@ -390,6 +390,13 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
     )
     if cfg.checkpoint.save:
         where = check_save_dir(cfg.checkpoint.save)
+        from megatron_let.training.save_lock import check_lock
+
+        held = check_lock(cfg.checkpoint.save)  # a live holder: the run would stop at its lock
+        if held:
+            from megatron_let.training.errors import SaveLockError
+
+            raise SaveLockError(held)
         result.checkpoint_bytes = checkpoint_bytes(cfg.model, par.tensor_model_parallel_size, cfg.bf16)
         result.planned_checkpoints = planned_checkpoints(cfg)
         result.save_free_bytes = free_bytes(where)

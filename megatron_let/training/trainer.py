@@ -110,6 +110,7 @@ class Trainer:
         self.teacher_microbatches = 0  # teacher forwards on this rank in the last step
         self._forward_only = False
         self.save_lock = None
+        self.async_saver = None  # --async-save (megatron_let.training.async_save)
         self.capture_chunk: Optional[int] = None  # the model chunk holding student layer k
         self._grad_norm_known = False  # set by each _train_step (tests may replace it)
         self._teacher_flags = []  # (kind, micro-batch, 0-dim "non-finite" tensor) of this step
@@ -142,7 +143,17 @@ class Trainer:
         self.global_batch_size = cfg.batch.micro_batch_size * self.dp_size * self.num_microbatches
         self.is_first_stage = parallel_state.is_pipeline_first_stage()
         self.is_last_stage = parallel_state.is_pipeline_last_stage()
+        if cfg.checkpoint.save:  # before a stop signal can reach them: they must outlive it
+            from megatron_let.runtime.signal_shield import start_checkpoint_helpers
+            from megatron_let.training import fault_injection
+
+            fault_injection.install_from_env()  # test hook: a chosen write fails (ENOSPC, EIO)
+            start_checkpoint_helpers()
         self._take_save_lock()
+        if cfg.checkpoint.save and cfg.checkpoint.async_save:
+            from megatron_let.training.async_save import AsyncSaver
+
+            self.async_saver = AsyncSaver()
         self.objective.context.tp_group = parallel_state.get_tensor_model_parallel_group()
         self.teacher_exchange_group = self._teacher_exchange_group()
         if cfg.parallel.sequence_parallel:
@@ -310,9 +321,12 @@ class Trainer:
             try:
                 self.save_lock = SaveLock(save, log=self._log)
                 self.save_lock.acquire()
+                self.save_lock.start_heartbeat()  # fresh through long evaluations and saves
                 for action in recover_interrupted_saves(save):
                     self._log(action)
             except (SaveLockError, OSError) as e:
+                if self.save_lock is not None:
+                    self.save_lock.release()  # ours if taken: stop its heartbeat, remove it
                 self.save_lock, error = None, e
         failed = torch.tensor([1 if error else 0], dtype=torch.int32, device=self._collective_device())
         torch.distributed.all_reduce(failed)
@@ -401,23 +415,52 @@ class Trainer:
 
     def save(self) -> None:
         from megatron_let.training.checkpointing import save_checkpoint
-        from megatron_let.training.compatibility import data_record
 
+        t0 = time.time()
+        if self.async_saver is not None:
+            self._save_async(save_checkpoint)
+            return
+        with self._params_synced():
+            path = save_checkpoint(
+                self.cfg.checkpoint.save, self.iteration, self.student_chunks, self.optimizer,
+                self.scheduler, self._checkpoint_extra(),
+            )
+        self._saved(path, t0)
+
+    def _saved(self, path: str, t0: float, how: str = "") -> None:
+        self._log(f"saved checkpoint {path} in {time.time() - t0:.1f}s{how}")
+        if self.save_lock is not None:  # after the log line: a failure here loses no checkpoint
+            self.save_lock.heartbeat(force=True)
+
+    def _save_async(self, save_checkpoint) -> None:
+        """--async-save: start this iteration's save; training goes on while it is written."""
         t0 = time.time()
         with self._params_synced():
             path = save_checkpoint(
                 self.cfg.checkpoint.save, self.iteration, self.student_chunks, self.optimizer,
-                self.scheduler,
-                extra={"iteration": self.iteration,
-                       "consumed_train_samples": self.consumed_train_samples,
-                       "consumed_selection_samples": self.consumed_selection_samples,
-                       "objective": self.cfg.objective, "model": dataclasses.asdict(self.cfg.model),
-                       "tokenizer": self._tokenizer_record(), "padded_vocab_size": self._padded_vocab(),
-                       "data": data_record(self.cfg)},
-            )
-        if self.save_lock is not None:
-            self.save_lock.heartbeat(force=True)
-        self._log(f"saved checkpoint {path} in {time.time() - t0:.1f}s")
+                self.scheduler, self._checkpoint_extra(), async_saver=self.async_saver,
+                on_saved=lambda p, took: self._saved(
+                    p, t0, f" (asynchronous save; finalising blocked training {took:.1f}s)"))
+        self._log(f"writing checkpoint {path} in the background "
+                  f"({time.time() - t0:.1f}s to start it)")
+
+    def _checkpoint_extra(self) -> Dict:
+        from megatron_let.training.compatibility import data_record
+
+        return {"iteration": self.iteration, "consumed_train_samples": self.consumed_train_samples,
+                "consumed_selection_samples": self.consumed_selection_samples,
+                "objective": self.cfg.objective, "model": dataclasses.asdict(self.cfg.model),
+                "tokenizer": self._tokenizer_record(), "padded_vocab_size": self._padded_vocab(),
+                "data": data_record(self.cfg)}
+
+    def _finished(self, last: Dict[str, float]) -> Dict[str, float]:
+        self.finish_saves()
+        return last
+
+    def finish_saves(self) -> None:
+        """Collective: finalise an asynchronous save still being written (before any exit)."""
+        if self.async_saver is not None:
+            self.async_saver.wait()
 
     @contextlib.contextmanager
     def _params_synced(self):
@@ -758,6 +801,8 @@ class Trainer:
                 self._stop_non_finite(reduced, step_stats)
             if self.save_lock is not None:
                 self.save_lock.heartbeat()
+            if self.async_saver is not None:  # finalise a save whose writers are all done
+                self.async_saver.poll()
             values = dict(reduced)
             values.update(self.observer.values(values, self.iteration - 1, step_time))
             # both terms are token means over the same global batch, so they add
@@ -797,25 +842,26 @@ class Trainer:
                 with interval.paused():
                     self.save()
             if stop_signal:
+                self.finish_saves()  # the signal's checkpoint is complete before we say so
                 self._log(f"exit signal received: checkpoint saved at iteration {self.iteration}, exiting")
-                return last
+                return self._finished(last)
             if out_of_time:
                 self._log(f"--exit-duration-in-mins {cfg.runtime.exit_duration_in_mins} reached at "
                           f"iteration {self.iteration}" + (": checkpoint saved" if save_now else ""))
-                return last
+                return self._finished(last)
             if cfg.exit_interval and self.iteration % cfg.exit_interval == 0:
                 if cfg.checkpoint.save and not save_now:  # as Megatron-LM: save, then exit
                     with interval.paused():
                         self.save()
                 self._log(f"--exit-interval {cfg.exit_interval} reached at iteration {self.iteration}")
-                return last
+                return self._finished(last)
         if cfg.logging.eval_interval and self.iteration % cfg.logging.eval_interval != 0:
             self._run_eval()
         if cfg.checkpoint.save and not (
             cfg.checkpoint.save_interval and self.iteration % cfg.checkpoint.save_interval == 0
         ):
             self.save()
-        return last
+        return self._finished(last)
 
 
     def _note_teacher_output(self, kind: str, j: Optional[int], out: torch.Tensor) -> None:
@@ -951,6 +997,8 @@ class Trainer:
             self.observer.close()
         if getattr(self, "writer", None) is not None:
             self.writer.close()
+        if self.async_saver is not None:  # normally finalised by train(); here only after errors
+            self.async_saver.close()
         if self.save_lock is not None:
             self.save_lock.release()
             self.save_lock = None
