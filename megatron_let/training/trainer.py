@@ -345,6 +345,7 @@ class Trainer:
         self.iteration = int(extra["iteration"])
         self.consumed_train_samples = int(extra["consumed_train_samples"])
         self.consumed_selection_samples = int(extra.get("consumed_selection_samples", 0))
+        self.objective.load_state_dict(extra.get("objective_state") or {}, self.iteration)
         self._log(f"resumed from {ck.load} at iteration {self.iteration}"
                   + ("" if extra["_path"] in (checkpoint_dir(ck.load, self.iteration),
                                               os.path.normpath(ck.load)) else f" ({extra['_path']})"))
@@ -361,7 +362,8 @@ class Trainer:
                        "consumed_train_samples": self.consumed_train_samples,
                        "consumed_selection_samples": self.consumed_selection_samples,
                        "objective": self.cfg.objective, "model": dataclasses.asdict(self.cfg.model),
-                       "tokenizer": self._tokenizer_record()},
+                       "tokenizer": self._tokenizer_record(),
+                       "objective_state": self.objective.state_dict()},
             )
         if self.save_lock is not None:
             self.save_lock.heartbeat(force=True)
@@ -465,12 +467,13 @@ class Trainer:
         sp = self.cfg.parallel.sequence_parallel
         self.capture = LayerCapture(
             layer, lambda h, t, m: self.objective.hidden_loss(h, t, m, self.iteration),
-            sequence_parallel=sp,
+            sequence_parallel=sp, weight_fn=lambda: self.objective.hidden_grad_weight(self.iteration),
         )
         replicated = not sp
 
         def sink(weighted_sum, count, metrics):
-            self.metrics.add("hidden loss term", weighted_sum, count, replicated)
+            if weighted_sum is not None:  # None: gradient norms measured in backward
+                self.metrics.add("hidden loss term", weighted_sum, count, replicated)
             self.metrics.add_many(metrics, replicated)
 
         self.capture.metrics_sink = sink
@@ -653,6 +656,7 @@ class Trainer:
             values["total loss"] = values.pop("output loss term", float("nan")) + values.pop(
                 "hidden loss term", 0.0)
             values.update(schedule)
+            values = self.objective.end_step(self.iteration, values)  # e.g. LET's grad-ratio λ
             values.update(step_stats)
             values["lr"] = lr
             values["step time"] = step_time
