@@ -209,10 +209,12 @@ def test_capture_invariant_raises_when_hook_misses_a_microbatch(megatron_single_
         _train(cfg)
 
 
+@pytest.mark.parametrize("mode", ["linear", "grad-ratio"])
 def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let_trainer_cfg,
-                                                    monkeypatch):
+                                                    monkeypatch, mode):
     """No .item()/float()/int()/bool() on a tensor while the step's micro-batches run (LET with the
-    teacher and full recompute, i.e. the capture's deferred path); metrics reduce once per step."""
+    teacher and full recompute, i.e. the capture's deferred path); metrics reduce once per step.
+    grad-ratio: the gradient norms at layer k are measured in that backward without a sync too."""
     import sys
 
     import megatron.core.pipeline_parallel as pp
@@ -266,11 +268,13 @@ def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let
         return wrapped
 
     monkeypatch.setattr(pp, "get_forward_backward_func", get_forward_backward_func)
-    cfg, metrics = let_trainer_cfg(RECOMPUTE["full-uniform"])
+    cfg, metrics = let_trainer_cfg(RECOMPUTE["full-uniform"] + ["--let-lambda-mode", mode])
     trainer = _train(cfg)
     assert state["steps"] == 2 and trainer.capture is not None and trainer.capture.fired == 4
     m = read_metrics(metrics)
     assert m[1]["align loss"] != 0 and m[2]["lm loss"] > 4.0
+    if mode == "grad-ratio":
+        assert m[1]["lm grad rms"] > 0 and m[1]["align grad rms"] > 0 and m[2]["lambda"] > 0
 
 
 def test_inject_loss_grad_output_is_not_a_view():
