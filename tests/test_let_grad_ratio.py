@@ -225,6 +225,7 @@ def test_resume_reproduces_the_uninterrupted_run(single, tmp_path, teacher_dir):
 
 
 @pytest.mark.parametrize("layout", [
+    ["--tensor-model-parallel-size", "2"],  # replicated over TP: counted once
     ["--tensor-model-parallel-size", "2", "--sequence-parallel"],  # sequence shards: summed over TP
     ["--pipeline-model-parallel-size", "2"],  # layer k on stage 0, the loss on stage 1
     ["--micro-batch-size", "1"],  # DP = 2: tokens of both ranks
