@@ -224,15 +224,17 @@ def test_resume_reproduces_the_uninterrupted_run(single, tmp_path, teacher_dir):
     assert got[3]["align grad rms"] == pytest.approx(ref[3]["align grad rms"], rel=1e-6)
 
 
-@pytest.mark.parametrize("layout", [
-    ["--tensor-model-parallel-size", "2"],  # replicated over TP: counted once
-    ["--tensor-model-parallel-size", "2", "--sequence-parallel"],  # sequence shards: summed over TP
-    ["--pipeline-model-parallel-size", "2"],  # layer k on stage 0, the loss on stage 1
-    ["--micro-batch-size", "1"],  # DP = 2: tokens of both ranks
+@pytest.mark.parametrize("layout,nproc", [
+    (["--tensor-model-parallel-size", "2"], 2),  # replicated over TP: counted once
+    (["--tensor-model-parallel-size", "2", "--sequence-parallel"], 2),  # sequence shards: summed over TP
+    (["--pipeline-model-parallel-size", "2"], 2),  # layer k on stage 0, the loss on stage 1
+    (["--micro-batch-size", "1"], 2),  # DP = 2: tokens of both ranks
+    # layer k recomputed: measured in the recomputation during backward
+    (["--recompute-granularity", "full", "--recompute-method", "uniform", "--recompute-num-layers", "1"], 1),
 ])
-def test_norms_do_not_depend_on_the_layout(layout, single, tmp_path, teacher_dir, init):
+def test_norms_do_not_depend_on_the_layout(layout, nproc, single, tmp_path, teacher_dir, init):
     ref, _ = single
-    got = _run(tmp_path, teacher_dir, init, layout, nproc=2)
+    got = _run(tmp_path, teacher_dir, init, layout, nproc=nproc)
     for n in range(1, STOP + 1):
         for key in ("align grad rms", "lm grad rms", "lambda", "lm loss"):
             assert got[n][key] == pytest.approx(ref[n][key], rel=2e-4), (layout, n, key)

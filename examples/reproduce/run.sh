@@ -364,6 +364,7 @@ if wants layers; then
             --let-lambda "${LET_LAMBDA}" --let-stop-step "${LET_STOP_STEP}" "${layers[@]}"
     done
 fi
+wait_runs  # the best stage may have queued the same run directories
 if wants settings; then
     stage settings  # named settings (the grid's run names: a grid run of the same setting is reused)
     for mix in "${SETTINGS_MIX_LIST[@]}"; do
