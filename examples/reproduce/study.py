@@ -185,7 +185,7 @@ class SeedSummary:
             f"{self.reached}/{n}",
             self.step_speedup.fmt(".2f", "x") if self.reached else "not reached",
             self.compute_speedup.fmt(".2f", "x") if self.reached else "not reached",
-            (self.interp_speedup.fmt(".2f", "x") + f" (±{_pct(self.worst_resolution)})")
+            (self.interp_speedup.fmt(".2f", "x") + f" (up to +{_pct(self.worst_resolution)})")
             if self.reached and not base else "",
         ]
 
@@ -226,6 +226,7 @@ def summarize_seeds(root: Path, seeds: Sequence[int], specs: Sequence[Tuple[str,
             if c.step_speedup is not None:
                 s.reached += 1
                 s.step_speedup.values.append(c.step_speedup)
+            if c.step_speedup is not None and name != baseline:  # the baseline's is 1 by definition
                 bracket = reach_bracket(*_curve(per_seed[sd][name]), b.final_valid_loss)
                 width, interp = speedup_resolution(c.step_speedup * c.steps_to_target, bracket)
                 s.resolution.append(width)
@@ -238,7 +239,7 @@ def summarize_seeds(root: Path, seeds: Sequence[int], specs: Sequence[Tuple[str,
 
 HEAD = ["run", "seeds", "final valid loss", "Δ vs baseline (paired)", "Δ exceeds the seed spread?",
         "reached baseline's final loss", "speed-up (steps)", "speed-up (compute)",
-        "speed-up (steps, interpolated; ± resolution)"]
+        "speed-up (steps, interpolated; resolution)"]
 
 
 def seeds_markdown(summaries: Sequence[SeedSummary], baseline: str, title: str, seeds: Sequence[int]) -> str:
@@ -261,7 +262,7 @@ def warn_resolution(summaries: Sequence[SeedSummary], title: str) -> None:
     for s in summaries:
         w = s.worst_resolution
         if w is not None and w > RESOLUTION_GOAL:
-            print(f"study: {title}: {s.name}'s step speed-up is resolved to ±{_pct(w)} only "
+            print(f"study: {title}: {s.name}'s step speed-up is resolved only to within +{_pct(w)} "
                   f"(> {RESOLUTION_GOAL:.0%}): evaluate more often (EVAL_INTERVAL)", file=sys.stderr)
 
 
