@@ -24,9 +24,9 @@ if [[ "${REPRO_PROFILE}" == "smoke" ]]; then
     : "${LAYER_PAIRS:=M2E}"
     # named settings and grad-ratio runs at every seed, on mix all only (keeps CI short)
     : "${SETTINGS:=1:40}" "${ADAPTIVE:=1}" "${SETTINGS_MIXES:=all}"
-    # student sizes (crossover stage): one other width, the same short budget
+    # student sizes (crossover stage): one other width, the same short budget, baseline and paper LET
     : "${SIZE_STUDENTS:=w32=--num-layers 4 --hidden-size 32 --ffn-hidden-size 88 --num-attention-heads 2}"
-    : "${SIZE_TRAIN_ITERS:=8}" "${SIZE_SETTINGS:=}" "${SIZE_ADAPTIVE:=1}"
+    : "${SIZE_TRAIN_ITERS:=8}" "${SIZE_SETTINGS:=}" "${SIZE_ADAPTIVE:=}"  # grad-ratio: covered by ADAPTIVE
 elif [[ "${REPRO_PROFILE}" == "full" ]]; then
     : "${CORPUS_FLAGS:=}"
     : "${MIN_CORPUS_MB:=20}"
