@@ -209,6 +209,8 @@ def test_plan_teacher_states_without_split_or_overlap(monkeypatch, smollm2_135m)
     (["--objective", "let", "--let-stop-step", "1500"], 1500),
     (["--objective", "let", "--let-stop-step", "9000"], 7630),
     (["--objective", "let", "--let-lambda", "0"], 0),
+    # grad-ratio: the teacher is needed until S_stop whatever λ0 (unused; step 0 measures)
+    (["--objective", "let", "--let-lambda", "0", "--let-lambda-mode", "grad-ratio"], 1500),
     (["--objective", "rkd"], 7630),
     (["--objective", "salt"], 1321),
     (["--objective", "salt", "--kd-transition", "linear", "--kd-decay-start", "500",
@@ -321,6 +323,9 @@ ERRORS = [
     ("scheduler-flags", PAPER_1B + ["--objective", "baseline", "--override-opt_param-scheduler",
                                     "--use-checkpoint-opt_param-scheduler"], None,
      "--override-opt_param-scheduler and --use-checkpoint-opt_param-scheduler are mutually exclusive"),
+    ("grad-ratio", PAPER_1B + ["--teacher-path", "TEACHER", "--let-lambda-mode", "grad-ratio",
+                               "--let-grad-ratio", "0"], None,
+     "--let-grad-ratio must be a positive number, got 0.0"),
     ("exit-interval", PAPER_1B + ["--objective", "baseline", "--exit-interval", "0"], None,
      "--exit-interval must be > 0"),
 ]

@@ -200,15 +200,17 @@ def test_capture_invariant_raises_when_hook_misses_a_microbatch(megatron_single_
         _train(cfg)
 
 
-@pytest.mark.parametrize("loss", ["cosine", "cca"])
+@pytest.mark.parametrize("loss,mode", [("cosine", "linear"), ("cca", "linear"),
+                                       ("cosine", "grad-ratio")])
 def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let_trainer_cfg,
-                                                    monkeypatch, loss):
+                                                    monkeypatch, loss, mode):
     """No .item()/float()/int()/bool() on a tensor while the step's micro-batches run (LET with the
     teacher and full recompute, i.e. the capture's deferred path); metrics reduce once per step,
     also with --log-params-norm/--log-num-zeros-in-grad/--log-timers-to-tensorboard/
     --log-memory-to-tensorboard/--log-throughput (their values join that one reduction).
     Every copy this project makes to a device in that time is ``non_blocking`` (asynchronous from
-    the loader's pinned memory on CUDA)."""
+    the loader's pinned memory on CUDA). grad-ratio: the gradient norms at layer k are measured in
+    that backward without a sync too."""
     import sys
 
     import megatron.core.pipeline_parallel as pp
@@ -295,7 +297,8 @@ def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let
     monkeypatch.setattr(StepObserver, "accumulate", accumulate)
     cfg, metrics = let_trainer_cfg(RECOMPUTE["full-uniform"] + [
         "--log-params-norm", "--log-num-zeros-in-grad", "--log-timers-to-tensorboard",
-        "--log-memory-to-tensorboard", "--log-throughput", "--let-loss", loss])
+        "--log-memory-to-tensorboard", "--log-throughput", "--let-loss", loss,
+        "--let-lambda-mode", mode])
     trainer = _train(cfg)
     assert state["steps"] == 2 and trainer.capture is not None and trainer.capture.fired == 4
     assert state["accumulated"] == 2 and collectives["n"] == 0
@@ -303,6 +306,8 @@ def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let
     assert m[1]["align loss"] != 0 and m[2]["lm loss"] > 4.0
     for key in ("params-norm", "num-zeros", "forward-backward-time", "throughput"):
         assert key in m[2], key
+    if mode == "grad-ratio":
+        assert m[1]["lm grad rms"] > 0 and m[1]["align grad rms"] > 0 and m[2]["lambda"] > 0
 
 
 def test_inject_loss_grad_output_is_not_a_view():

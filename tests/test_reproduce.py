@@ -26,6 +26,7 @@ sys.path.insert(0, str(ROOT / "examples" / "reproduce"))
 MAIN_RUNS = {"baseline": "baseline", "LET": "let", "LET-logsum": "let_logsum", "SALT": "salt"}
 SEEDS = (1234, 2345)  # the smoke profile's
 MIXES = ("all", "pyshake")
+TRAIN_ITERS = 8  # the smoke profile's
 
 
 def _env(out: Path, **extra: str) -> dict:
@@ -191,9 +192,14 @@ def test_grid_and_best_settings_from_the_logs(smoke: Path) -> None:
     # the best setting was rerun at the other seeds and is in the best-settings table
     assert (_run(smoke, "all", SEEDS[1], f"grid_l{lam}_s{pct}") / ".done").is_file()
     rows = {r["run"]: r for r in csv.DictReader(open(smoke / "report" / "best.csv"))}
-    assert rows[f"λ0 {lam}, S_stop {pct}%"]["seeds"] == " ".join(map(str, SEEDS))
+    # labels name the real S_stop (in steps, as the run's command has it) and its share of the run
+    steps = max(1, round(int(pct) / 100 * TRAIN_ITERS))
+    label = f"λ0 {lam}, S_stop {steps} ({pct}%)"
+    assert f"--let-stop-step {steps} " in (_run(smoke, "all", SEEDS[1], f"grid_l{lam}_s{pct}") / "command.sh").read_text()
+    assert rows[label]["seeds"] == " ".join(map(str, SEEDS))
     claims = (smoke / "report" / "claims.md").read_text()
-    assert f"λ0 {lam}, S_stop {pct}%" in claims and "Claim 1, mix `pyshake`" in claims
+    assert label in claims and "Claim 1, mix `pyshake`" in claims
+    assert f"{steps} steps ({pct}% of {TRAIN_ITERS})" in (smoke / "report" / "grid.md").read_text()
 
 
 def test_parameter_formula_matches_transformers() -> None:
@@ -218,7 +224,13 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
                            (dict(SEEDS="1234"), "SEEDS needs at least two seeds"),
                            (dict(MIXES="all wiki"), "unknown mix 'wiki'"),
                            (dict(STAGES="main plots"), "unknown stage 'plots'"),
-                           (dict(GRID_STOP_PERCENTS="20 150"), "GRID_STOP_PERCENTS")):
+                           (dict(GRID_STOPS="20 150"), "GRID_STOPS"),
+                           (dict(GRID_LAMBDAS="1 x"), "GRID_LAMBDAS"),
+                           (dict(SETTINGS="3:40 10"), "SETTINGS entries must be λ0:S_stop%"),
+                           (dict(ADAPTIVE="1:150"), "ADAPTIVE entries must be r0"),
+                           (dict(SETTINGS_MIXES="pyshake", MIXES="all"), "SETTINGS_MIXES"),
+                           (dict(SIZE_STUDENTS="x8"), "SIZE_STUDENTS entries"),
+                           (dict(ALLOW_CHANGED_ARCHIVES="yes"), "ALLOW_CHANGED_ARCHIVES")):
         res = subprocess.run(["bash", str(SCRIPT)], env=_env(tmp_path, **extra), capture_output=True, text=True)
         assert res.returncode == 2 and message in res.stderr, (extra, res.stderr)
     from build_corpus import BuildConfig, build
@@ -253,3 +265,139 @@ def test_committed_results_page_names_no_machine_path() -> None:
     page = (ROOT / "docs" / "results.md").read_text()
     for prefix in ("/work/", "/tmp/", "/home/", "/root/"):
         assert prefix not in page, prefix
+
+
+def _bracket(recs: list, target: float):
+    """(previous evaluation step or 0, first step at or below target, interpolated step)."""
+    prev = None
+    for r in recs:
+        if r["lm loss"] <= target:
+            if prev is None:
+                return 0, r["iteration"], float(r["iteration"])
+            frac = (prev["lm loss"] - target) / (prev["lm loss"] - r["lm loss"])
+            return prev["iteration"], r["iteration"], prev["iteration"] + frac * (r["iteration"] - prev["iteration"])
+        prev = r
+    return None
+
+
+def test_speedup_resolution_is_computed_from_the_logs(smoke: Path) -> None:
+    """The interpolated speed-up and its resolution (T_hit / T_prev − 1, worst seed), recomputed."""
+    rows = {r["run"]: r for r in csv.DictReader(open(smoke / "report" / "main_all.csv"))}
+    for name, d in MAIN_RUNS.items():
+        if name == "baseline" or not int(rows[name]["reached"]):
+            continue
+        widths, interp = [], []
+        for s in SEEDS:
+            base = _records(_run(smoke, "all", s, "baseline"), "valid")
+            b = _bracket(_records(_run(smoke, "all", s, d), "valid"), base[-1]["lm loss"])
+            if b is None:
+                continue
+            b_steps = _bracket(base, base[-1]["lm loss"])[1]
+            widths.append(math.inf if b[0] == 0 else b[1] / b[0] - 1)
+            interp.append(b_steps / b[2])
+        assert float(rows[name]["speedup_resolution"]) == pytest.approx(max(widths)), name
+        assert float(rows[name]["interp_speedup_mean"]) == pytest.approx(statistics.mean(interp)), name
+    assert "interpolated" in (smoke / "report" / "main_all.md").read_text()
+
+
+def test_named_settings_and_grad_ratio_runs_at_every_seed(smoke: Path) -> None:
+    """SETTINGS=1:40 and ADAPTIVE=1 (smoke) run at every seed; the grad-ratio run's λ follows its
+    logged gradient norms; the settings table compares them with a paired test."""
+    stop = max(1, round(1500 / 7630 * TRAIN_ITERS))
+    for s in SEEDS:
+        assert (_run(smoke, "all", s, "grid_l1_s40") / ".done").is_file()
+        run = _run(smoke, "all", s, f"adaptive_r1_s{round(100 * stop / TRAIN_ITERS)}")
+        cmd = (run / "command.sh").read_text()
+        assert "--let-lambda-mode grad-ratio" in cmd and "--let-grad-ratio 1 " in cmd
+        assert f"--let-stop-step {stop} " in cmd
+        m = {r["iteration"]: r for r in _records(run, "train")}
+        assert m[1]["lambda"] == 0.0
+        for n in range(1, stop):
+            want = max(0.0, 1 - n / stop) * m[n]["lm grad rms"] / m[n]["align grad rms"]
+            assert m[n + 1]["lambda"] == pytest.approx(want, rel=1e-12)
+    assert not (smoke / "runs" / "pyshake" / f"s{SEEDS[0]}" / "grid_l1_s40").exists()  # SETTINGS_MIXES=all
+    rows = {r["run"]: r for r in csv.DictReader(open(smoke / "report" / "settings_all.csv"))}
+    label = f"grad-ratio r0 1, S_stop {stop} ({round(100 * stop / TRAIN_ITERS)}%)"
+    assert rows[label]["seeds"] == " ".join(map(str, SEEDS))
+    pairs = list(csv.DictReader(open(smoke / "report" / "settings_all_pairs.csv")))
+    assert pairs and pairs[0]["a"] == label and int(pairs[0]["seeds"]) == len(SEEDS)
+
+
+def test_sizes_stage_and_crossover_from_the_logs(smoke: Path) -> None:
+    """Each size has its own initial checkpoints; the crossover table is recomputed from
+    metrics.jsonl and the teacher's final validation loss."""
+    teacher = [r for r in map(json.loads, open(smoke / "teachers" / "same" / "train" / "metrics.jsonl"))
+               if r.get("split") == "valid"][-1]["lm loss"]
+    root = smoke / "runs" / "size_w32"
+    for s in SEEDS:
+        assert "--hidden-size 32" in (root / f"s{s}" / "baseline" / "command.sh").read_text()
+        assert str(smoke / "size_init" / "w32" / f"s{s}" / "ckpt") in (root / f"s{s}" / "let" / "command.sh").read_text()
+    rows = {r["run"]: r for r in csv.DictReader(open(smoke / "report" / "crossover_w32.csv"))}
+    assert float(rows["baseline"]["teacher_final_loss"]) == pytest.approx(teacher)
+    for name, r in rows.items():
+        d = "baseline" if name == "baseline" else ("let" if "paper" in name else
+                                                   next(p.name for p in (root / f"s{SEEDS[0]}").iterdir()
+                                                        if p.name.startswith("adaptive")))
+        steps = []
+        for s in SEEDS:
+            b = _bracket(_records(root / f"s{s}" / d, "valid"), teacher)
+            if b is not None:
+                steps.append(b[1])
+        assert int(r["crossed"]) == len(steps), name
+        if steps:
+            assert float(r["cross_step_mean"]) == pytest.approx(statistics.mean(steps)), name
+        if name != "baseline":
+            finals = [_final(root / f"s{s}" / d) - _final(root / f"s{s}" / "baseline") for s in SEEDS]
+            assert float(r["delta_final_mean"]) == pytest.approx(statistics.mean(finals), abs=1e-9), name
+    assert (smoke / "report" / "crossover_w32.png").stat().st_size > 1000
+    assert (smoke / "report" / "size_w32.md").is_file()
+
+
+def test_single_mix_without_the_teacher_stage(tmp_path: Path) -> None:
+    """MIXES=all and no teacher stage: neither the pyshake mix nor the disjoint teacher's set is
+    built, and only the same-data teacher is trained."""
+    res = subprocess.run(["bash", str(SCRIPT)], env=_env(tmp_path, MIXES="all", STAGES="teachers",
+                                                         SETTINGS_MIXES="all"),
+                         capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert sorted(p.name for p in (tmp_path / "mixes").iterdir()) == ["student_all"]
+    assert sorted(p.name for p in (tmp_path / "data").iterdir()) == ["student_all"]
+    assert (tmp_path / "teachers" / "same" / "hf" / "config.json").is_file()
+    assert not (tmp_path / "teachers" / "disjoint").exists()
+
+
+def test_make_mixes_builds_only_what_is_asked(tmp_path: Path) -> None:
+    """A single-source corpus (kernel docs only) makes student_all and the teacher's set; the
+    pyshake mix it cannot make is a clear error only when asked for."""
+    from make_mixes import build_mixes
+
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for split, n in (("train", 6), ("valid", 1), ("test", 1)):
+        with open(corpus / f"{split}.jsonl", "w") as fh:
+            for i in range(n):
+                fh.write(json.dumps({"source": "linux-docs", "path": f"{split}/{i}.rst", "text": f"doc {i}"}) + "\n")
+    manifests = build_mixes(corpus, tmp_path / "mixes", ["student_all", "teacher_disjoint"])
+    assert manifests["student_all"]["megatron_split"] == "3,1,1"
+    assert manifests["teacher_disjoint"]["megatron_split"] == "3,1,1"
+    assert not (tmp_path / "mixes" / "student_pyshake").exists()
+    with pytest.raises(ValueError, match="mix student_pyshake: no train documents"):
+        build_mixes(corpus, tmp_path / "mixes2", ["student_pyshake"])
+
+
+def test_changed_archive_is_a_clear_error(tmp_path: Path) -> None:
+    """An archive whose sha256 differs from examples/reproduce/archives.json is refused before any
+    reading, unless allowed; the manifest then records that it differs."""
+    from build_corpus import check_archive, load_record
+
+    record = load_record(ROOT / "examples" / "reproduce" / "archives.json")
+    assert set(record) == {"shakespeare", "python-docs", "linux-docs"}
+    deb = tmp_path / "linux-doc-6.1_6.1.999-1_all.deb"
+    with pytest.raises(ValueError, match="not the recorded linux-doc-6.1_6.1.176-1_all.deb.*ALLOW_CHANGED_ARCHIVES"):
+        check_archive("linux-docs", deb, "ab" * 32, record, allow_changed=False)
+    got = check_archive("linux-docs", deb, "ab" * 32, record, allow_changed=True)
+    assert got["matches_record"] is False and got["recorded"]["file"] == "linux-doc-6.1_6.1.176-1_all.deb"
+    same = record["linux-docs"]["sha256"] + "0" * (64 - len(record["linux-docs"]["sha256"]))
+    assert check_archive("linux-docs", deb, same, record, allow_changed=False)["matches_record"] is True
+    with pytest.raises(ValueError, match="shorter than 16"):
+        check_archive("x", deb, "ab" * 32, {"x": {"file": "f", "sha256": "abc"}}, allow_changed=False)

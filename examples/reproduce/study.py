@@ -17,9 +17,22 @@ distribution's 97.5 % point for n - 1 degrees of freedom); ``--pairs A:B`` adds 
 two methods. ``OUT.png``: mean ± sd validation loss
 and its difference to the baseline against the step.
 
+Resolution of the step speed-up: a run's validation loss is known only at its evaluations, so the
+step at which it first reaches the target lies in (previous evaluation, first evaluation at or below
+it]; the speed-up B/T is then known to within [B/T_hit, B/T_prev). The tables report, per run, the
+largest relative width over the seeds (T_hit/T_prev − 1) and a speed-up from the linearly
+interpolated crossing step (an estimate between two evaluations, stated as such); study.py warns on
+stderr when the width exceeds 5 % (set a smaller EVAL_INTERVAL in run.sh).
+
 ``grid``: the λ0 x S_stop grid at one seed against that seed's baseline (``OUT.md``, ``OUT.csv``,
-heat map ``OUT.png``). ``best``: prints the ``--top`` settings (``LAMBDA:PERCENT``) of lowest final
-validation loss, one per line (run.sh reruns them at the other seeds).
+heat map ``OUT.png``); its columns name the real S_stop in steps, read from the runs' commands.
+``best``: prints the ``--top`` settings (``LAMBDA:PERCENT``) of lowest final validation loss, one per
+line (run.sh reruns them at the other seeds).
+
+``crossover``: where each run's validation curve crosses the teacher's final validation loss (same
+held-out documents: the teacher trains on mix all), and the difference to the same seed's baseline
+at the baseline's crossing and at the end (does LET's advantage persist, fade or reverse once the
+student is better than its teacher?) (``OUT.md``, ``OUT.csv``, ``OUT.png``).
 """
 
 from __future__ import annotations
@@ -36,6 +49,8 @@ import numpy as np
 
 from megatron_let.analysis.compare import Comparison, compare, write_outputs
 from megatron_let.analysis.runs import VALID_LOSS, Run, load_run
+
+RESOLUTION_GOAL = 0.05  # issue 23: speed-ups resolved to <= 5 %
 
 # two-sided 95 % critical values of Student's t for 1..10 degrees of freedom
 T_CRIT_95 = (12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228)
@@ -119,6 +134,28 @@ def verdict(stat: Stat, null: float, lower: str, higher: str) -> str:
     return f"no (t = {tt}, |t| <= {crit})"
 
 
+def reach_bracket(steps: Sequence[int], values: Sequence[float], target: float
+                  ) -> Optional[Tuple[int, int, float]]:
+    """``(T_prev, T_hit, T_interp)``: the evaluation before the first one at or below ``target``
+    (0 when it is the first), that one, and the linearly interpolated crossing step (from step 0
+    when the first evaluation already reaches it); None if never reached."""
+    for i, (t, v) in enumerate(zip(steps, values)):
+        if v <= target:
+            if i == 0:
+                return 0, int(t), float(t)
+            t0, v0 = steps[i - 1], values[i - 1]
+            frac = (v0 - target) / (v0 - v) if v0 != v else 1.0
+            return int(t0), int(t), float(t0 + frac * (t - t0))
+    return None
+
+
+def speedup_resolution(base_steps: float, bracket: Tuple[int, int, float]) -> Tuple[float, float]:
+    """(relative width T_hit/T_prev − 1 of the speed-up's interval, interpolated speed-up)."""
+    t_prev, t_hit, t_interp = bracket
+    width = math.inf if t_prev <= 0 else t_hit / t_prev - 1.0
+    return width, base_steps / t_interp
+
+
 @dataclass
 class SeedSummary:
     name: str
@@ -128,6 +165,12 @@ class SeedSummary:
     step_speedup: Stat
     compute_speedup: Stat
     reached: int
+    interp_speedup: Stat = field(default_factory=Stat)
+    resolution: List[float] = field(default_factory=list)  # per seed that reached the target
+
+    @property
+    def worst_resolution(self) -> Optional[float]:
+        return max(self.resolution) if self.resolution else None
 
     def row(self, baseline: str) -> List[str]:
         if not self.seeds:
@@ -141,7 +184,13 @@ class SeedSummary:
             f"{self.reached}/{n}",
             self.step_speedup.fmt(".2f", "x") if self.reached else "not reached",
             self.compute_speedup.fmt(".2f", "x") if self.reached else "not reached",
+            (self.interp_speedup.fmt(".2f", "x") + f" (up to +{_pct(self.worst_resolution)})")
+            if self.reached and not base else "",
         ]
+
+
+def _pct(v: Optional[float]) -> str:
+    return "n/a" if v is None else ("first evaluation" if math.isinf(v) else f"{100 * v:.0f}%")
 
 
 def summarize_seeds(root: Path, seeds: Sequence[int], specs: Sequence[Tuple[str, str]],
@@ -176,6 +225,11 @@ def summarize_seeds(root: Path, seeds: Sequence[int], specs: Sequence[Tuple[str,
             if c.step_speedup is not None:
                 s.reached += 1
                 s.step_speedup.values.append(c.step_speedup)
+            if c.step_speedup is not None and name != baseline:  # the baseline's is 1 by definition
+                bracket = reach_bracket(*_curve(per_seed[sd][name]), b.final_valid_loss)
+                width, interp = speedup_resolution(c.step_speedup * c.steps_to_target, bracket)
+                s.resolution.append(width)
+                s.interp_speedup.values.append(interp)
             if c.compute_speedup is not None:
                 s.compute_speedup.values.append(c.compute_speedup)
         summaries.append(s)
@@ -183,7 +237,8 @@ def summarize_seeds(root: Path, seeds: Sequence[int], specs: Sequence[Tuple[str,
 
 
 HEAD = ["run", "seeds", "final valid loss", "Δ vs baseline (paired)", "Δ exceeds the seed spread?",
-        "reached baseline's final loss", "speed-up (steps)", "speed-up (compute)"]
+        "reached baseline's final loss", "speed-up (steps)", "speed-up (compute)",
+        "speed-up (steps, interpolated; resolution)"]
 
 
 def seeds_markdown(summaries: Sequence[SeedSummary], baseline: str, title: str, seeds: Sequence[int]) -> str:
@@ -195,8 +250,19 @@ def seeds_markdown(summaries: Sequence[SeedSummary], baseline: str, title: str, 
                  "the seeds (sd with n - 1). Δ = final validation loss minus the same seed's baseline; it exceeds "
                  "the spread when a paired t-test over the seeds rejects Δ = 0 at 95 % (two-sided). Speed-ups: "
                  "baseline's steps (FLOPs: student training + teacher forward) to its own final validation loss / "
-                 "the run's, over the seeds that reached it.")
+                 "the run's, over the seeds that reached it. Resolution: the step speed-up is known only to within "
+                 "one evaluation interval where the run reaches the target, i.e. up to T_hit/T_prev − 1 higher "
+                 "(the largest over the seeds); the interpolated speed-up places the crossing on the straight line "
+                 "between those two evaluations (an estimate).")
     return "\n".join(lines) + "\n"
+
+
+def warn_resolution(summaries: Sequence[SeedSummary], title: str) -> None:
+    for s in summaries:
+        w = s.worst_resolution
+        if w is not None and w > RESOLUTION_GOAL:
+            print(f"study: {title}: {s.name}'s step speed-up is resolved only to within +{_pct(w)} "
+                  f"(> {RESOLUTION_GOAL:.0%}): evaluate more often (EVAL_INTERVAL)", file=sys.stderr)
 
 
 def pair_stats(summaries: Sequence[SeedSummary], pairs: Sequence[str]) -> List[Tuple[str, str, Stat]]:
@@ -229,13 +295,14 @@ def write_seeds_csv(path: Path, summaries: Sequence[SeedSummary]) -> None:
         w = csv.writer(fh)
         w.writerow(["run", "seeds", "final_loss_mean", "final_loss_sd", "delta_mean", "delta_sd", "delta_t",
                     "reached", "step_speedup_mean", "step_speedup_sd", "compute_speedup_mean",
-                    "compute_speedup_sd"])
+                    "compute_speedup_sd", "interp_speedup_mean", "interp_speedup_sd", "speedup_resolution"])
         for s in summaries:
             t = s.delta.t()
             w.writerow([s.name, " ".join(map(str, s.seeds)), _num(s.final.mean), _num(s.final.sd),
                         _num(s.delta.mean), _num(s.delta.sd), "" if t is None else _num(t), s.reached,
                         _num(s.step_speedup.mean), _num(s.step_speedup.sd),
-                        _num(s.compute_speedup.mean), _num(s.compute_speedup.sd)])
+                        _num(s.compute_speedup.mean), _num(s.compute_speedup.sd),
+                        _num(s.interp_speedup.mean), _num(s.interp_speedup.sd), _num(s.worst_resolution)])
 
 
 def _num(v: float) -> str:
@@ -293,6 +360,7 @@ def cmd_seeds(a: argparse.Namespace) -> None:
     summaries, per_seed = summarize_seeds(Path(a.root), a.seeds, specs, out)
     baseline = specs[0][0]
     md = seeds_markdown(summaries, baseline, a.title, a.seeds)
+    warn_resolution(summaries, a.title or str(out))
     if a.pairs:
         pairs = pair_stats(summaries, a.pairs)
         md += "\n" + pairs_markdown(pairs)
@@ -322,24 +390,37 @@ def parse_grid(specs: Sequence[str]) -> List[Tuple[str, str, str]]:
     return out
 
 
+def stop_step_of(run_dir: Path) -> Optional[int]:
+    """The run's real S_stop: ``--let-stop-step`` in the command run.sh recorded (None if absent)."""
+    import shlex
+
+    cmd = run_dir / "command.sh"
+    if not cmd.is_file():
+        return None
+    tok = shlex.split(cmd.read_text())
+    return int(tok[tok.index("--let-stop-step") + 1]) if "--let-stop-step" in tok else None
+
+
 def grid_rows(runs_dir: Path, grid: Sequence[Tuple[str, str, str]]) -> List[dict]:
     base = _load("baseline", runs_dir / "baseline")
     if base is None:
         raise FileNotFoundError(f"{runs_dir / 'baseline'} was not made")
     runs = [base]
-    keys = {}
+    keys, stops = {}, {}
     for lam, pct, sub in grid:
         run = _load(f"{lam}:{pct}", runs_dir / sub)
         if run is None:
             raise FileNotFoundError(f"grid run {runs_dir / sub} (λ0 {lam}, S_stop {pct}%) was not made")
         runs.append(run)
         keys[run.name] = (lam, pct)
+        stops[run.name] = stop_step_of(runs_dir / sub)
     comp = {c.run: c for c in compare(runs, "baseline")}
     b = comp["baseline"]
     rows = []
     for name, (lam, pct) in keys.items():
         c = comp[name]
-        rows.append({"lambda": lam, "stop_percent": pct, "final_valid_loss": c.final_valid_loss,
+        rows.append({"lambda": lam, "stop_percent": pct, "stop_step": stops[name],
+                     "final_valid_loss": c.final_valid_loss,
                      "delta": c.final_valid_loss - b.final_valid_loss, "steps_to_target": c.steps_to_target,
                      "step_speedup": c.step_speedup, "compute_speedup": c.compute_speedup,
                      "baseline_final_valid_loss": b.final_valid_loss})
@@ -357,7 +438,14 @@ def grid_markdown(rows: Sequence[dict], train_iters: int) -> str:
     lams = sorted({r["lambda"] for r in rows}, key=float)
     pcts = sorted({r["stop_percent"] for r in rows}, key=int)
     cell = {(r["lambda"], r["stop_percent"]): r for r in rows}
-    head = ["λ0 \\ S_stop"] + [f"{p}% ({max(1, (train_iters * int(p) + 50) // 100)} steps)" for p in pcts]
+    def steps(p: str) -> str:  # the real S_stop of that column's runs (as run.sh recorded them)
+        real = {r["stop_step"] for r in rows if r["stop_percent"] == p and r["stop_step"] is not None}
+        if len(real) == 1:
+            return f"{real.pop()} steps"
+        return f"{max(1, (train_iters * int(p) + 50) // 100)} steps" if not real else \
+            "/".join(map(str, sorted(real))) + " steps"
+
+    head = ["λ0 \\ S_stop"] + [f"{steps(p)} ({p}% of {train_iters})" for p in pcts]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for lam in lams:
         cells = [lam]
@@ -421,6 +509,156 @@ def cmd_grid(a: argparse.Namespace) -> None:
 def cmd_best(a: argparse.Namespace) -> None:
     for s in best_settings(grid_rows(Path(a.runs_dir), parse_grid(a.grid)), a.top):
         print(s)
+
+
+# ------------------------------------------------------------------------------------------------ crossover
+def teacher_final_loss(metrics_jsonl: Path) -> Tuple[int, float]:
+    """(step, validation loss) of the teacher's last evaluation, from its metrics.jsonl."""
+    import json
+
+    if not metrics_jsonl.is_file():
+        raise FileNotFoundError(f"{metrics_jsonl} missing: run the teachers stage first")
+    valid = [r for r in map(json.loads, metrics_jsonl.read_text().splitlines())
+             if r.get("split") == "valid" and "lm loss" in r]
+    if not valid:
+        raise ValueError(f"{metrics_jsonl} has no validation loss")
+    return int(valid[-1]["iteration"]), float(valid[-1]["lm loss"])
+
+
+def _value_at(run: Run, step: int) -> Optional[float]:
+    st, v = _curve(run)
+    hit = np.nonzero(st == step)[0]
+    return float(v[hit[0]]) if hit.size else None
+
+
+def crossover_rows(root: Path, seeds: Sequence[int], specs: Sequence[Tuple[str, str]],
+                   teacher_loss: float) -> Tuple[List[dict], Dict[int, Dict[str, Run]]]:
+    """Per run: crossing step of the teacher's loss (first evaluation below it and the interpolated
+    step), and Δ to the same seed's baseline at the baseline's crossing and at the end."""
+    baseline = specs[0][0]
+    per_seed: Dict[int, Dict[str, Run]] = {}
+    for sd in seeds:
+        runs = {n: r for n, sub in specs if (r := _load(n, root / f"s{sd}" / sub)) is not None}
+        if baseline not in runs:
+            raise FileNotFoundError(f"seed {sd}: the baseline run {root / f's{sd}' / specs[0][1]} was not made")
+        per_seed[sd] = runs
+    rows = []
+    for name, _ in specs:
+        cross, interp, d_cross, d_final, seen = Stat(), Stat(), Stat(), Stat(), []
+        for sd in seeds:
+            run = per_seed[sd].get(name)
+            if run is None:
+                continue
+            seen.append(sd)
+            base = per_seed[sd][baseline]
+            br = reach_bracket(*_curve(run), teacher_loss)
+            if br is not None:
+                cross.values.append(br[1])
+                interp.values.append(br[2])
+            b_br = reach_bracket(*_curve(base), teacher_loss)
+            if b_br is not None and name != baseline:
+                here, there = _value_at(run, b_br[1]), _value_at(base, b_br[1])
+                if here is not None and there is not None:
+                    d_cross.values.append(here - there)
+            if name != baseline:
+                d_final.values.append(float(_curve(run)[1][-1] - _curve(base)[1][-1]))
+        change = Stat([f - c for f, c in zip(d_final.values, d_cross.values)]) \
+            if len(d_final.values) == len(d_cross.values) else Stat()
+        rows.append({"run": name, "seeds": seen, "crossed": cross.n, "cross_step": cross,
+                     "cross_interp": interp, "delta_at_baseline_cross": d_cross, "delta_final": d_final,
+                     "change": change})
+    return rows, per_seed
+
+
+def crossover_markdown(rows: Sequence[dict], teacher: Tuple[int, float], title: str) -> str:
+    head = ["run", "seeds", "crossed the teacher", "first evaluation below the teacher",
+            "interpolated crossing step", "Δ vs baseline at the baseline's crossing", "Δ vs baseline, final",
+            "final − at crossing (paired)", "after the crossing, LET's advantage"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        n = len(r["seeds"])
+        base = r is rows[0]
+        ch = r["change"]
+        if base:
+            trend = ""
+        elif ch.n < 2 or r["delta_final"].n == 0:
+            trend = "n/a (needs the crossing at ≥ 2 seeds)"
+        elif not exceeds_spread(ch.t(0.0) or 0.0, ch.n):
+            trend = "persists (no change beyond the seed spread)" if r["delta_final"].mean < 0 else \
+                "no advantage either side of the crossing"
+        elif ch.mean > 0:
+            trend = "reverses" if r["delta_final"].mean > 0 else "fades"
+        else:
+            trend = "grows"
+        lines.append("| " + " | ".join([
+            r["run"] + (" (reference)" if base else ""), str(n), f"{r['crossed']}/{n}",
+            r["cross_step"].fmt(".0f") if r["crossed"] else "not reached",
+            r["cross_interp"].fmt(".1f") if r["crossed"] else "not reached",
+            "0" if base else r["delta_at_baseline_cross"].fmt("+.4f"),
+            "0" if base else r["delta_final"].fmt("+.4f") + (
+                f" ({verdict(r['delta_final'], 0.0, 'lower', 'higher')})" if r["delta_final"].n else ""),
+            "" if base else (ch.fmt("+.4f") if ch.n else "n/a"), trend]) + " |")
+    lines.append("")
+    lines.append(f"{title}. Teacher: final validation loss {teacher[1]:.4f} (step {teacher[0]}) on the same "
+                 "held-out documents. Crossing: the first evaluation whose validation loss is below the "
+                 "teacher's (interpolated: on the straight line between the two evaluations around it). Δ: "
+                 "the run's validation loss minus the same seed's baseline's, at the baseline's crossing step "
+                 "and at the end; the last column tests the change between the two (paired t, 95 %).")
+    return "\n".join(lines) + "\n"
+
+
+def plot_crossover(path: Path, rows: Sequence[dict], per_seed: Dict[int, Dict[str, Run]],
+                   teacher: Tuple[int, float], title: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for i, r in enumerate(rows):
+        curves, steps = [], None
+        for sd in r["seeds"]:
+            st, v = _curve(per_seed[sd][r["run"]])
+            steps = st if steps is None else steps
+            if np.array_equal(st, steps):
+                curves.append(v)
+        if not curves:
+            continue
+        data = np.array(curves)
+        ax.plot(steps, data.mean(0), color=f"C{i}", label=f"{r['run']} (n={len(curves)})")
+        if len(curves) > 1:
+            sd_ = data.std(0, ddof=1)
+            ax.fill_between(steps, data.mean(0) - sd_, data.mean(0) + sd_, color=f"C{i}", alpha=0.2)
+    ax.axhline(teacher[1], color="black", ls="--", lw=1, label=f"teacher's final loss {teacher[1]:.3f}")
+    ax.set(title=f"validation loss vs the teacher ({title})", xlabel="step", ylabel="lm loss")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def cmd_crossover(a: argparse.Namespace) -> None:
+    specs = parse_specs(a.runs)
+    teacher = teacher_final_loss(Path(a.teacher_metrics))
+    rows, per_seed = crossover_rows(Path(a.root), a.seeds, specs, teacher[1])
+    out = Path(a.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    md = crossover_markdown(rows, teacher, a.title)
+    Path(f"{out}.md").write_text(md)
+    with open(f"{out}.csv", "w", newline="") as fh:
+        w = csv.writer(fh)
+        w.writerow(["run", "seeds", "crossed", "cross_step_mean", "cross_interp_mean", "cross_interp_sd",
+                    "delta_at_baseline_cross_mean", "delta_at_baseline_cross_sd", "delta_final_mean",
+                    "delta_final_sd", "change_mean", "change_sd", "change_t", "teacher_final_loss"])
+        for r in rows:
+            t = r["change"].t()
+            w.writerow([r["run"], " ".join(map(str, r["seeds"])), r["crossed"], _num(r["cross_step"].mean),
+                        _num(r["cross_interp"].mean), _num(r["cross_interp"].sd),
+                        _num(r["delta_at_baseline_cross"].mean), _num(r["delta_at_baseline_cross"].sd),
+                        _num(r["delta_final"].mean), _num(r["delta_final"].sd), _num(r["change"].mean),
+                        _num(r["change"].sd), "" if t is None else _num(t), repr(teacher[1])])
+    plot_crossover(Path(f"{out}.png"), rows, per_seed, teacher, a.title)
+    print(md)
 
 
 # ------------------------------------------------------------------------------------------------ claims
@@ -532,6 +770,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             g.add_argument("--top", type=int, default=2)
         g.set_defaults(func=func)
+    x = sub.add_parser("crossover", help="where the runs cross the teacher's loss, Δ before/after")
+    x.add_argument("--root", required=True, help="folder holding sSEED/DIR runs")
+    x.add_argument("--seeds", type=int, nargs="+", required=True)
+    x.add_argument("--runs", nargs="+", required=True, metavar="NAME=DIR", help="the first is the baseline")
+    x.add_argument("--teacher-metrics", required=True, help="the teacher's metrics.jsonl")
+    x.add_argument("--out", required=True)
+    x.add_argument("--title", default="")
+    x.set_defaults(func=cmd_crossover)
     c = sub.add_parser("claims", help="one computed line per claim of the paper (REPORT/claims.md)")
     c.add_argument("--report", required=True)
     c.add_argument("--mixes", nargs="+", required=True)

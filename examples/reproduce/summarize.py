@@ -99,8 +99,12 @@ def main(argv: Optional[List[str]] = None) -> int:
     lines.append(f"- corpus: {manifest['total_mb']} MB of text (train, valid, test documents: "
                  f"{manifest['megatron_split']})")
     for arc in manifest["archives"]:
-        lines.append(f"  - {arc['source']}: {arc['package']} `{arc['file']}` (sha256 `{arc['sha256'][:16]}…`), "
-                     f"{arc['documents']} documents, {arc['selection']}")
+        rec = arc.get("recorded")
+        changed = "" if rec is None or arc.get("matches_record", True) else (
+            f"; **not the recorded archive** `{rec['file']}` (sha256 `{rec['sha256'][:16]}…`) of the "
+            "committed results (ALLOW_CHANGED_ARCHIVES=1)")
+        lines.append(f"  - {arc['source']}: {arc['package']} `{arc['file']}` (sha256 `{arc['sha256']}`), "
+                     f"{arc['documents']} documents, {arc['selection']}{changed}")
     lines.append("- training sets (examples/reproduce/make_mixes.py; the training documents dealt alternately "
                  "into halves A and B):")
     for mix in sorted((out / "mixes").glob("*/manifest.json")):

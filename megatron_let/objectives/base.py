@@ -93,6 +93,28 @@ class Objective:
         """Loss weights at ``step`` for logging (e.g. ``{"lambda": 0.1}``)."""
         return {}
 
+    def hidden_grad_weight(self, step: int) -> Optional[float]:
+        """None (default): ``hidden_loss`` returns the weighted term, whose gradient is injected at
+        layer k as it is. A float w: ``hidden_loss`` returns the *unweighted* term; the capture
+        injects w times its gradient and measures both gradients at layer k (the metrics
+        ``hidden grad sq`` and ``output grad sq`` of :mod:`megatron_let.training.layer_capture`)."""
+        return None
+
+    def end_step(self, step: int, values: Dict[str, float]) -> Dict[str, float]:
+        """After the step's metric reduction, on every rank with the same ``values`` (this step's
+        reduced metrics and schedule values); ``step`` is the index of the *next* step. Returns
+        what is logged (default: ``values`` unchanged). An objective whose schedule depends on the
+        run's history updates it here and keeps it in :meth:`state_dict`."""
+        return values
+
+    def state_dict(self) -> Dict[str, object]:
+        """Schedule state that depends on the run's history (saved in every checkpoint)."""
+        return {}
+
+    def load_state_dict(self, state: Dict[str, object], step: int) -> None:
+        """Restore :meth:`state_dict` of a checkpoint resumed at ``step`` (``{}`` when the
+        checkpoint has none: another objective, or a run without history-dependent state)."""
+
     def teacher_logits_range(self) -> Optional[Tuple[int, int]]:
         """Global vocabulary columns ``[start, stop)`` of the teacher logits ``output_loss`` reads
         on this rank; the trainer has the teacher compute only those. ``None``: all of them."""

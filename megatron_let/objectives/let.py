@@ -22,13 +22,27 @@ student state is linearly interpolated along the hidden dimension to the teacher
   ``--micro-batch-size``.
 
 After S_stop, λ = 0 and :meth:`needs` stops asking for the teacher, so the trainer frees it.
+
+λ without a grid (``--let-lambda-mode grad-ratio --let-grad-ratio r0``): instead of λ0, a target
+ratio r(s) = r0·max(0, 1 − s/S_stop) between the norms of the two gradients at layer k's output,
+λ(s)·‖g_align‖ / ‖g_LM‖, where g_align = ∂L_align/∂h_k (unit weight) and g_LM = ∂L_NLL/∂h_k (what
+arrives from the layers above). Both are measured in the backward that already runs (the capture's
+measured mode, :mod:`megatron_let.training.layer_capture`) and reduced with the step's metrics, so
+λ is set with a lag of one step: λ(s+1) = r(s+1)·‖g_LM‖_s / ‖g_align‖_s. Step 0 (and the first step
+after resuming from a checkpoint without this state) has no measurement yet: it aligns with λ = 0
+and only measures. λ is checkpointed (it depends on the run's history). The norms are the root mean
+square over the global batch's valid tokens of the per-token gradient of the summed losses,
+sqrt(Σ_t ‖∂L_sum/∂h_t‖² / N): summed over the sequence shards (sequence parallelism), counted once
+over TP ranks that hold replicas, summed over data-parallel ranks and micro-batches, and zero on
+pipeline stages without layer k - one number whatever the layout. See docs/objectives.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 from dataclasses import dataclass
-from typing import Dict, Tuple
+from typing import Dict, Optional, Tuple
 
 import torch
 
@@ -36,6 +50,7 @@ from megatron_let.kernels.cosine_align import cosine_align, interpolate_hidden
 from megatron_let.objectives.base import Metrics, Needs, Objective, metric, register
 
 ALIGN_LOSSES = ("cosine", "logsum", "cca")
+LAMBDA_MODES = ("linear", "grad-ratio")
 
 
 def let_lambda(step: int, lambda0: float, stop_step: int) -> float:
@@ -43,6 +58,21 @@ def let_lambda(step: int, lambda0: float, stop_step: int) -> float:
     if stop_step <= 0:
         return 0.0
     return lambda0 * max(0.0, (stop_step - step) / stop_step)
+
+
+def grad_ratio_target(step: int, ratio0: float, stop_step: int) -> float:
+    """r(s) = r0·max(0, (S_stop − s)/S_stop): the grad-ratio mode's target ‖λ·g_align‖ / ‖g_LM‖."""
+    return let_lambda(step, ratio0, stop_step)
+
+
+def grad_ratio_lambda(step: int, ratio0: float, stop_step: int, lm_grad: float,
+                      align_grad: float) -> float:
+    """λ of step ``step`` from the gradient norms measured at step ``step`` − 1: r(s)·‖g_LM‖/‖g_align‖
+    (0 when the alignment term had no gradient: the step then measures again)."""
+    r = grad_ratio_target(step, ratio0, stop_step)
+    if r <= 0.0 or not align_grad > 0.0:
+        return 0.0
+    return r * lm_grad / align_grad
 
 
 def logsum_align(h_m: torch.Tensor, h_t: torch.Tensor, loss_mask: torch.Tensor,
@@ -123,6 +153,8 @@ class LETObjective(Objective):
         loss: str = "cosine"
         logsum_alpha: float = 4.0
         kernel: str = "auto"  # auto | triton | reference
+        lambda_mode: str = "linear"  # linear | grad-ratio
+        grad_ratio: float = 1.0  # r0 of the grad-ratio mode
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -138,6 +170,12 @@ class LETObjective(Objective):
         g.add_argument("--let-logsum-alpha", type=float, default=4.0)
         g.add_argument("--let-kernel", choices=("auto", "triton", "reference"), default="auto",
                        help="cosine-alignment implementation (auto: Triton on CUDA, PyTorch on CPU)")
+        g.add_argument("--let-lambda-mode", choices=LAMBDA_MODES, default="linear",
+                       help="linear: λ(s) = λ0·(1 − s/S_stop) (the paper); grad-ratio: λ set each step "
+                            "so that ‖λ·∂L_align/∂h_k‖ = r(s)·‖∂L_NLL/∂h_k‖, r(s) = r0·(1 − s/S_stop), "
+                            "from the previous step's gradients (--let-lambda is then not used)")
+        g.add_argument("--let-grad-ratio", type=float, default=1.0,
+                       help="r0 of --let-lambda-mode grad-ratio")
 
     @classmethod
     def config_from_args(cls, args: argparse.Namespace) -> "LETObjective.Config":
@@ -145,7 +183,18 @@ class LETObjective(Objective):
             lambda0=args.let_lambda, stop_step=args.let_stop_step,
             student_layer=args.let_student_layer, teacher_layer=args.let_teacher_layer,
             loss=args.let_loss, logsum_alpha=args.let_logsum_alpha, kernel=args.let_kernel,
+            lambda_mode=args.let_lambda_mode, grad_ratio=args.let_grad_ratio,
         )
+
+    def __init__(self, config, context) -> None:
+        super().__init__(config, context)
+        self.adaptive = config.lambda_mode == "grad-ratio"
+        if self.adaptive:
+            from megatron_let.training.layer_capture import HIDDEN_GRAD, OUTPUT_GRAD
+
+            self.metric_names = type(self).metric_names + (HIDDEN_GRAD, OUTPUT_GRAD)
+        # grad-ratio: the λ of step ``_lambda_step`` (0 until a step has measured the gradients)
+        self._lambda, self._lambda_step = 0.0, 0
 
     def validate(self, student_num_layers: int) -> None:
         c = self.config
@@ -162,18 +211,79 @@ class LETObjective(Objective):
             raise ValueError(f"--let-stop-step must be >= 0, got {c.stop_step}")
         if c.loss not in ALIGN_LOSSES:
             raise ValueError(f"--let-loss must be one of {ALIGN_LOSSES}")
+        if c.lambda_mode not in LAMBDA_MODES:
+            raise ValueError(f"--let-lambda-mode must be one of {LAMBDA_MODES}, got {c.lambda_mode!r}")
+        if c.lambda_mode == "grad-ratio" and not 0.0 < c.grad_ratio < float("inf"):
+            raise ValueError(f"--let-grad-ratio must be a positive number, got {c.grad_ratio} "
+                             "(no alignment at all is --objective baseline)")
+
+    def _active(self, step: int) -> bool:
+        c = self.config
+        if self.adaptive:
+            return grad_ratio_target(step, c.grad_ratio, c.stop_step) > 0.0
+        return let_lambda(step, c.lambda0, c.stop_step) > 0.0
 
     def weight(self, step: int) -> float:
-        return let_lambda(step, self.config.lambda0, self.config.stop_step)
+        if not self.adaptive:
+            return let_lambda(step, self.config.lambda0, self.config.stop_step)
+        if not self._active(step):
+            return 0.0
+        if step != self._lambda_step:
+            raise RuntimeError(f"grad-ratio λ asked for step {step} but known for step "
+                               f"{self._lambda_step}: end_step must run after every step")
+        return self._lambda
 
     def needs(self, step: int) -> Needs:
-        if self.weight(step) <= 0.0:
+        if not self._active(step):
             return Needs()
         return Needs(student_layer=self.config.student_layer,
                      teacher_hidden_layer=self.config.teacher_layer)
 
     def schedule_values(self, step: int) -> Dict[str, float]:
-        return {"lambda": self.weight(step)}
+        if not self.adaptive:
+            return {"lambda": self.weight(step)}
+        out = {"grad ratio target": grad_ratio_target(step, self.config.grad_ratio, self.config.stop_step)}
+        if not self._active(step) or step == self._lambda_step:  # a later step's λ is not known yet
+            out["lambda"] = self.weight(step)
+        return out
+
+    def hidden_grad_weight(self, step: int) -> Optional[float]:
+        return self.weight(step) if self.adaptive else None
+
+    def end_step(self, step: int, values: Dict[str, float]) -> Dict[str, float]:
+        """grad-ratio: log the norms measured in the step just run and set the λ of ``step``."""
+        if not self.adaptive:
+            return values
+        from megatron_let.training.layer_capture import HIDDEN_GRAD, OUTPUT_GRAD
+
+        values = dict(values)
+        align_sq, lm_sq = values.pop(HIDDEN_GRAD, None), values.pop(OUTPUT_GRAD, None)
+        lam = 0.0
+        if align_sq is not None and lm_sq is not None:
+            align, lm = math.sqrt(align_sq), math.sqrt(lm_sq)
+            values["align grad rms"], values["lm grad rms"] = align, lm
+            # the ratio this step realised with the λ it used
+            values["grad ratio"] = self._lambda * align / lm if lm > 0 else float("nan")
+            lam = grad_ratio_lambda(step, self.config.grad_ratio, self.config.stop_step, lm, align)
+        self._lambda, self._lambda_step = lam, step
+        return values
+
+    def state_dict(self) -> Dict[str, object]:
+        if not self.adaptive:
+            return {}
+        return {"lambda_mode": "grad-ratio", "lambda": self._lambda, "lambda_step": self._lambda_step}
+
+    def load_state_dict(self, state: Dict[str, object], step: int) -> None:
+        if not self.adaptive:
+            return
+        if state.get("lambda_mode") != "grad-ratio":
+            # nothing measured yet in this run's mode: this step measures (λ = 0), as step 0 does
+            self._lambda, self._lambda_step = 0.0, step
+            return
+        if int(state["lambda_step"]) != step:
+            raise ValueError(f"checkpoint at iteration {step} holds the grad-ratio λ of step "
+                             f"{state['lambda_step']}")
+        self._lambda, self._lambda_step = float(state["lambda"]), step
 
     def hidden_loss(self, student_hidden: torch.Tensor, teacher_hidden: torch.Tensor,
                     loss_mask: torch.Tensor, step: int) -> Tuple[torch.Tensor, Metrics]:
@@ -193,4 +303,5 @@ class LETObjective(Objective):
                 group = getattr(self.context, "sequence_parallel_group", None)
                 align_sum = cca_align(student_hidden, teacher_hidden, mask, group=group) * count
         metrics = {"align loss": metric(align_sum, count), "cosine similarity": metric(cos_sum, count)}
-        return self.weight(step) * align_sum, metrics
+        # grad-ratio: the capture weights the term's gradient itself (hidden_grad_weight)
+        return (align_sum if self.adaptive else self.weight(step) * align_sum), metrics

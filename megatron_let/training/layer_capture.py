@@ -16,6 +16,14 @@ a micro-batch whose first forward ran without autograd are queued (in forward or
 interleaved schedule run a chunk's backwards in the order of its forwards) and consumed by the
 recomputation. :meth:`LayerCapture.check_step` asserts at every step that the loss was injected
 exactly once per micro-batch.
+
+Measured mode (``weight_fn`` returns a float w, e.g. LET's ``--let-lambda-mode grad-ratio``): the
+hook evaluates the objective's *unweighted* hidden-state term on a detached copy of h and takes its
+gradient g_h = d(term)/dh at once (a small backward through the alignment loss only); the backward
+then adds w·g_h to the gradient arriving from the layers above, g_out (the LM loss's gradient at
+layer k). Both squared norms are summed on the device into the step's metrics (:data:`HIDDEN_GRAD`
+in forward, :data:`OUTPUT_GRAD` in backward), so they ride on the step's one metric reduction: no
+host synchronisation. The result is the same gradient as the default path (up to rounding).
 """
 
 from __future__ import annotations
@@ -26,6 +34,41 @@ from typing import Callable, List, Optional, Tuple
 import torch
 
 
+# squared norms of the two gradients at layer k, reduced as (sum of ||g||^2, valid tokens)
+HIDDEN_GRAD = "hidden grad sq"  # of the unweighted hidden-state term (LET: the alignment loss)
+OUTPUT_GRAD = "output grad sq"  # arriving from the layers above (the output loss: LM)
+
+
+def _own_storage_copy(hidden: torch.Tensor) -> torch.Tensor:
+    """A new tensor object sharing hidden's storage but with no ``_base``: megatron's
+    deallocate_pipeline_outputs asserts ``out._base is None`` on a stage's output, which is this
+    tensor when k is the stage's last layer (``view_as`` would make it a view)."""
+    out = torch.empty((1,), dtype=hidden.dtype, device=hidden.device)
+    out.data = hidden.data
+    return out
+
+
+class InjectGrad(torch.autograd.Function):
+    """Identity on ``hidden``; backward adds ``weight * grad`` (a precomputed gradient of the
+    hidden-state term) and reports the squared norm of the gradient that arrived from above."""
+
+    @staticmethod
+    def forward(ctx, hidden: torch.Tensor, grad: torch.Tensor, weight: float, on_output_grad):
+        ctx.save_for_backward(grad)
+        ctx.weight = weight
+        ctx.on_output_grad = on_output_grad
+        return _own_storage_copy(hidden)
+
+    @staticmethod
+    def backward(ctx, grad_hidden: torch.Tensor):
+        (grad,) = ctx.saved_tensors
+        if ctx.on_output_grad is not None:
+            ctx.on_output_grad(grad_hidden.detach().float().pow(2).sum())
+        if ctx.weight == 0.0:
+            return grad_hidden, None, None, None
+        return grad_hidden + ctx.weight * grad.to(grad_hidden.dtype), None, None, None
+
+
 class InjectLossGrad(torch.autograd.Function):
     """Identity on ``hidden``; in backward also seeds ``loss`` with ``scale`` (like megatron's
     MoEAuxLossAutoScaler, but for a loss whose graph hangs off an intermediate activation)."""
@@ -34,12 +77,7 @@ class InjectLossGrad(torch.autograd.Function):
     def forward(ctx, hidden: torch.Tensor, loss: torch.Tensor, scale: float):
         ctx.save_for_backward(loss)
         ctx.scale = scale
-        # A new tensor object sharing hidden's storage but with no ``_base``: megatron's
-        # deallocate_pipeline_outputs asserts ``out._base is None`` on a stage's output, which is
-        # this tensor when k is the stage's last layer (``view_as`` would make it a view).
-        out = torch.empty((1,), dtype=hidden.dtype, device=hidden.device)
-        out.data = hidden.data
-        return out
+        return _own_storage_copy(hidden)
 
     @staticmethod
     def backward(ctx, grad_hidden: torch.Tensor):
@@ -86,11 +124,16 @@ class LayerCapture:
     """Owns the hook on student layer k for one model stage."""
 
     def __init__(self, layer: torch.nn.Module, loss_fn: Callable, sequence_parallel: bool,
-                 grad_scale_fn: Optional[Callable[[], float]] = None) -> None:
+                 grad_scale_fn: Optional[Callable[[], float]] = None,
+                 weight_fn: Optional[Callable[[], Optional[float]]] = None) -> None:
         self.layer = layer
         self.loss_fn = loss_fn  # (student_hidden, teacher_hidden, loss_mask) -> (loss_sum, metrics)
         self.sequence_parallel = sequence_parallel
         self.grad_scale_fn = grad_scale_fn or (lambda: 1.0)
+        # None (default): loss_fn returns the weighted term, injected as it is. A float w: loss_fn
+        # returns the unweighted term; w times its gradient is injected and both gradients at
+        # layer k are measured (the module docstring's measured mode).
+        self.weight_fn = weight_fn or (lambda: None)
         self._pending = None
         self._deferred: deque = deque()  # micro-batches waiting for their recomputed forward
         self.metrics_sink: Optional[Callable] = None
@@ -150,8 +193,13 @@ class LayerCapture:
                 f"{tuple(hidden.shape)}"
             )
         # already on the student's device in training (no-ops); never a blocking copy
-        loss_sum, metrics = self.loss_fn(hidden, teacher.to(hidden.device, non_blocking=True),
-                                         mask.to(hidden.device, non_blocking=True))
+        teacher = teacher.to(hidden.device, non_blocking=True)
+        mask = mask.to(hidden.device, non_blocking=True)
+        weight = self.weight_fn()
+        if weight is not None:
+            hidden = self._inject_measured(hidden, teacher, mask, weight)
+            return (hidden,) + tuple(output[1:]) if isinstance(output, tuple) else hidden
+        loss_sum, metrics = self.loss_fn(hidden, teacher, mask)
         self.fired += 1
         if self.metrics_sink is not None:
             self.metrics_sink(loss_sum.detach(), mask.float().sum(), metrics)
@@ -159,6 +207,28 @@ class LayerCapture:
         if isinstance(output, tuple):
             return (hidden,) + tuple(output[1:])
         return hidden
+
+    def _inject_measured(self, hidden: torch.Tensor, teacher: torch.Tensor, mask: torch.Tensor,
+                         weight: float) -> torch.Tensor:
+        leaf = hidden.detach().requires_grad_(True)
+        with torch.enable_grad():
+            term, metrics = self.loss_fn(leaf, teacher, mask)
+            (grad,) = torch.autograd.grad(term, leaf, allow_unused=True)
+        if grad is None:  # the term does not depend on h (e.g. no valid token)
+            grad = torch.zeros_like(leaf)
+        self.fired += 1
+        count = mask.float().sum()
+        sink = self.metrics_sink
+        if sink is not None:
+            metrics = dict(metrics)
+            metrics[HIDDEN_GRAD] = (grad.detach().float().pow(2).sum(), count)
+            sink(weight * term.detach(), count, metrics)
+
+        def on_output_grad(sq: torch.Tensor) -> None:
+            if sink is not None:
+                sink(None, None, {OUTPUT_GRAD: (sq, count)})
+
+        return InjectGrad.apply(hidden, grad.detach(), weight, on_output_grad)
 
     def remove(self) -> None:
         self._handle.remove()

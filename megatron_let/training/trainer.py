@@ -409,6 +409,7 @@ class Trainer:
         self.iteration = int(extra["iteration"])
         self.consumed_train_samples = int(extra["consumed_train_samples"])
         self.consumed_selection_samples = int(extra.get("consumed_selection_samples", 0))
+        self.objective.load_state_dict(extra.get("objective_state") or {}, self.iteration)
         self._log(f"resumed from {ck.load} at iteration {self.iteration}"
                   + ("" if extra["_path"] in (checkpoint_dir(ck.load, self.iteration),
                                               os.path.normpath(ck.load)) else f" ({extra['_path']})"))
@@ -451,7 +452,7 @@ class Trainer:
                 "consumed_selection_samples": self.consumed_selection_samples,
                 "objective": self.cfg.objective, "model": dataclasses.asdict(self.cfg.model),
                 "tokenizer": self._tokenizer_record(), "padded_vocab_size": self._padded_vocab(),
-                "data": data_record(self.cfg)}
+                "data": data_record(self.cfg), "objective_state": self.objective.state_dict()}
 
     def _finished(self, last: Dict[str, float]) -> Dict[str, float]:
         self.finish_saves()
@@ -575,11 +576,15 @@ class Trainer:
             with named_range("alignment"):
                 return self.objective.hidden_loss(h, t, m, self.iteration)
 
-        self.capture = LayerCapture(layer, alignment, sequence_parallel=sp)
+        self.capture = LayerCapture(
+            layer, alignment, sequence_parallel=sp,
+            weight_fn=lambda: self.objective.hidden_grad_weight(self.iteration),
+        )
         replicated = not sp
 
         def sink(weighted_sum, count, metrics):
-            self.metrics.add("hidden loss term", weighted_sum, count, replicated)
+            if weighted_sum is not None:  # None: gradient norms measured in backward
+                self.metrics.add("hidden loss term", weighted_sum, count, replicated)
             self.metrics.add_many(metrics, replicated)
 
         self.capture.metrics_sink = sink
@@ -809,6 +814,7 @@ class Trainer:
             values["total loss"] = values.pop("output loss term", float("nan")) + values.pop(
                 "hidden loss term", 0.0)
             values.update(schedule)
+            values = self.objective.end_step(self.iteration, values)  # e.g. LET's grad-ratio λ
             values.update(step_stats)
             values["lr"] = lr
             values["step time"] = step_time
