@@ -41,7 +41,6 @@ class Case:
     cls: str  # honoured | ours | refused
     argv: Tuple[str, ...] = ()  # the flag as a launcher writes it (default: the flag alone)
     context: Tuple[str, ...] = ()  # other flags it needs to be valid (not the flag under test)
-    owner: Optional[str] = None  # helper whose branch adds it (xfail until merged)
     megatron: bool = True  # False: megatron_let's own flag of the same family
 
     @property
@@ -49,8 +48,8 @@ class Case:
         return self.argv or (self.flag,)
 
 
-def C(flag, cls, *argv, context=(), owner=None, megatron=True):
-    return Case(flag, cls, tuple(argv), tuple(context), owner, megatron)
+def C(flag, cls, *argv, context=(), megatron=True):
+    return Case(flag, cls, tuple(argv), tuple(context), megatron)
 
 
 H, O, R = "honoured", "ours", "refused"
@@ -102,12 +101,12 @@ CASES = [
     C("--num-experts", R, "--num-experts", "8"),
     C("--moe-router-topk", R, "--moe-router-topk", "2"),
     C("--use-cpu-initialization", R),
-    C("--transformer-impl", H, "--transformer-impl", "local", owner="B1"),
-    C("--no-rope-fusion", H, owner="B1"),
-    C("--no-bias-swiglu-fusion", H, owner="B1"),
-    C("--no-masked-softmax-fusion", H, owner="B1"),
-    C("--no-gradient-accumulation-fusion", H, owner="B1"),
-    C("--no-bias-dropout-fusion", H, owner="B1"),
+    C("--transformer-impl", H, "--transformer-impl", "local"),
+    C("--no-rope-fusion", H),
+    C("--no-bias-swiglu-fusion", H),
+    C("--no-masked-softmax-fusion", H),
+    C("--no-gradient-accumulation-fusion", H),
+    C("--no-bias-dropout-fusion", H),
     C("--attention-softmax-in-fp32", O),
     # ---------------- training (TRAINING_ARGS)
     C("--micro-batch-size", H, "--micro-batch-size", "1"),
@@ -237,8 +236,8 @@ CASES = [
     C("--auto-detect-ckpt-format", O),
     C("--use-checkpoint-args", R),
     C("--exit-on-missing-checkpoint", R),
-    C("--async-save", H, context=("--save", "{tmp}/ckpt"), owner="C1"),
-    C("--override-data-on-resume", H, owner="C2", megatron=False),
+    C("--async-save", H, context=("--save", "{tmp}/ckpt")),
+    C("--override-data-on-resume", H, megatron=False),
     # ---------------- logging and profiling (EVAL_AND_LOGGING_ARGS)
     C("--log-interval", H, "--log-interval", "1"),
     C("--eval-iters", H, "--eval-iters", "32"),
@@ -251,16 +250,16 @@ CASES = [
     C("--wandb-save-dir", H, "--wandb-save-dir", "{tmp}/wandb",
       context=("--wandb-project", "p", "--wandb-exp-name", "e")),
     C("--log-validation-ppl-to-tensorboard", O),
-    C("--log-throughput", H, owner="A2"),
-    C("--peak-tflops", H, "--peak-tflops", "989", owner="A2", megatron=False),
-    C("--profile", H, owner="A2"),
-    C("--profile-step-start", H, "--profile-step-start", "4", context=("--profile",), owner="A2"),
-    C("--profile-step-end", H, "--profile-step-end", "6", context=("--profile",), owner="A2"),
-    C("--profile-ranks", H, "--profile-ranks", "0", context=("--profile",), owner="A2"),
-    C("--log-params-norm", H, owner="A2"),
-    C("--log-num-zeros-in-grad", H, owner="A2"),
-    C("--log-timers-to-tensorboard", H, context=("--tensorboard-dir", "{tmp}/tb"), owner="A2"),
-    C("--log-memory-to-tensorboard", H, context=("--tensorboard-dir", "{tmp}/tb"), owner="A2"),
+    C("--log-throughput", H),
+    C("--peak-tflops", H, "--peak-tflops", "989", megatron=False),
+    C("--profile", H),
+    C("--profile-step-start", H, "--profile-step-start", "4", context=("--profile",)),
+    C("--profile-step-end", H, "--profile-step-end", "6", context=("--profile",)),
+    C("--profile-ranks", H, "--profile-ranks", "0", context=("--profile",)),
+    C("--log-params-norm", H),
+    C("--log-num-zeros-in-grad", H),
+    C("--log-timers-to-tensorboard", H, context=("--tensorboard-dir", "{tmp}/tb")),
+    C("--log-memory-to-tensorboard", H, context=("--tensorboard-dir", "{tmp}/tb")),
     C("--one-logger-project", R, "--one-logger-project", "x"),
     C("--log-straggler", R),
     C("--inprocess-restart", R),
@@ -284,12 +283,6 @@ CONTRADICTIONS = [
 BASE = ["--model-preset", "tiny", "--objective", "baseline", "--mock-data", "--vocab-size", "128",
         "--micro-batch-size", "1", "--global-batch-size", "16", "--seq-length", "64",
         "--device", "cpu", "--dry-run"]
-
-
-def _has_flag(flag: str) -> bool:
-    from megatron_let.training.arguments import build_parser
-
-    return flag in build_parser()._option_string_actions
 
 
 @pytest.fixture(scope="module")
@@ -343,17 +336,11 @@ def dry_run(argv, monkeypatch) -> Tuple[int, str]:
     return rc, err.getvalue() + out.getvalue()[-2000:]
 
 
-def _pending(case: Case):
-    if case.owner and not _has_flag(case.flag):
-        pytest.xfail(f"pending merge of {case.owner}")
-
-
 @pytest.mark.parametrize("case", CASES, ids=[c.flag for c in CASES])
 def test_flag_class(case, files, monkeypatch):
     """Each flag, as a Megatron-LM launcher writes it, has its class under --dry-run at world 8."""
     from megatron_let.training.megatron_compat import classify
 
-    _pending(case)
     rc, err = dry_run(_argv(case, files), monkeypatch)
     assert "unrecognized arguments" not in err and "invalid choice" not in err, err
     if case.cls == R:
@@ -431,9 +418,6 @@ def test_llama3_launcher_passes_dry_run_unchanged(files, monkeypatch):
     """The whole argument list, with pretrain_gpt.py replaced by pretrain_let.py, at world size 8;
     ``--objective baseline`` added (a Megatron-LM launcher trains without a teacher)."""
     argv = _fill(LLAMA3_8B_LAUNCHER.split(), files)
-    pending = [c for c in CASES if c.owner and c.flag in argv and not _has_flag(c.flag)]
-    if pending:
-        pytest.xfail("pending merge of " + ", ".join(sorted({c.owner for c in pending})))
     rc, out = dry_run(argv + ["--objective", "baseline", "--dry-run"], monkeypatch)
     assert rc == 0, out
     assert "dry run OK" in out
@@ -449,28 +433,9 @@ def test_llama3_launcher_passes_dry_run_unchanged(files, monkeypatch):
     assert cfg.runtime.distributed_timeout_minutes == 60 and cfg.runtime.exit_duration_in_mins == 235
 
 
-def _without_pending(argv):
-    """The launcher's argument list without the flags (and their values) of unmerged helpers."""
-    pending = {c.flag for c in CASES if c.owner and not _has_flag(c.flag)}
-    out, skip = [], False
-    for a in argv:
-        if a.startswith("--"):
-            skip = a in pending
-        if not skip:
-            out.append(a)
-    return out
-
-
-def test_llama3_launcher_passes_dry_run_but_for_pending_flags(files, monkeypatch):
-    """Until the other helpers' flags are merged: everything else of the launcher passes as is."""
-    argv = _without_pending(_fill(LLAMA3_8B_LAUNCHER.split(), files))
-    rc, out = dry_run(argv + ["--objective", "baseline", "--dry-run"], monkeypatch)
-    assert rc == 0 and "dry run OK" in out, out
-
-
 def test_llama3_launcher_fp8_arguments_are_refused(files, monkeypatch):
     """With the script's default DTYPE="fp8" its DTYPE_ARGS are refused, naming FP8 and --bf16."""
-    argv = _without_pending(_fill(LLAMA3_8B_LAUNCHER.split(), files)) + ["--fp8-format", "hybrid"]
+    argv = _fill(LLAMA3_8B_LAUNCHER.split(), files) + ["--fp8-format", "hybrid"]
     rc, err = dry_run(argv + ["--objective", "baseline"], monkeypatch)
     assert rc == 2 and "--fp8-format" in err and "--bf16" in err, err
 

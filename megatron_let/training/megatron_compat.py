@@ -688,16 +688,13 @@ def preflight_warnings(cfg, device_type: str) -> List[str]:
 
 def render_table(cases) -> List[str]:
     """Markdown rows of docs/megatron-compat.md for ``cases`` (tests/test_megatron_compat.py's
-    ``CASES``: objects with flag, cls, owner, megatron), class and reason as this parser has them."""
+    ``CASES``: objects with flag, cls, megatron), class and reason as this parser has them."""
     from megatron_let.training.arguments import build_parser
 
     parser = build_parser()
     lines = ["| flag | class | what it does here / why |", "|---|---|---|"]
     for case in cases:
-        if case.owner and case.flag not in parser._option_string_actions:
-            cls, reason = case.cls, f"arrives with helper {case.owner}'s branch"
-        else:
-            cls, reason = classify(case.flag, parser)
+        cls, reason = classify(case.flag, parser)
         name = f"`{case.flag}`" + ("" if case.megatron else " (megatron_let's own)")
         lines.append(f"| {name} | {cls} | {reason.replace('|', '/')} |")
     return lines
