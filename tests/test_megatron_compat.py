@@ -251,11 +251,14 @@ CASES = [
       context=("--wandb-project", "p", "--wandb-exp-name", "e")),
     C("--log-validation-ppl-to-tensorboard", O),
     C("--log-throughput", H),
-    C("--peak-tflops", H, "--peak-tflops", "989", megatron=False),
-    C("--profile", H),
-    C("--profile-step-start", H, "--profile-step-start", "4", context=("--profile",)),
-    C("--profile-step-end", H, "--profile-step-end", "6", context=("--profile",)),
-    C("--profile-ranks", H, "--profile-ranks", "0", context=("--profile",)),
+    C("--peak-tflops", H, "--peak-tflops", "989", context=("--log-throughput",), megatron=False),
+    C("--profile", H, context=("--tensorboard-dir", "{tmp}/tb")),
+    C("--profile-step-start", H, "--profile-step-start", "4",
+      context=("--profile", "--tensorboard-dir", "{tmp}/tb")),
+    C("--profile-step-end", H, "--profile-step-end", "16",
+      context=("--profile", "--tensorboard-dir", "{tmp}/tb")),
+    C("--profile-ranks", H, "--profile-ranks", "0",
+      context=("--profile", "--tensorboard-dir", "{tmp}/tb")),
     C("--log-params-norm", H),
     C("--log-num-zeros-in-grad", H),
     C("--log-timers-to-tensorboard", H, context=("--tensorboard-dir", "{tmp}/tb")),
@@ -339,6 +342,7 @@ def dry_run(argv, monkeypatch) -> Tuple[int, str]:
 @pytest.mark.parametrize("case", CASES, ids=[c.flag for c in CASES])
 def test_flag_class(case, files, monkeypatch):
     """Each flag, as a Megatron-LM launcher writes it, has its class under --dry-run at world 8."""
+    from megatron_let.training.arguments import build_parser
     from megatron_let.training.megatron_compat import classify
 
     rc, err = dry_run(_argv(case, files), monkeypatch)
@@ -349,7 +353,7 @@ def test_flag_class(case, files, monkeypatch):
     else:
         assert rc == 0, f"{case.flag} was refused:\n{err}"
     if case.megatron:
-        assert classify(case.flag)[0] == case.cls
+        assert classify(case.flag, build_parser())[0] == case.cls
 
 
 @pytest.mark.parametrize("flag,value", CONTRADICTIONS, ids=[" ".join(c) for c in CONTRADICTIONS])
@@ -770,8 +774,9 @@ def test_data_flags_reach_megatron_core(files, tmp_path):
     for extra in ([], ["--no-mmap-bin-files", "--reset-position-ids", "--eod-mask-loss"]):
         cfg = parse_args(argv + extra)
         train, _ = build_run_datasets(cfg, tok, 4)
-        kinds[bool(extra)] = (type(train.dataset.bin_reader).__name__, train.config.reset_position_ids,
-                              train.config.eod_mask_loss)
+        gpt = train.dataset  # megatron-core's one-epoch GPTDataset inside our EpochCycle
+        kinds[bool(extra)] = (type(gpt.dataset.bin_reader).__name__, gpt.config.reset_position_ids,
+                              gpt.config.eod_mask_loss)
     assert kinds[False] == ("_MMapBinReader", False, False)
     assert kinds[True] == ("_FileBinReader", True, True)
     assert parse_split("'99,1,0'") == parse_split("99,1,0")

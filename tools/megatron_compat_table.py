@@ -25,17 +25,20 @@ def render() -> str:
     for path in (ROOT, os.path.join(ROOT, "tests")):
         if path not in sys.path:
             sys.path.insert(0, path)
+    from megatron_let.training.arguments import build_parser
     from megatron_let.training.megatron_compat import render_groups, render_table
+
+    parser = build_parser()
 
     cases = importlib.import_module("test_megatron_compat").CASES
     counts = {c: sum(1 for x in cases if x.cls == c) for c in ("honoured", "ours", "refused")}
     lines = [BEGIN, "", f"**{len(cases)} flags** (tests/test_megatron_compat.py): "
              f"{counts['honoured']} honoured, {counts['ours']} ours, {counts['refused']} refused.",
              ""]
-    lines += render_table(cases)
+    lines += render_table(cases, parser)
     lines += ["", "Every other flag of Megatron-LM's parser is refused before any compute, naming "
               "the flag and the reason:", ""]
-    lines += render_groups()
+    lines += render_groups(parser)
     lines += ["", END]
     return "\n".join(lines)
 

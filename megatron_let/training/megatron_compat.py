@@ -555,16 +555,13 @@ def runtime_config(a) -> RuntimeConfig:
     )
 
 
-def classify(flag: str, parser: Optional[argparse.ArgumentParser] = None):
-    """(class, reason) of a Megatron-LM flag as this parser takes it, for docs/megatron-compat.md.
-    A flag of our own parser not declared here is honoured; its help text is the reason."""
+def classify(flag: str, parser: argparse.ArgumentParser):
+    """(class, reason) of a Megatron-LM flag as ``parser`` (pretrain_let.py's) takes it, for
+    docs/megatron-compat.md. A flag of our own parser not declared here is honoured; its help text
+    is the reason. (The parser is passed in: training.arguments imports this module.)"""
     f = by_name().get(flag)
     if f is not None:
         return f.cls, f.reason
-    if parser is None:
-        from megatron_let.training.arguments import build_parser
-
-        parser = build_parser()
     action = parser._option_string_actions.get(flag)
     if action is not None:
         return HONOURED, NOTES.get(flag) or (action.help or "as in Megatron-LM").replace("%%", "%")
@@ -686,12 +683,9 @@ def preflight_warnings(cfg, device_type: str) -> List[str]:
     return out
 
 
-def render_table(cases) -> List[str]:
+def render_table(cases, parser: argparse.ArgumentParser) -> List[str]:
     """Markdown rows of docs/megatron-compat.md for ``cases`` (tests/test_megatron_compat.py's
-    ``CASES``: objects with flag, cls, megatron), class and reason as this parser has them."""
-    from megatron_let.training.arguments import build_parser
-
-    parser = build_parser()
+    ``CASES``: objects with flag, cls, megatron), class and reason as ``parser`` has them."""
     lines = ["| flag | class | what it does here / why |", "|---|---|---|"]
     for case in cases:
         cls, reason = classify(case.flag, parser)
@@ -700,12 +694,11 @@ def render_table(cases) -> List[str]:
     return lines
 
 
-def render_groups() -> List[str]:
+def render_groups(parser: argparse.ArgumentParser) -> List[str]:
     """The rest of Megatron-LM's parser, refused by argument group (one row per group)."""
-    from megatron_let.training.arguments import build_parser
     from megatron_let.training.megatron_lm_flags import MEGATRON_LM_FLAGS
 
-    have = set(build_parser()._option_string_actions)
+    have = set(parser._option_string_actions)
     lines = ["| Megatron-LM argument group | flags not taken | reason (unless a flag's own) |",
              "|---|---|---|"]
     for group, names in MEGATRON_LM_FLAGS.items():
