@@ -138,7 +138,7 @@ def test_step_one_norms_match_plain_pytorch(megatron_single_process, teacher_dir
     initial = {k: v.detach().clone() for k, v in student.state_dict().items() if torch.is_tensor(v)}
     batches, states = [], []
     real_loss, real_pending = trainer._loss_func, trainer.capture.set_pending
-    trainer._loss_func = lambda batch, *a: (batches.append(batch), real_loss(batch, *a))[1]
+    trainer._loss_func = lambda batch, *a, **k: (batches.append(batch), real_loss(batch, *a, **k))[1]
     trainer.capture.set_pending = lambda h, m, **k: (states.append(h.clone()), real_pending(h, m, **k))[1]
     try:
         trainer.train()

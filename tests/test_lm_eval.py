@@ -178,7 +178,7 @@ def test_in_training_downstream_eval_matches_hf_model(models, hf_reference, tmp_
     run_pretrain([
         "--num-layers", "2", "--hidden-size", "32", "--ffn-hidden-size", "64",
         "--num-attention-heads", "4", "--num-query-groups", "2", "--seq-length", "64",
-        "--max-position-embeddings", "512",
+        "--max-position-embeddings", "512", "--norm-epsilon", "1e-6",  # the imported model's
         "--mock-data", "--vocab-size", str(models["tokenizer"].vocab_size),
         "--tokenizer-type", "HuggingFaceTokenizer", "--tokenizer-model", str(d / "hf"),
         "--objective", "baseline", "--micro-batch-size", "2", "--train-iters", "2", "--lr", "0",

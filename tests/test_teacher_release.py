@@ -6,6 +6,7 @@ import gc
 import weakref
 
 import pytest
+import torch
 
 from launch import TINY_MODEL
 from tiny_teachers import save_tiny_llama_teacher
@@ -36,6 +37,8 @@ def test_teacher_is_collected_after_s_stop(megatron_single_process, teacher, tmp
         loaded.append((weakref.ref(t.model), weakref.ref(block), type(block).forward.__code__))
         return t
 
+    # an earlier test of this worker process may have compiled the same block class's forward
+    torch._dynamo.reset()
     monkeypatch.setattr(HFTeacher, "load", classmethod(load))
     cfg = parse_args(TINY_MODEL + [
         "--mock-data", "--vocab-size", "200", "--micro-batch-size", "2", "--global-batch-size", "2",

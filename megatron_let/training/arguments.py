@@ -333,7 +333,10 @@ def check_finite_floats(a: argparse.Namespace) -> None:
         values = value if isinstance(value, (list, tuple)) else [value]
         for v in values:
             if isinstance(v, float) and not math.isfinite(v):
-                raise ValueError(f"--{name.replace('_', '-')} {v} is not a finite number")
+                # the flag as typed (a Megatron-LM flag's dest differs from its name)
+                flag = next((act.option_strings[0] for act in build_parser()._actions
+                             if act.dest == name and act.option_strings), f"--{name.replace('_', '-')}")
+                raise ValueError(f"{flag} {v} is not a finite number")
 
 
 def config_from_namespace(a: argparse.Namespace) -> RunConfig:
