@@ -10,8 +10,8 @@ from megatron_let.runtime import device as dev
 @pytest.fixture
 def fake_cuda(monkeypatch):
     def install(count):
-        monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-        monkeypatch.setattr(torch.cuda, "device_count", lambda: count)
+        monkeypatch.setattr(dev, "cuda_usable", lambda: True)
+        monkeypatch.setattr(dev, "cuda_device_count", lambda: count)
     return install
 
 

@@ -19,6 +19,7 @@ from typing import Iterator, List, Tuple
 import torch
 
 from megatron_let.model.llama import LlamaConfig
+from megatron_let.runtime import device as device_policy
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
@@ -132,8 +133,7 @@ class TokenScorer:
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             group = parallel_state.get_pipeline_model_parallel_group()
             src = parallel_state.get_pipeline_model_parallel_last_rank()
-            comm_device = device if torch.distributed.get_backend(group) == "nccl" else torch.device("cpu")
-            packed = torch.cat([logprobs, greedy.float()]).to(comm_device)
+            packed = torch.cat([logprobs, greedy.float()]).to(device_policy.collective_device(group))
             torch.distributed.broadcast(packed, src=src, group=group)
             packed = packed.cpu()
             logprobs, greedy = packed[: n_micro * mbs], packed[n_micro * mbs:].bool()
@@ -165,8 +165,9 @@ def world_sum(t: torch.Tensor) -> torch.Tensor:
     """All-reduce SUM over the whole world (CPU tensors on gloo; moved to CUDA for NCCL)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return t
-    if torch.distributed.get_backend() == "nccl":
-        out = t.cuda()
+    comm = device_policy.collective_device()
+    if comm.type == "cuda":
+        out = t.to(comm)
         torch.distributed.all_reduce(out)
         return out.cpu()
     torch.distributed.all_reduce(t)

@@ -15,6 +15,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_let.model import spec as model_spec
+from megatron_let.runtime import device as device_policy
+
 
 @dataclass
 class LlamaConfig:
@@ -233,17 +236,14 @@ class LlamaRMSNorm(torch.nn.Module):
 
 
 def transformer_engine_available() -> bool:
-    from megatron_let.model import spec
-
-    return spec.te_importable() and spec.cuda_available()
+    return model_spec.te_importable() and device_policy.cuda_usable()
 
 
 def _spec_for(use_cpu: bool, use_te: Optional[bool] = None):
     """The default spec of a device (``use_te`` picks the implementation explicitly)."""
-    from megatron_let.model.spec import ImplConfig, resolve_spec
-
     impl = None if use_te is None else ("transformer_engine" if use_te else "local")
-    return resolve_spec(ImplConfig(transformer_impl=impl), "cpu" if use_cpu else "cuda")
+    return model_spec.resolve_spec(model_spec.ImplConfig(transformer_impl=impl),
+                                   "cpu" if use_cpu else "cuda")
 
 
 def build_transformer_config(cfg: LlamaConfig, parallel, bf16: bool, use_cpu: bool,

@@ -35,6 +35,7 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 import numpy as np
 import torch
 
+from megatron_let.runtime import device as device_policy
 from megatron_let.training import checkpoint_integrity as integrity
 from megatron_let.training import optimizer_conversion as conversion
 from megatron_let.training.errors import CheckpointError
@@ -235,7 +236,7 @@ def _rng_state() -> Dict[str, Any]:
         "random": random.getstate(),
         "np": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": device_policy.device_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
 
@@ -246,8 +247,7 @@ def _set_rng_state(state: Dict[str, Any]) -> None:
     random.setstate(state["random"])
     np.random.set_state(state["np"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    device_policy.set_device_rng_state(state.get("cuda"))
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from megatron_let.model.llama import LlamaConfig
-from megatron_let.model.spec import add_local_attention_memory, device_memory_bytes, memory_lines
+from megatron_let.model.spec import add_local_attention_memory, memory_lines
+from megatron_let.runtime.device import device_memory_bytes
 from megatron_let.training.arguments import RunConfig
 from megatron_let.training.estimates import (
     FlopEstimate,

@@ -19,10 +19,13 @@ syntax. Each Megatron-LM flag is one of:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
+
+from megatron_let.runtime import device as device_policy
 
 HONOURED, OURS, REFUSED = "honoured", "ours", "refused"
 CLASSES = (HONOURED, OURS, REFUSED)
@@ -607,22 +610,15 @@ class StepHooks:
             self._empty_cache()
         n = self.runtime.manual_gc_interval
         if self.runtime.manual_gc and n and iteration % n == 0:
-            import gc
-
             gc.collect()
 
     def around_eval(self) -> None:
         """Before and after an evaluation (Megatron-LM collects on both sides)."""
         if self.runtime.manual_gc and self.runtime.manual_gc_eval:
-            import gc
-
             gc.collect()
 
     def _empty_cache(self) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        device_policy.release_cached_memory(self.device)
 
     def duration_expired(self, now: float) -> bool:
         """--exit-duration-in-mins: the longest-running rank decides (one MAX all-reduce)."""

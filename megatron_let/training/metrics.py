@@ -5,12 +5,15 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+
+from megatron_let.runtime import device as device_policy
 
 
 class MetricAccumulator:
@@ -48,9 +51,7 @@ class MetricAccumulator:
         names = list(names)
         checks = list((finite_checks or {}).items())
         n = 2 * len(names)
-        device = "cpu"
-        if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-            device = "cuda"
+        device = device_policy.collective_device()
         zero = torch.zeros((), dtype=torch.float64, device=device)
         parts = []  # the sums stay on the device until this one all-reduce
         for name in names:
@@ -81,7 +82,7 @@ class MetricAccumulator:
         """Only after a non-finite value: which ranks saw it (every rank takes this branch)."""
         rows = [local]
         if torch.distributed.is_initialized():
-            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            device = device_policy.collective_device()
             rows = [torch.zeros_like(local, device=device)
                     for _ in range(torch.distributed.get_world_size())]
             torch.distributed.all_gather(rows, local.to(device))
@@ -91,10 +92,8 @@ class MetricAccumulator:
 
 
 def peak_memory_mb() -> float:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if device_policy.cuda_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 

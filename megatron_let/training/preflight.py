@@ -32,6 +32,8 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from megatron_let.runtime import device as device_policy
+
 GIB = 2**30
 
 # flags that must be > 0 when given (argparse dest names)
@@ -408,14 +410,10 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
                 f"{result.checkpoint_bytes / GIB:.2f} GiB each are planned ({need / GIB:.2f} GiB): "
                 "the run may fail at a save"
             )
-    import torch
-
     from megatron_let.training.megatron_compat import preflight_warnings
 
     # the device the run will use (a dry run on a login node may describe a GPU run)
-    device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and
-                                                     torch.cuda.is_available()) else "cpu"
-    warnings.extend(preflight_warnings(cfg, device_type))  # the Megatron-LM flags
+    warnings.extend(preflight_warnings(cfg, device_policy.planned_device_type(cfg.device)))
     if emit:
         emit_warnings(warnings)
     return result
