@@ -17,6 +17,8 @@ from functools import partial
 from typing import Iterator, List, Tuple
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_let.model.llama import LlamaConfig
 from megatron_let.runtime import device as device_policy
@@ -75,9 +77,6 @@ class TokenScorer:
         """``tokens``/``targets``: ``[b, s]`` int tensors, the same on every rank of the model-parallel
         group (targets of padding positions may be any valid id). Returns CPU (log-probs fp32,
         greedy bool), each ``[b, s]``, on every rank of the group."""
-        from megatron.core import parallel_state
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         if tokens.shape != targets.shape or tokens.dim() != 2:
             raise ValueError(f"tokens {tuple(tokens.shape)} and targets {tuple(targets.shape)} must be equal [b, s]")
         b, s = tokens.shape
@@ -156,8 +155,6 @@ def padded_length(s: int, tp_size: int, sequence_parallel: bool) -> int:
 def result_owner() -> bool:
     """True on the one rank per data-parallel replica that contributes results to a world-wide sum
     (TP rank 0 of the last pipeline stage), so sums over the world count each replica once."""
-    from megatron.core import parallel_state
-
     return parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.is_pipeline_last_stage()
 
 

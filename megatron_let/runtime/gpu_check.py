@@ -71,6 +71,7 @@ class Step:
 def gpu_transformer_impl() -> str:
     """The spec the GPU runs use: TE where it imports, else the local spec (the check's image has
     no TE; the report says so)."""
+    # lazy: torch (under model.spec) only once main() has set CUDA_VISIBLE_DEVICES
     from megatron_let.model.spec import te_importable
 
     return "transformer_engine" if te_importable() else "local"
@@ -163,6 +164,7 @@ def environment() -> dict:
             env["driver"] = f"unknown ({type(e).__name__})"
     else:
         env["gpu"] = "none (CPU dry run)"
+    # lazy: torch (under model.spec) only once main() has set CUDA_VISIBLE_DEVICES
     from megatron_let.model.spec import APEX_WGRAD, module_importable
 
     env["apex fused wgrad"] = "importable" if module_importable(APEX_WGRAD) else "not importable"
@@ -171,6 +173,7 @@ def environment() -> dict:
 
 def student_spec(dry: bool) -> List[str]:
     """The spec, attention backend and fusions the check's training runs use on this machine."""
+    # lazy: torch (under model.spec) only once main() has set CUDA_VISIBLE_DEVICES
     from megatron_let.model.spec import ImplConfig, resolve_spec
 
     if dry:

@@ -41,6 +41,7 @@ from megatron_let.training.estimates import (
     teacher_step_prefetch,
     teacher_summary,
 )
+from megatron_let.training.lr_schedule import schedule_steps
 from megatron_let.training.preflight import PreflightResult, preflight, world_size_from_env  # noqa: F401
 from megatron_let.training.trainer import Trainer
 
@@ -156,8 +157,6 @@ def _layers(first: int, last: int) -> str:
 
 
 def _warmup_iters(cfg, global_batch_size: int) -> float:
-    from megatron_let.training.lr_schedule import schedule_steps
-
     return schedule_steps(cfg.optim, cfg.batch.train_iters, global_batch_size)["lr_warmup_steps"]
 
 

@@ -12,8 +12,10 @@ from contextlib import contextmanager
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from megatron.core import parallel_state
 
 from megatron_let.runtime import device as device_policy
+from megatron_let.training.wandb_writer import open_wandb_run
 
 
 class MetricAccumulator:
@@ -28,8 +30,6 @@ class MetricAccumulator:
 
     def add(self, name: str, total: torch.Tensor, count: torch.Tensor, replicated: bool) -> None:
         """Accumulates on the tensors' device: no host-device sync inside a micro-batch."""
-        from megatron.core import parallel_state
-
         if replicated and parallel_state.get_tensor_model_parallel_rank() != 0:
             self._values.setdefault(name, [0.0, 0.0])  # the name still takes part in the reduce
             return
@@ -168,12 +168,11 @@ class MetricsWriter:
         if not enabled:
             return
         if tensorboard_dir:
+            # lazy: tensorboard takes seconds to import; only a run with --tensorboard-dir needs it
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
         if wandb is not None:
-            from megatron_let.training.wandb_writer import open_wandb_run
-
             self.wandb = open_wandb_run(wandb, run_config)
         if jsonl_path:
             os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)
