@@ -100,7 +100,11 @@ def test_peak_memory_and_cache_release_ask_the_policy(monkeypatch):
     assert released == [True]
 
 
-def test_collective_device_without_a_process_group_is_the_cpu():
-    if torch.distributed.is_initialized():
-        pytest.skip("a process group of another test is up")
+def test_collective_device_follows_the_backend(monkeypatch):
+    """NCCL collectives need their tensors on the current GPU; gloo, or no process group, the CPU."""
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: False)
     assert dev.collective_device() == torch.device("cpu")
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    for backend, want in (("nccl", torch.device("cuda")), ("gloo", torch.device("cpu"))):
+        monkeypatch.setattr(torch.distributed, "get_backend", lambda group=None, b=backend: b)
+        assert dev.collective_device() == want
