@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import os
 import statistics
 import sys
@@ -253,8 +254,6 @@ def main(argv: list[str] | None = None) -> int:
         print("note: interpreter timings are NOT representative of GPU speed; only the saved-memory "
               "column carries over (it depends on shapes, not on the device).")
     if args.json:
-        import json
-
         with open(args.json, "w") as f:
             json.dump({"device": args.device, "device_name": name, "peak_GBps": peak, "iters": args.iters, "warmup": args.warmup,
                        "torch": torch.__version__, "shapes": recorded}, f, indent=1)

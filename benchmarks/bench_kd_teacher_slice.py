@@ -26,13 +26,15 @@ import torch.multiprocessing as mp
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from bench_kd_loss import _peak_bytes  # noqa: E402
+from transformers import LlamaConfig, LlamaForCausalLM  # noqa: E402
+
+from megatron_let.objectives.kd_loss import teacher_vocab_shard, vocab_parallel_kd_loss  # noqa: E402
+from megatron_let.teacher.hf_teacher import HFTeacher, TeacherConfig  # noqa: E402
 
 MIB = 2**20
 
 
 def _tiny_teacher(folder: str, vocab: int) -> None:
-    from transformers import LlamaConfig, LlamaForCausalLM
-
     torch.manual_seed(0)
     cfg = LlamaConfig(vocab_size=vocab, hidden_size=576, intermediate_size=1536, num_hidden_layers=2,
                       num_attention_heads=9, num_key_value_heads=3, max_position_embeddings=2048,
@@ -41,9 +43,6 @@ def _tiny_teacher(folder: str, vocab: int) -> None:
 
 
 def _worker(rank: int, a: argparse.Namespace, port: int, results) -> None:
-    from megatron_let.objectives.kd_loss import teacher_vocab_shard, vocab_parallel_kd_loss
-    from megatron_let.teacher.hf_teacher import HFTeacher, TeacherConfig
-
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // a.tp))
     device = torch.device(a.device if a.device != "cuda" else f"cuda:{rank}")
     if device.type == "cuda":

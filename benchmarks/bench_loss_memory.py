@@ -52,6 +52,7 @@ class PeakMemory:
         self.cuda = device.type == "cuda"
 
     def start(self):
+        # lazy: a worker subprocess loads only what it measures (RSS baseline); the parent stays torch-free
         import gc
 
         import torch
@@ -67,6 +68,7 @@ class PeakMemory:
             self.base = _rss_kib("VmRSS") * 1024
 
     def peak(self):
+        # lazy: a worker subprocess loads only what it measures (RSS baseline); the parent stays torch-free
         import torch
 
         if self.cuda:
@@ -77,6 +79,7 @@ class PeakMemory:
 
 # ------------------------------------------------------------------------------ part 1
 def loss_path_worker(variant, objective, vocab, seq, micro_batch, dtype, device):
+    # lazy: a worker subprocess loads only what it measures (RSS baseline); the parent stays torch-free
     import torch
 
     from megatron_let.objectives.base import ObjectiveContext, build_objective
@@ -97,6 +100,7 @@ def loss_path_worker(variant, objective, vocab, seq, micro_batch, dtype, device)
     if objective == "rkd":
         teacher_logits = torch.randn(micro_batch, seq, vocab, dtype=dt, device=dev)
 
+    # lazy: a worker subprocess loads only what it measures (RSS baseline); the parent stays torch-free
     from megatron_let.objectives import registry
 
     obj = build_objective(objective, registry()[objective].Config(),
@@ -107,6 +111,7 @@ def loss_path_worker(variant, objective, vocab, seq, micro_batch, dtype, device)
 
     def before(logits):
         """The trainer's loss function before this change (kept here as the reference)."""
+        # lazy: a worker subprocess loads only what it measures (RSS baseline); the parent stays torch-free
         from megatron.core.tensor_parallel import vocab_parallel_cross_entropy
 
         mask = batch["loss_mask"].float()
@@ -133,6 +138,7 @@ def model_loss_worker(variant, objective, vocab, seq, micro_batch, hidden, dtype
     ``_forward_step``: ``after`` passes the labels into the model (megatron-core's cross entropy);
     ``before`` is the previous path - the model returns the logits (GPTModel transposes them to
     [b, s, V], Float16Module upcasts them to fp32) and the loss function takes their cross entropy."""
+    # lazy: a worker subprocess loads only what it measures (RSS baseline); the parent stays torch-free
     import torch
 
     from megatron.core.transformer.module import Float16Module
@@ -179,6 +185,7 @@ def model_loss_worker(variant, objective, vocab, seq, micro_batch, hidden, dtype
 
 # ------------------------------------------------------------------------------ part 2
 def step_worker(objective, recompute, teacher, args):
+    # lazy: a worker subprocess loads only what it measures (RSS baseline); the parent stays torch-free
     import torch
 
     from megatron_let.training.arguments import parse_args
@@ -210,6 +217,7 @@ def step_worker(objective, recompute, teacher, args):
 
 
 def make_teacher(path, vocab, hidden):
+    # lazy: a worker subprocess loads only what it measures (RSS baseline); the parent stays torch-free
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

@@ -60,6 +60,7 @@ def main():
                         "(default 1e-5 in fp32; 0.1 in bf16, where fused kernels round less often)")
     a = p.parse_args()
 
+    # lazy: torch, megatron.core, transformers take seconds to import; --help needs none (CLI start-up)
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 

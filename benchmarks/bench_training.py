@@ -35,6 +35,7 @@ default on CUDA) and without (on CPU the flag is a no-op: both rows measure the 
 import argparse
 import json
 import os
+import socket
 import statistics
 import subprocess
 import sys
@@ -53,6 +54,7 @@ TEACHERS_LIKE = {"smollm2-135m": SMOLLM2_135M}
 
 def make_teacher_like(path, name, vocab):
     """A random-weight teacher with a published model's architecture, e.g. SmolLM2-135M."""
+    # lazy: the parent launches pretrain_let.py runs; torch, transformers only to build a teacher/preset
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -66,6 +68,7 @@ def make_teacher_like(path, name, vocab):
 
 
 def make_teacher(path, vocab, student_params):
+    # lazy: the parent launches pretrain_let.py runs; torch, transformers only to build a teacher/preset
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -114,8 +117,6 @@ def run(objective, args, teacher, metrics, extra, tp=1):
 
 
 def _free_port():
-    import socket
-
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -180,6 +181,7 @@ def main():
             teacher_desc = f"random {a.teacher_like} architecture ({layers} layers x {h})"
             print(f"generated teacher: {teacher_desc}")
         elif teacher is None:
+            # lazy: the parent launches pretrain_let.py runs; torch, transformers only to build a teacher/preset
             from megatron_let.model.llama import LlamaConfig, preset
 
             cfg = preset(a.preset, vocab_size=a.vocab_size) if a.preset else LlamaConfig(

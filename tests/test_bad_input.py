@@ -386,8 +386,9 @@ def test_teacher_load_refuses_missing_tensors_from_transformers_loading_info(ass
     info: with the preflight check unable to decide (an architecture meta loading cannot build),
     a missing tensor is still an error, not a random initialisation."""
     import megatron_let.teacher.hf_teacher as hf
+    import megatron_let.teacher.inspection as inspection
 
-    monkeypatch.setattr(hf, "check_weights_present", lambda *a, **k: None)
+    monkeypatch.setattr(inspection, "check_weights_present", lambda *a, **k: None)
     with pytest.raises(ValueError, match=r"lacks 1 of its \d+ weight tensors "
                                          r"\(model\.layers\.1\.mlp\.up_proj\.weight\)"):
         hf.HFTeacher.load(hf.TeacherConfig(path=os.path.join(assets, "teacher_missing")))

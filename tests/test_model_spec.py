@@ -1,8 +1,8 @@
 """--transformer-impl and the fusions (model/spec.py), issue 20 items 2 and 3.
 
 The CUDA-only decisions are tested on CPU with CUDA, Transformer Engine and apex availability
-mocked (``spec.cuda_available`` / ``spec.te_importable`` / ``spec.module_importable``), asserting the
-TransformerConfig fields megatron-core receives. The local attention's s x s memory formula is
+mocked (``runtime.device.cuda_usable`` / ``spec.te_importable`` / ``spec.module_importable``),
+asserting the TransformerConfig fields megatron-core receives. The local attention's s x s memory formula is
 checked against the tensors megatron-core's local attention actually saves for backward."""
 
 import pytest
@@ -11,6 +11,7 @@ import torch
 from launch import TINY_MODEL, run_pretrain
 from megatron_let.model import spec as model_spec
 from megatron_let.model.llama import LlamaConfig, build_transformer_config
+from megatron_let.runtime import device as device_policy
 from megatron_let.runtime.device import ParallelConfig
 
 FIELDS = ("apply_rope_fusion", "bias_activation_fusion", "masked_softmax_fusion",
@@ -29,7 +30,7 @@ RUN = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "4",
 def gpu_node(monkeypatch):
     """A CUDA machine, as far as the decisions can tell: ``te``/``apex`` say what imports."""
     def install(te=True, apex=True):
-        monkeypatch.setattr(model_spec, "cuda_available", lambda: True)
+        monkeypatch.setattr(device_policy, "cuda_usable", lambda: True)
         monkeypatch.setattr(model_spec, "te_importable", lambda: te)
         monkeypatch.setattr(model_spec, "module_importable", lambda name: apex)
         # TransformerConfig checks that megatron-core found TE's fused RoPE at import
@@ -103,8 +104,7 @@ def test_cuda_without_te_is_an_error_before_any_compute(gpu_node, monkeypatch):
     from megatron_let.training.trainer import Trainer
 
     gpu_node(te=False)
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    monkeypatch.setattr(dev, "cuda_device_count", lambda: 1)
 
     def no_compute(*a, **k):
         raise AssertionError("initialize_distributed ran before the TE check")

@@ -155,6 +155,7 @@ def test_observer_takes_the_peak_from_the_cuda_device_name(monkeypatch):
 def test_gpu_timers_memory_and_ranges_with_cuda_stand_ins(monkeypatch, tmp_path):
     """The CUDA-only paths on CPU: timers from (recorded) CUDA events, the allocator's statistics
     under Megatron-LM's names, NVTX ranges and the cudaProfilerApi window around the profile."""
+    from megatron_let.runtime import device as device_policy
     from megatron_let.training import observability as obs
     from megatron_let.training.observability_config import ObservabilityConfig
 
@@ -200,8 +201,7 @@ def test_gpu_timers_memory_and_ranges_with_cuda_stand_ins(monkeypatch, tmp_path)
             calls.append("stop")
 
     monkeypatch.setattr(torch.cuda, "cudart", lambda: Cudart())
-    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
-    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(device_policy, "cuda_initialized", lambda: True)
     monkeypatch.setattr(torch.cuda.nvtx, "range_push", lambda name: calls.append(f"push {name}"))
     monkeypatch.setattr(torch.cuda.nvtx, "range_pop", lambda: calls.append("pop"))
     # the profiler itself records CPU activity only (no CUDA here)

@@ -177,7 +177,8 @@ def test_tokenizer_and_provenance(tiny_gguf, prepared):
 
 
 def test_teacher_runtime_reads_prepared_folder(prepared):
-    from megatron_let.teacher import HFTeacher, TeacherConfig, inspect_teacher
+    from megatron_let.teacher.hf_teacher import HFTeacher, TeacherConfig
+    from megatron_let.teacher.inspection import inspect_teacher
 
     info = inspect_teacher(prepared)
     assert (info.hidden_size, info.num_layers, info.tokenizer_size) == (HIDDEN, LAYERS, len(_tokens()[0]))

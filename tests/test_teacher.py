@@ -11,13 +11,8 @@ import torch
 
 transformers = pytest.importorskip("transformers")
 
-from megatron_let.teacher import (  # noqa: E402
-    HFTeacher,
-    TeacherConfig,
-    check_vocab_compatible,
-    inspect_teacher,
-    resolve_dtype,
-)
+from megatron_let.teacher.hf_teacher import HFTeacher, TeacherConfig, resolve_dtype  # noqa: E402
+from megatron_let.teacher.inspection import check_vocab_compatible, inspect_teacher  # noqa: E402
 
 VOCAB = 97
 LAYERS = 4

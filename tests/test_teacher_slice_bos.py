@@ -10,8 +10,8 @@ transformers = pytest.importorskip("transformers")
 from tiny_teachers import BOS_ID, save_tiny_llama_teacher  # noqa: E402
 
 from megatron_let.objectives.kd_loss import teacher_vocab_shard, vocab_shard_range  # noqa: E402
-from megatron_let.teacher import HFTeacher, TeacherConfig  # noqa: E402
-from megatron_let.teacher.hf_teacher import teacher_bos_token_id  # noqa: E402
+from megatron_let.teacher.hf_teacher import HFTeacher, TeacherConfig  # noqa: E402
+from megatron_let.teacher.inspection import teacher_bos_token_id  # noqa: E402
 
 VOCAB = 97
 
@@ -272,7 +272,7 @@ def test_bos_fidelity_measure_equals_hf_by_hand(bos_folders, tmp_path):
 
 def test_preflight_counts_the_bos_position(bos_folders):
     """inspect_teacher (the preflight's teacher check, before any weight loads) counts BOS too."""
-    from megatron_let.teacher import inspect_teacher
+    from megatron_let.teacher.inspection import inspect_teacher
 
     with pytest.raises(ValueError, match=r"at most 128 positions .* --seq-length 128 \+ the BOS token"
                                          r".*--no-teacher-bos"):

@@ -16,7 +16,7 @@ import argparse
 import os
 import sys
 
-from megatron_let.runtime.cli import quiet_backend_warnings
+from megatron_let.runtime.cli import quiet_backend_warnings, run_tool
 
 quiet_backend_warnings()
 
@@ -38,6 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def export(args: argparse.Namespace) -> dict:
+    # lazy: torch, megatron.core, transformers take seconds to import; --help needs none (CLI start-up)
     import torch
 
     from megatron_let.export.checkpoint_io import (
@@ -93,6 +94,7 @@ def export(args: argparse.Namespace) -> dict:
 
 def verify(model, cfg, out_dir: str) -> float:
     """Max abs logit difference between the export (loaded by transformers) and our forward."""
+    # lazy: torch, megatron.core, transformers take seconds to import; --help needs none (CLI start-up)
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -109,8 +111,6 @@ def verify(model, cfg, out_dir: str) -> float:
 
 
 def main(argv=None) -> int:
-    from megatron_let.runtime.cli import run_tool
-
     args = build_parser().parse_args(argv)
     return run_tool("export_hf.py", lambda: export(args))
 

@@ -25,6 +25,7 @@ def render() -> str:
     for path in (ROOT, os.path.join(ROOT, "tests")):
         if path not in sys.path:
             sys.path.insert(0, path)
+    # lazy: after the sys.path set-up just above (the tool runs as a script, and reads tests/)
     from megatron_let.training.arguments import build_parser
     from megatron_let.training.megatron_compat import render_groups, render_table
 

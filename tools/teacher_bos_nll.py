@@ -38,6 +38,7 @@ def main(argv=None) -> int:
         for path in a.teacher_path:
             if not os.path.isdir(path):
                 raise FileNotFoundError(f"--teacher-path {path} is not a folder")
+        # lazy: torch, megatron.core, transformers take seconds to import; --help needs none (CLI start-up)
         from megatron_let.teacher.bos_fidelity import measure_bos_fidelity, read_documents, to_markdown
 
         texts = read_documents(a.text, a.text_key)

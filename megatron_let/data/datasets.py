@@ -18,6 +18,9 @@ from ``consumed_samples`` reproduces an uninterrupted run exactly.
 
 from __future__ import annotations
 
+import copy
+import hashlib
+import json
 import os
 import re
 import warnings
@@ -26,6 +29,9 @@ from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
+from megatron.core.datasets.blended_dataset import BlendedDataset
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 
 from megatron_let.data.epochs import EpochCycle, GreedyBlend
 from megatron_let.data.indexed import IndexedDatasetSummary, parse_data_path, validate_indexed_dataset
@@ -129,11 +135,6 @@ def _builder_class():
     copy without cache path: it then rebuilds its (cheap, C++-built) blending index in memory.
     The per-dataset GPT indices are still cached.
     """
-    import copy
-
-    from megatron.core.datasets.blended_dataset import BlendedDataset
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-
     class _Builder(BlendedMegatronDatasetBuilder):
         @staticmethod
         def build_generic_dataset(cls, is_built_on_rank, synchronize_ranks, *args):
@@ -221,10 +222,6 @@ def content_key(prefixes) -> str:
     """What identifies the files behind ``prefixes``: path, size and modification time of each
     .idx/.bin. Part of megatron-core's index cache key, so a dataset re-preprocessed in place
     gets new indices instead of the old ones (wrong windows, IndexError)."""
-    import hashlib
-    import json
-    import os
-
     parts = []
     for prefix in prefixes:
         for ext in (".idx", ".bin"):
@@ -247,8 +244,6 @@ def _content_keyed(cls):
 
 def _build_megatron(cfg: DataConfig, tokenizer, blend, sizes, is_built_on_rank):
     """megatron-core's builder over ``blend`` (None: mock data) for ``sizes`` samples."""
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
-
     config = GPTDatasetConfig(
         random_seed=cfg.seed,
         sequence_length=cfg.seq_length,
@@ -393,8 +388,6 @@ class _SampleLog(torch.utils.data.Dataset):
         self.source, self.path = source, path
 
     def __getitem__(self, position: int):
-        import hashlib
-
         sample = self.source[position]
         digest = hashlib.md5(sample["tokens"].numpy().tobytes()).hexdigest()
         with open(self.path, "a") as f:

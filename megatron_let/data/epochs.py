@@ -68,6 +68,7 @@ class GreedyBlend(torch.utils.data.Dataset):
     with megatron-core's blending index (the same one its ``BlendedDataset`` builds)."""
 
     def __init__(self, components: Sequence, weights: Sequence[float], length: int) -> None:
+        # lazy: megatron.core's C++ helpers load (and may build) on import; only a blend needs them
         from megatron.core.datasets import helpers
 
         w = np.asarray(weights, dtype=np.float64)

@@ -20,6 +20,7 @@ megatron-core.
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import struct
@@ -208,8 +209,6 @@ def meta_path(prefix: str) -> str:
 
 def write_dataset_meta(prefix: str, meta: dict) -> str:
     """Record what a dataset was made with (``<prefix>.meta.json``), written atomically."""
-    import json
-
     path = meta_path(prefix)
     tmp = path + ".tmp"
     with open(tmp, "w") as f:
@@ -223,8 +222,6 @@ def read_dataset_meta(prefix: str) -> dict | None:
     """The ``<prefix>.meta.json`` record, or None for datasets made before it existed.
 
     Raises ValueError naming the file when it is not the JSON object preprocess_data.py writes."""
-    import json
-
     path = meta_path(prefix)
     if not os.path.isfile(path):
         return None
@@ -339,6 +336,7 @@ _WORKER_STATE: dict = {}
 
 def _init_worker(tokenizer_args: tuple, json_keys: tuple, append_eod: bool, input_path: str) -> None:
     """Pool initializer: each worker builds its own tokenizer once."""
+    # lazy: indexed.py stays numpy-only (data/__init__.py); tokenizers, megatron.core only to preprocess
     from megatron_let.data.tokenizers import build_tokenizer
 
     _WORKER_STATE["tokenizer"] = build_tokenizer(*tokenizer_args)
@@ -349,6 +347,7 @@ def _init_worker(tokenizer_args: tuple, json_keys: tuple, append_eod: bool, inpu
 
 def _encode_line(item: tuple[int, str]) -> tuple[int, dict[str, np.ndarray], int]:
     """Tokenize one jsonl line: returns (line number, {key: token ids}, bytes of the line)."""
+    # lazy: indexed.py stays numpy-only (data/__init__.py); tokenizers, megatron.core only to preprocess
     from megatron_let.data.tokenizers import _json_field
 
     line_no, line = item
@@ -447,6 +446,7 @@ def preprocess_jsonl(
     line, a missing key, an id outside the tokenizer's vocabulary -- naming file and line) before or
     while reading; on error the partial outputs are removed.
     """
+    # lazy: indexed.py stays numpy-only (data/__init__.py); tokenizers, megatron.core only to preprocess
     import multiprocessing as mp
     from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder
 

@@ -28,6 +28,7 @@ import os
 from collections import OrderedDict
 from typing import Iterable, Iterator, Sequence
 
+import sentencepiece
 from megatron.core.datasets.megatron_tokenizer import MegatronLegacyTokenizer
 
 NO_TOKEN = -1
@@ -108,8 +109,6 @@ class SentencePieceTokenizer(_TokenizerBase):
     """
 
     def __init__(self, model_path: str) -> None:
-        import sentencepiece
-
         super().__init__(model_path)
         self._model_path = model_path
         try:
@@ -192,6 +191,7 @@ class HuggingFaceTokenizer(_TokenizerBase):
     """
 
     def __init__(self, folder: str) -> None:
+        # lazy: transformers takes seconds to import; only a HuggingFaceTokenizer needs it
         from transformers import AutoTokenizer
 
         super().__init__(folder)
@@ -439,8 +439,6 @@ def train_sentencepiece(
     kept as is, so ``detokenize(tokenize(text)) == text``; digits are split. Special ids follow
     ``SPM_SPECIAL_IDS``. At most ``max_sentences`` lines (sampled with shuffling) are used.
     """
-    import sentencepiece
-
     if model_type not in ("bpe", "unigram"):
         raise ValueError(f"--model-type must be bpe or unigram, got {model_type!r}")
     min_vocab = len(SPM_SPECIAL_IDS) + 256 + 1

@@ -160,9 +160,11 @@ def prepare_task_dir(tasks: Sequence[str]) -> str:
 
 
 def _lm_eval_tasks_dir() -> str:
+    # lazy: lm-eval is an optional dependency (the adapter module imports it when loaded)
     from megatron_let.evaluation.lm_eval_adapter import import_lm_eval
 
     import_lm_eval()
+    # lazy: lm-eval is an optional dependency (the adapter module imports it when loaded)
     import lm_eval.tasks
 
     return os.path.dirname(os.path.abspath(lm_eval.tasks.__file__))
@@ -184,10 +186,12 @@ class _PreservedRNG:
 
 
 def _simple_evaluate(model, cfg: DownstreamConfig, model_args=None, batch_size=None) -> dict:
+    # lazy: lm-eval is an optional dependency (the adapter module imports it when loaded)
     from megatron_let.evaluation.lm_eval_adapter import import_lm_eval, quiet_lm_eval_environment
 
     set_offline_env()
     lm_eval = import_lm_eval()
+    # lazy: lm-eval is an optional dependency (the adapter module imports it when loaded)
     from lm_eval.tasks import TaskManager
 
     task_dir = prepare_task_dir(cfg.tasks)
@@ -234,6 +238,7 @@ def format_table(summary: dict) -> str:
 def evaluate_megatron(model, model_cfg, tokenizer, cfg: DownstreamConfig,
                       micro_batch_size: Optional[int] = None) -> dict:
     """Evaluate this rank's student stage (collective: every rank calls it); returns the summary."""
+    # lazy: lm-eval is an optional dependency (the adapter module imports it when loaded)
     from megatron_let.evaluation.lm_eval_adapter import MegatronLetLM
 
     cfg.validate()

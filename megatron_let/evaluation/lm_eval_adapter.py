@@ -22,7 +22,9 @@ import sys
 from typing import List, Optional, Sequence, Tuple
 
 import torch
+from megatron.core import parallel_state
 
+from megatron_let.data.tokenizers import NullTokenizer
 from megatron_let.evaluation.scoring import TokenScorer, result_owner, world_sum
 from megatron_let.model.llama import LlamaConfig
 
@@ -45,6 +47,7 @@ def import_lm_eval():
     if "AutoModelForVision2Seq" not in tr.__dict__ and hasattr(tr, "AutoModelForImageTextToText"):
         tr.AutoModelForVision2Seq = tr.AutoModelForImageTextToText
     try:
+        # lazy: lm-eval is an optional dependency
         import lm_eval
         import lm_eval.evaluator  # noqa: F401
         import lm_eval.models.huggingface  # noqa: F401
@@ -59,6 +62,7 @@ def import_lm_eval():
 def quiet_lm_eval_environment():
     """Stop ``simple_evaluate`` from running ``git describe`` and torch's slow environment probe
     (it only stores their output in the results); restores lm-eval afterwards."""
+    # lazy: lm-eval is an optional dependency
     import lm_eval.evaluator as ev
 
     saved = ev.get_git_commit_hash, ev.add_env_info
@@ -72,6 +76,7 @@ def quiet_lm_eval_environment():
 
 def _template_lm_base():
     import_lm_eval()
+    # lazy: lm-eval is an optional dependency
     from lm_eval.api.model import TemplateLM
 
     return TemplateLM
@@ -93,7 +98,6 @@ class MegatronLetLM(_template_lm_base()):
     def __init__(self, model, cfg: LlamaConfig, tokenizer, batch_size: int = 8,
                  micro_batch_size: Optional[int] = None, max_length: Optional[int] = None) -> None:
         super().__init__()
-        from megatron_let.data.tokenizers import NullTokenizer
 
         if isinstance(tokenizer, NullTokenizer):
             raise ValueError("downstream evaluation needs the run's real tokenizer (text -> ids); the "
@@ -150,8 +154,6 @@ class MegatronLetLM(_template_lm_base()):
     def score_windows(self, windows: Sequence[Tuple[List[int], List[int], int]]) -> List[Tuple[float, bool]]:
         """Each window: (input ids, target ids, n) -> (sum of the last n targets' log-probs, all
         of them greedy). Collective over all ranks; every rank returns all results."""
-        from megatron.core import parallel_state
-
         n = len(windows)
         order = sorted(range(n), key=lambda i: -len(windows[i][0]))  # long first, like lm-eval
         dp_rank = parallel_state.get_data_parallel_rank()
@@ -179,6 +181,7 @@ class MegatronLetLM(_template_lm_base()):
 
     def loglikelihood_rolling(self, requests, disable_tqdm: bool = False) -> List[float]:
         """Whole-string log-likelihood with lm-eval's rolling windows (as its ``hf`` model)."""
+        # lazy: lm-eval is an optional dependency
         from lm_eval import utils
 
         windows, owners = [], []

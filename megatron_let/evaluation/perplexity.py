@@ -21,7 +21,11 @@ from dataclasses import asdict, dataclass
 from typing import List, Optional, Sequence
 
 import torch
+from megatron.core import parallel_state
 
+from megatron_let.data.datasets import DataConfig, build_datasets
+from megatron_let.data.epochs import EpochCycle
+from megatron_let.data.indexed import parse_data_path
 from megatron_let.evaluation.scoring import TokenScorer, result_owner, world_sum
 from megatron_let.model.llama import LlamaConfig
 
@@ -50,7 +54,6 @@ class PerplexityConfig:
             raise ValueError(f"--eval-samples must be >= 1, got {self.eval_samples}")
         if self.micro_batch_size < 1:
             raise ValueError(f"--micro-batch-size must be >= 1, got {self.micro_batch_size}")
-        from megatron_let.data.indexed import parse_data_path
 
         if any(w is not None for w, _ in parse_data_path(self.data_path)):
             raise ValueError("--data-path for perplexity takes prefixes without weights "
@@ -100,13 +103,10 @@ def window_bytes(tokenizer, tokens: Sequence[int], labels: Sequence[int], loss_m
 def build_eval_dataset(cfg: PerplexityConfig, seq_length: int, tokenizer, tokenizer_type: str,
                        tokenizer_model: Optional[str]):
     """The evaluated split as a GPTDataset holding exactly one pass over its documents."""
-    from megatron_let.data.datasets import DataConfig, build_datasets
-
     data_cfg = DataConfig(data_path=list(cfg.data_path), split=cfg.split, seq_length=seq_length,
                           seed=cfg.seed, data_cache_path=cfg.data_cache_path,
                           tokenizer_type=tokenizer_type, tokenizer_model=tokenizer_model)
     sizes = [1 if name == cfg.eval_split else 0 for name in SPLITS]  # 1 sample => a single epoch
-    from megatron_let.data.epochs import EpochCycle
 
     datasets = build_datasets(data_cfg, tokenizer, *sizes)
     ds = datasets[SPLITS.index(cfg.eval_split)]
@@ -123,8 +123,6 @@ def evaluate_perplexity(model, model_cfg: LlamaConfig, tokenizer, dataset,
     ``tokens``, ``labels``, ``loss_mask`` (megatron-core GPTDataset samples) of length
     ``model_cfg.seq_length``.
     """
-    from megatron.core import parallel_state
-
     total = len(dataset)
     n = total if eval_samples is None else eval_samples
     if n > total:

@@ -17,8 +17,11 @@ from functools import partial
 from typing import Iterator, List, Tuple
 
 import torch
+from megatron.core import parallel_state
+from megatron.core.pipeline_parallel import get_forward_backward_func
 
 from megatron_let.model.llama import LlamaConfig
+from megatron_let.runtime import device as device_policy
 
 
 def vocab_parallel_logprobs(logits: torch.Tensor, targets: torch.Tensor, vocab_size: int,
@@ -74,9 +77,6 @@ class TokenScorer:
         """``tokens``/``targets``: ``[b, s]`` int tensors, the same on every rank of the model-parallel
         group (targets of padding positions may be any valid id). Returns CPU (log-probs fp32,
         greedy bool), each ``[b, s]``, on every rank of the group."""
-        from megatron.core import parallel_state
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         if tokens.shape != targets.shape or tokens.dim() != 2:
             raise ValueError(f"tokens {tuple(tokens.shape)} and targets {tuple(targets.shape)} must be equal [b, s]")
         b, s = tokens.shape
@@ -132,8 +132,7 @@ class TokenScorer:
         if parallel_state.get_pipeline_model_parallel_world_size() > 1:
             group = parallel_state.get_pipeline_model_parallel_group()
             src = parallel_state.get_pipeline_model_parallel_last_rank()
-            comm_device = device if torch.distributed.get_backend(group) == "nccl" else torch.device("cpu")
-            packed = torch.cat([logprobs, greedy.float()]).to(comm_device)
+            packed = torch.cat([logprobs, greedy.float()]).to(device_policy.collective_device(group))
             torch.distributed.broadcast(packed, src=src, group=group)
             packed = packed.cpu()
             logprobs, greedy = packed[: n_micro * mbs], packed[n_micro * mbs:].bool()
@@ -156,8 +155,6 @@ def padded_length(s: int, tp_size: int, sequence_parallel: bool) -> int:
 def result_owner() -> bool:
     """True on the one rank per data-parallel replica that contributes results to a world-wide sum
     (TP rank 0 of the last pipeline stage), so sums over the world count each replica once."""
-    from megatron.core import parallel_state
-
     return parallel_state.get_tensor_model_parallel_rank() == 0 and parallel_state.is_pipeline_last_stage()
 
 
@@ -165,8 +162,9 @@ def world_sum(t: torch.Tensor) -> torch.Tensor:
     """All-reduce SUM over the whole world (CPU tensors on gloo; moved to CUDA for NCCL)."""
     if not torch.distributed.is_initialized() or torch.distributed.get_world_size() == 1:
         return t
-    if torch.distributed.get_backend() == "nccl":
-        out = t.cuda()
+    comm = device_policy.collective_device()
+    if comm.type == "cuda":
+        out = t.to(comm)
         torch.distributed.all_reduce(out)
         return out.cpu()
     torch.distributed.all_reduce(t)

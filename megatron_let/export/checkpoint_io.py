@@ -15,11 +15,21 @@ import os
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from megatron.core import dist_checkpointing
 
-from megatron_let.model.llama import LlamaConfig
+from megatron_let.data.tokenizers import build_tokenizer
+from megatron_let.model.llama import LlamaConfig, build_student
+from megatron_let.model.spec import ImplConfig, resolve_spec
 from megatron_let.training.checkpoint_integrity import check_metadata_json
-from megatron_let.training.checkpointing import (EXTRA_STATE_SUFFIX, MODEL_PREFIX, TRACKER,
-                                               find_checkpoint, older_hint, write_checkpoint)
+from megatron_let.training.checkpointing import (
+    EXTRA_STATE_SUFFIX,
+    MODEL_PREFIX,
+    TRACKER,
+    find_checkpoint,
+    load_checkpoint,
+    older_hint,
+    write_checkpoint,
+)
 from megatron_let.training.errors import CheckpointError
 
 TOKENIZER_SUBDIR = "tokenizer"
@@ -40,8 +50,6 @@ def resolve_checkpoint(root: str, ckpt_step: Optional[int] = None) -> Tuple[int,
 
 def read_checkpoint_extra(root: str, ckpt_step: Optional[int] = None) -> Dict[str, Any]:
     """The ``extra`` dict of the selected checkpoint (read from its common state; no process group)."""
-    from megatron.core import dist_checkpointing
-
     iteration, path = resolve_checkpoint(root, ckpt_step)
     check_metadata_json(path)
     try:
@@ -96,8 +104,6 @@ def tokenizer_info_from_extra(extra: Dict[str, Any], root: str) -> Dict[str, Any
 
 
 def build_tokenizer_from_info(info: Dict[str, Any]):
-    from megatron_let.data.tokenizers import build_tokenizer
-
     return build_tokenizer(info["type"], info.get("model"), vocab_size=info.get("vocab_size"))
 
 
@@ -111,10 +117,6 @@ def load_student(root: str, parallel, use_cpu: bool = True, seq_length: Optional
     ``transformer_impl`` is ``--transformer-impl`` (default: TE on CUDA, local on CPU; the spec's
     checkpoints load into either). Returns ``(model, cfg, extra)``; the model is in eval mode.
     """
-    from megatron_let.model.llama import build_student
-    from megatron_let.model.spec import ImplConfig, resolve_spec
-    from megatron_let.training.checkpointing import load_checkpoint
-
     extra = read_checkpoint_extra(root)
     cfg = config_from_extra(extra, seq_length)
     cfg.validate(parallel.tensor_model_parallel_size, parallel.pipeline_model_parallel_size)

@@ -19,10 +19,19 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import tempfile
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
+import sentencepiece
 import torch
+import transformers
+from packaging.version import Version
+from safetensors import safe_open
+from safetensors.torch import save_file
+from tokenizers import decoders, normalizers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from megatron_let.data.tokenizers import build_tokenizer
 from megatron_let.model.llama import LlamaConfig
 
 DTYPES: Dict[str, torch.dtype] = {
@@ -128,8 +137,6 @@ def hf_config_dict(cfg: LlamaConfig, dtype: str = "float32", bos_token_id: Optio
     ``rope_theta`` and ``torch_dtype`` are also written at the top level so that both transformers 4
     and 5 (which moved them to ``rope_parameters``/``dtype``) read them.
     """
-    import transformers
-
     if dtype not in DTYPES:
         raise ValueError(f"--dtype {dtype!r} is not one of {sorted(DTYPES)}")
     heads = cfg.num_attention_heads
@@ -324,9 +331,6 @@ def shard_for_rank(full: Mapping[str, torch.Tensor], local_keys: Iterable[str], 
 
 def dtype_kwargs(dtype: torch.dtype) -> dict:
     """``from_pretrained`` dtype argument: ``dtype`` on transformers >= 4.56, ``torch_dtype`` before."""
-    import transformers
-    from packaging.version import Version
-
     key = "dtype" if Version(transformers.__version__) >= Version("4.56") else "torch_dtype"
     return {key: dtype}
 
@@ -357,8 +361,6 @@ def hf_weight_files(hf_dir: str) -> List[str]:
 def read_hf_state_dict(hf_dir: str, keys: Optional[Iterable[str]] = None) -> Dict[str, torch.Tensor]:
     """Tensors of a HF folder in their stored dtype; only ``keys`` when given (saves memory on
     pipeline stages that need a few layers)."""
-    from safetensors import safe_open
-
     wanted = None if keys is None else set(keys)
     out: Dict[str, torch.Tensor] = {}
     for path in hf_weight_files(hf_dir):
@@ -377,8 +379,6 @@ def write_hf_model(out_dir: str, config: dict, state_dict: Mapping[str, torch.Te
                    max_shard_bytes: int = 5 * 1024 ** 3) -> List[str]:
     """Write ``config.json``, ``generation_config.json`` and safetensors weights (sharded with an
     index above ``max_shard_bytes``). Returns the weight file names."""
-    from safetensors.torch import save_file
-
     os.makedirs(out_dir, exist_ok=True)
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
@@ -423,11 +423,6 @@ def _sentencepiece_to_hf(model_file: str, out_dir: str, eod_piece: str):
     then normalizer/pre-tokenizer/decoder are set to sentencepiece's own behaviour (prepend "▁",
     every space -> "▁"), which the converter's Metaspace pre-tokenizer does not reproduce for text
     that starts with a space."""
-    import tempfile
-
-    from tokenizers import decoders, normalizers
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
     with tempfile.TemporaryDirectory() as tmp:
         shutil.copy(model_file, os.path.join(tmp, "tokenizer.model"))
         with open(os.path.join(tmp, "tokenizer_config.json"), "w") as f:
@@ -440,7 +435,6 @@ def _sentencepiece_to_hf(model_file: str, out_dir: str, eod_piece: str):
     backend.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(),
                                          decoders.Fuse(), decoders.Strip(" ", 1, 0)])
     backend.post_processor = None  # training data had no BOS; do not add one
-    import sentencepiece
 
     sp = sentencepiece.SentencePieceProcessor(model_file=model_file)
     specials = {}
@@ -461,8 +455,6 @@ def export_tokenizer(tokenizer_info: Mapping, out_dir: str) -> dict:
     sentencepiece ``probe_mismatches`` (probe texts the HF tokenizer encodes differently; literal
     special-token text such as "</s>" is one known case). A NullTokenizer writes nothing.
     """
-    from transformers import AutoTokenizer
-
     ttype = tokenizer_info.get("type")
     path = tokenizer_info.get("model")
     report: dict = {"type": ttype, "files": [], "probe_mismatches": []}
@@ -472,8 +464,6 @@ def export_tokenizer(tokenizer_info: Mapping, out_dir: str) -> dict:
         tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         tok.save_pretrained(out_dir)
     elif ttype == "SentencePieceTokenizer":
-        from megatron_let.data.tokenizers import build_tokenizer
-
         ours = build_tokenizer("SentencePieceTokenizer", path)
         model_file = path if os.path.isfile(path) else os.path.join(path, "tokenizer.model")
         _sentencepiece_to_hf(model_file, out_dir, ours.inv_vocab[ours.eod])

@@ -31,6 +31,7 @@ import functools
 from dataclasses import dataclass
 
 import torch
+from torch._library.custom_ops import OPDEFS
 
 try:  # Triton is an optional dependency: the reference path must work without it.
     import triton
@@ -574,8 +575,6 @@ def _register_ops():
     """The two custom ops; registered once per process (an importlib.reload of this module, as
     the tests do to switch the interpreter on, keeps them: their bodies look the kernels up in
     this module's namespace, which the reload refreshes)."""
-    from torch._library.custom_ops import OPDEFS
-
     if "megatron_let::cosine_align_fwd" in OPDEFS:
         return OPDEFS["megatron_let::cosine_align_fwd"], OPDEFS["megatron_let::cosine_align_bwd"]
     fwd = torch.library.custom_op("megatron_let::cosine_align_fwd", mutates_args=())(

@@ -15,6 +15,9 @@ from typing import Optional
 import torch
 import torch.nn.functional as F
 
+from megatron_let.model import spec as model_spec
+from megatron_let.runtime import device as device_policy
+
 
 @dataclass
 class LlamaConfig:
@@ -233,23 +236,21 @@ class LlamaRMSNorm(torch.nn.Module):
 
 
 def transformer_engine_available() -> bool:
-    from megatron_let.model import spec
-
-    return spec.te_importable() and spec.cuda_available()
+    return model_spec.te_importable() and device_policy.cuda_usable()
 
 
 def _spec_for(use_cpu: bool, use_te: Optional[bool] = None):
     """The default spec of a device (``use_te`` picks the implementation explicitly)."""
-    from megatron_let.model.spec import ImplConfig, resolve_spec
-
     impl = None if use_te is None else ("transformer_engine" if use_te else "local")
-    return resolve_spec(ImplConfig(transformer_impl=impl), "cpu" if use_cpu else "cuda")
+    return model_spec.resolve_spec(model_spec.ImplConfig(transformer_impl=impl),
+                                   "cpu" if use_cpu else "cuda")
 
 
 def build_transformer_config(cfg: LlamaConfig, parallel, bf16: bool, use_cpu: bool,
                              perf: Optional[PerformanceConfig] = None, spec=None):
     """megatron-core TransformerConfig for the LLaMA architecture and the run's features.
     ``spec`` (model/spec.py ``StudentSpec``) sets the fusions; default: the device's."""
+    # lazy: megatron.core takes seconds to import; arguments.py imports this module (CLI start-up)
     from megatron.core.transformer.enums import AttnBackend
     from megatron.core.transformer.transformer_config import TransformerConfig
 
@@ -306,6 +307,7 @@ def build_transformer_config(cfg: LlamaConfig, parallel, bf16: bool, use_cpu: bo
 
 def build_ddp_config(perf: Optional[PerformanceConfig], use_distributed_optimizer: bool):
     """megatron-core DDP config: fp32 gradient reduction, overlap and bucketing as flagged."""
+    # lazy: megatron.core takes seconds to import; arguments.py imports this module (CLI start-up)
     from megatron.core.distributed import DistributedDataParallelConfig
 
     perf = perf or PerformanceConfig()
@@ -321,6 +323,7 @@ def build_ddp_config(perf: Optional[PerformanceConfig], use_distributed_optimize
 
 def build_layer_spec(config, use_te: bool, vp_stage: Optional[int] = None):
     """Block spec: TE fused layers on GPU when available, else the local spec with LlamaRMSNorm."""
+    # lazy: megatron.core takes seconds to import; arguments.py imports this module (CLI start-up)
     from megatron.core.models.gpt.gpt_layer_specs import (
         get_gpt_layer_local_spec,
         get_gpt_layer_with_transformer_engine_spec,
@@ -332,6 +335,7 @@ def build_layer_spec(config, use_te: bool, vp_stage: Optional[int] = None):
 
     if use_te:
         layer = get_gpt_layer_with_transformer_engine_spec()
+        # lazy: megatron.core takes seconds to import; arguments.py imports this module (CLI start-up)
         from megatron.core.extensions.transformer_engine import TENorm
 
         final_norm = TENorm
@@ -356,6 +360,7 @@ def build_student(cfg: LlamaConfig, parallel, bf16: bool = False, use_cpu: bool 
     """Build this rank's GPTModel stage (model chunk ``vp_stage`` under the interleaved pipeline).
     Requires megatron parallel state to be initialised. ``spec`` (model/spec.py) picks the layer
     implementation and fusions; default: the device's (TE on CUDA, ``use_te`` to choose)."""
+    # lazy: megatron.core takes seconds to import; arguments.py imports this module (CLI start-up)
     from megatron.core import parallel_state
     from megatron.core.models.gpt import GPTModel
 

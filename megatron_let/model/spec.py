@@ -37,6 +37,8 @@ import importlib
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+from megatron_let.runtime import device as device_policy
+
 TRANSFORMER_IMPLS = ("transformer_engine", "local")
 TE_FIX = ("install Transformer Engine (pip install --no-build-isolation 'transformer-engine[pytorch]', "
           "or use NVIDIA's PyTorch container) or pass --transformer-impl local")
@@ -123,13 +125,8 @@ class StudentSpec:
 
 
 # ------------------------------------------------------------------------------------ probes
-# Module-level functions so tests can replace them (CUDA-only decisions are tested on CPU).
-
-def cuda_available() -> bool:
-    import torch
-
-    return torch.cuda.is_available()
-
+# Module-level functions so tests can replace them (CUDA-only decisions are tested on CPU); whether
+# CUDA is there is asked of runtime/device.py (device_policy.cuda_usable), the one place for that.
 
 def te_importable() -> bool:
     """``transformer_engine.pytorch`` imports (its CUDA part raises RuntimeError, not only
@@ -211,7 +208,7 @@ def planned_spec(impl_cfg: Optional[ImplConfig], device_flag: str) -> StudentSpe
     elsewhere TE is taken as installed on the GPU nodes (the run refuses to start if it is not)."""
     if device_flag == "cpu":
         return resolve_spec(impl_cfg, "cpu")
-    return resolve_spec(impl_cfg, "cuda", assume_te=not cuda_available())
+    return resolve_spec(impl_cfg, "cuda", assume_te=not device_policy.cuda_usable())
 
 
 # ------------------------------------------------------------------------------------ memory
@@ -256,17 +253,6 @@ def add_local_attention_memory(memory: list, spec: Optional[StudentSpec], cfg, l
     for stage in memory:
         stage.activations += kept * kept_layers * stage.in_flight_microbatches + live
     return kept
-
-
-def device_memory_bytes() -> Optional[int]:
-    """Memory of this machine's GPU (the run's device), None without a visible GPU."""
-    if not cuda_available():
-        return None
-    import torch
-
-    from megatron_let.runtime.device import local_cuda_index
-
-    return torch.cuda.get_device_properties(local_cuda_index()).total_memory
 
 
 def memory_lines(spec: Optional[StudentSpec], peak_bytes: float, kept_per_layer: float,

@@ -48,6 +48,7 @@ import torch
 
 from megatron_let.kernels.cosine_align import cosine_align, interpolate_hidden
 from megatron_let.objectives.base import Metrics, Needs, Objective, metric, register
+from megatron_let.training.layer_capture import HIDDEN_GRAD, OUTPUT_GRAD
 
 ALIGN_LOSSES = ("cosine", "logsum", "cca")
 LAMBDA_MODES = ("linear", "grad-ratio")
@@ -190,8 +191,6 @@ class LETObjective(Objective):
         super().__init__(config, context)
         self.adaptive = config.lambda_mode == "grad-ratio"
         if self.adaptive:
-            from megatron_let.training.layer_capture import HIDDEN_GRAD, OUTPUT_GRAD
-
             self.metric_names = type(self).metric_names + (HIDDEN_GRAD, OUTPUT_GRAD)
         # grad-ratio: the λ of step ``_lambda_step`` (0 until a step has measured the gradients)
         self._lambda, self._lambda_step = 0.0, 0
@@ -254,7 +253,6 @@ class LETObjective(Objective):
         """grad-ratio: log the norms measured in the step just run and set the λ of ``step``."""
         if not self.adaptive:
             return values
-        from megatron_let.training.layer_capture import HIDDEN_GRAD, OUTPUT_GRAD
 
         values = dict(values)
         align_sq, lm_sq = values.pop(HIDDEN_GRAD, None), values.pop(OUTPUT_GRAD, None)

@@ -24,6 +24,7 @@ def run_tool(prog: str, body: Callable[[], object]) -> int:
         print(f"{prog}: error: {e}", file=sys.stderr, flush=True)
         return 2
     finally:
+        # lazy: every CLI imports this module first, to quiet warnings before torch loads
         from megatron_let.runtime.device import destroy_distributed
 
         destroy_distributed()

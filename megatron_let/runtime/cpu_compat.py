@@ -260,6 +260,7 @@ def apply_torch_adam_fallback_fixes() -> bool:
     A no-op (returns False) when apex or Transformer Engine provides the optimizer: then
     megatron-core takes its other branches and nothing here would change its behaviour."""
     global _FALLBACK_FIXED
+    # lazy: megatron.core takes seconds to import; arguments.py imports this module (CLI start-up)
     from megatron.core.optimizer import distrib_optimizer
 
     if distrib_optimizer.HAVE_APEX_OR_TE:

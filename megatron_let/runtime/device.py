@@ -1,13 +1,24 @@
-"""Device, backend and process-group set-up: the one place that decides CUDA+NCCL versus CPU+gloo."""
+"""Device policy, backend and process-group set-up: the one place that decides CUDA+NCCL versus
+CPU+gloo and that asks torch whether CUDA is there.
+
+Every CUDA probe of the package goes through the functions below (:func:`cuda_usable`,
+:func:`cuda_device_count`, :func:`cuda_initialized`), and callers reach them as attributes of this
+module (``from megatron_let.runtime import device as device_policy``), so a test that fakes a GPU on a
+CPU machine replaces them here, once.
+"""
 
 from __future__ import annotations
 
 import datetime
 import os
+import random
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Union
 
+import numpy as np
 import torch
+
+from megatron_let.runtime.cpu_compat import apply_cpu_compat
 
 
 @dataclass
@@ -36,15 +47,43 @@ class ParallelConfig:
         return world_size // (self.tensor_model_parallel_size * self.pipeline_model_parallel_size)
 
 
+# ------------------------------------------------------------------------------------ probes
+
+
+def cuda_usable() -> bool:
+    """A CUDA GPU is visible to this process."""
+    return torch.cuda.is_available()
+
+
+def cuda_device_count() -> int:
+    """The CUDA GPUs visible to this process."""
+    return torch.cuda.device_count()
+
+
+def cuda_initialized() -> bool:
+    """This process already uses CUDA (its context exists): CUDA-only calls such as NVTX ranges or
+    memory statistics are cheap and meaningful, and asking never creates a context."""
+    return cuda_usable() and torch.cuda.is_initialized()
+
+
+# ------------------------------------------------------------------------------------ decisions
+
+
 def resolve_device(flag: str = "auto") -> torch.device:
     """``auto``: CUDA when a GPU is visible, else CPU. ``cpu`` forces CPU; ``cuda`` requires a GPU."""
     if flag not in ("auto", "cpu", "cuda"):
         raise ValueError(f"--device must be auto, cpu or cuda, got {flag!r}")
-    if flag == "cuda" and not torch.cuda.is_available():
+    if flag == "cuda" and not cuda_usable():
         raise ValueError("--device cuda was requested but no CUDA GPU is visible")
-    if flag == "cpu" or (flag == "auto" and not torch.cuda.is_available()):
+    if flag == "cpu" or (flag == "auto" and not cuda_usable()):
         return torch.device("cpu")
     return torch.device("cuda", local_cuda_index())
+
+
+def planned_device_type(flag: str = "auto") -> str:
+    """The device type a run with ``--device flag`` uses, without requiring it here: a dry run on a
+    login node may describe a GPU run."""
+    return "cuda" if flag == "cuda" or (flag == "auto" and cuda_usable()) else "cpu"
 
 
 def local_cuda_index() -> int:
@@ -52,7 +91,39 @@ def local_cuda_index() -> int:
     of a node's GPUs visible that is GPU LOCAL_RANK; where each task sees only its own GPU (SLURM
     ``--gpus-per-task=1``, a per-rank CUDA_VISIBLE_DEVICES) it is GPU 0 whatever LOCAL_RANK is."""
     local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    return local_rank % max(1, torch.cuda.device_count())
+    return local_rank % max(1, cuda_device_count())
+
+
+def device_memory_bytes() -> Optional[int]:
+    """Memory of this machine's GPU (the run's device), None without a visible GPU."""
+    if not cuda_usable():
+        return None
+    return torch.cuda.get_device_properties(local_cuda_index()).total_memory
+
+
+def collective_device(group: Optional[torch.distributed.ProcessGroup] = None) -> torch.device:
+    """Where a collective's tensors must live: the current GPU under NCCL, else the CPU (gloo, or
+    no process group at all)."""
+    if torch.distributed.is_initialized() and torch.distributed.get_backend(group) == "nccl":
+        return torch.device("cuda")
+    return torch.device("cpu")
+
+
+def release_cached_memory(device: Union[str, torch.device]) -> None:
+    """Hand the caching allocator's free blocks back to the GPU (after freeing a large model)."""
+    if torch.device(device).type == "cuda" and cuda_usable():
+        torch.cuda.empty_cache()
+
+
+def device_rng_state() -> Optional[torch.Tensor]:
+    """The default CUDA generator's state (for checkpoints), None without a GPU."""
+    return torch.cuda.get_rng_state() if cuda_usable() else None
+
+
+def set_device_rng_state(state: Optional[torch.Tensor]) -> None:
+    """Restore :func:`device_rng_state`; a state saved without a GPU, or read without one, is skipped."""
+    if state is not None and cuda_usable():
+        torch.cuda.set_rng_state(state)
 
 
 def world_size_from_env() -> int:
@@ -63,11 +134,10 @@ def initialize_distributed(device: torch.device, parallel: ParallelConfig, seed:
                            timeout_minutes: int = 30) -> None:
     """Start torch.distributed (env:// under torchrun, a private 1-rank group otherwise), megatron's
     model-parallel groups and its RNG tracker. On CPU, installs the megatron-core compatibility layer."""
+    # lazy: megatron.core takes seconds to import; arguments.py imports this module (CLI start-up)
     from megatron.core import parallel_state
 
     if device.type == "cpu":
-        from megatron_let.runtime.cpu_compat import apply_cpu_compat
-
         apply_cpu_compat()
         if "OMP_NUM_THREADS" not in os.environ and world_size_from_env() == 1:
             torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -97,9 +167,7 @@ def initialize_distributed(device: torch.device, parallel: ParallelConfig, seed:
 
 def set_seed(seed: int) -> None:
     """Seed python/numpy/torch and megatron's TP-aware RNG tracker (same scheme on CPU and GPU)."""
-    import random
-
-    import numpy as np
+    # lazy: megatron.core takes seconds to import; arguments.py imports this module (CLI start-up)
     from megatron.core import parallel_state, tensor_parallel
 
     pp_rank = parallel_state.get_pipeline_model_parallel_rank()
@@ -112,6 +180,7 @@ def set_seed(seed: int) -> None:
 
 
 def destroy_distributed() -> None:
+    # lazy: megatron.core takes seconds to import; arguments.py imports this module (CLI start-up)
     from megatron.core import parallel_state
 
     if parallel_state.model_parallel_is_initialized():

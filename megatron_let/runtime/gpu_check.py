@@ -71,6 +71,7 @@ class Step:
 def gpu_transformer_impl() -> str:
     """The spec the GPU runs use: TE where it imports, else the local spec (the check's image has
     no TE; the report says so)."""
+    # lazy: torch (under model.spec) only once main() has set CUDA_VISIBLE_DEVICES
     from megatron_let.model.spec import te_importable
 
     return "transformer_engine" if te_importable() else "local"
@@ -138,20 +139,23 @@ def _version(module: str) -> str:
 
 def environment() -> dict:
     """GPU, driver and package versions."""
+    # lazy: torch only after main() may have hidden the GPUs (--cpu-dry-run sets CUDA_VISIBLE_DEVICES)
     import torch
 
+    from megatron_let.runtime import device as device_policy
+
     env = {"python": platform.python_version(), "platform": platform.platform(), "torch": torch.__version__,
-           "cuda (torch build)": torch.version.cuda, "cuda available": torch.cuda.is_available()}
+           "cuda (torch build)": torch.version.cuda, "cuda available": device_policy.cuda_usable()}
     for name, module in (("triton", "triton"), ("transformers", "transformers"),
                          ("megatron-core", "megatron.core"), ("transformer-engine", "transformer_engine"),
                          ("tensorboard", "tensorboard"), ("sentencepiece", "sentencepiece"),
                          ("pytest", "pytest")):
         env[name] = _version(module)
-    if torch.cuda.is_available():
+    if device_policy.cuda_usable():
         props = torch.cuda.get_device_properties(0)
         env.update({"gpu": props.name, "gpu memory GiB": round(props.total_memory / 2**30, 1),
                     "compute capability": f"{props.major}.{props.minor}",
-                    "gpu count": torch.cuda.device_count()})
+                    "gpu count": device_policy.cuda_device_count()})
         try:
             env["driver"] = subprocess.run(
                 ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
@@ -160,6 +164,7 @@ def environment() -> dict:
             env["driver"] = f"unknown ({type(e).__name__})"
     else:
         env["gpu"] = "none (CPU dry run)"
+    # lazy: torch (under model.spec) only once main() has set CUDA_VISIBLE_DEVICES
     from megatron_let.model.spec import APEX_WGRAD, module_importable
 
     env["apex fused wgrad"] = "importable" if module_importable(APEX_WGRAD) else "not importable"
@@ -168,6 +173,7 @@ def environment() -> dict:
 
 def student_spec(dry: bool) -> List[str]:
     """The spec, attention backend and fusions the check's training runs use on this machine."""
+    # lazy: torch (under model.spec) only once main() has set CUDA_VISIBLE_DEVICES
     from megatron_let.model.spec import ImplConfig, resolve_spec
 
     if dry:
@@ -328,9 +334,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         p.error(f"--budget-s {a.budget_s} is too small (>= 30)")
     if a.cpu_dry_run:
         os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU even on a GPU machine (inherited by every step)
-    import torch
+    # lazy: torch only once CUDA_VISIBLE_DEVICES is final (just above)
+    from megatron_let.runtime import device as device_policy
 
-    if not a.cpu_dry_run and not torch.cuda.is_available():
+    if not a.cpu_dry_run and not device_policy.cuda_usable():
         print("gpu_check: no CUDA GPU is visible; use --cpu-dry-run to exercise the steps on CPU", file=sys.stderr)
         return 2
     os.makedirs(a.out, exist_ok=True)

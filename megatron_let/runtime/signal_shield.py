@@ -18,7 +18,10 @@ from __future__ import annotations
 
 import contextlib
 import signal
+from multiprocessing import resource_tracker
 from typing import Iterable, Iterator
+
+from megatron.core.dist_checkpointing.strategies import filesystem_async
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -37,18 +40,12 @@ def signals_blocked(signals: Iterable[int] = STOP_SIGNALS) -> Iterator[None]:
 def start_checkpoint_helpers() -> list[str]:
     """Start the helper processes megatron-core's checkpoint save uses, shielded from the stop
     signals. Idempotent (both are started once per process). Returns what was started, for tests."""
-    from multiprocessing import resource_tracker
-
     started = []
     with signals_blocked():
         # ensure_running blocks SIGINT/SIGTERM itself around the spawn and then *unblocks* them in
         # this thread, so the Manager below gets a block of its own
         resource_tracker.ensure_running()
         started.append("resource tracker")
-    try:
-        from megatron.core.dist_checkpointing.strategies import filesystem_async
-    except ImportError:  # pragma: no cover - megatron-core is a dependency
-        return started
     get_queue = getattr(filesystem_async, "_get_write_results_queue", None)
     if get_queue is not None:
         with signals_blocked():

@@ -27,6 +27,11 @@ import sys
 import threading
 from typing import Callable, Iterable, Optional
 
+import psutil
+from torch.distributed.elastic.multiprocessing.api import _terminate_process_handler
+from torch.distributed.elastic.multiprocessing.errors import record
+from torch.distributed.run import parse_args, run
+
 FORWARDED = (signal.SIGUSR1, signal.SIGTERM)
 AGENT_PID_ENV = "MEGATRON_LET_AGENT_PID"
 POLL_S = 0.2  # how often a pending stop is retried for workers not ready yet
@@ -39,8 +44,6 @@ def _say(msg: str) -> None:
 
 
 def child_pids(pid: int) -> list[int]:
-    import psutil
-
     try:
         return [c.pid for c in psutil.Process(pid).children()]
     except psutil.NoSuchProcess:
@@ -121,8 +124,6 @@ def install(args) -> Optional[StopForwarder]:
         signal.signal(signal.SIGUSR1, ignore_usr1)
         return None
 
-    from torch.distributed.elastic.multiprocessing.api import _terminate_process_handler
-
     # torchrun (re-)registers its handler, which shuts the workers down, for the signals of
     # --signals-to-handle each time it starts workers: leave SIGTERM and SIGUSR1 to us.
     args.signals_to_handle = ",".join(
@@ -157,9 +158,6 @@ def plain_torchrun_warning(exit_signal_handler: bool) -> Optional[str]:
 
 
 def main(argv: Optional[list[str]] = None) -> None:
-    from torch.distributed.elastic.multiprocessing.errors import record
-    from torch.distributed.run import parse_args, run
-
     args = parse_args(sys.argv[1:] if argv is None else argv)
     install(args)
     record(run)(args)  # what torchrun's main does after parsing

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Iterable, List, Optional, Sequence
 
 import torch
+from transformers import AutoTokenizer
 
 from megatron_let.teacher.hf_teacher import HFTeacher, TeacherConfig
 
@@ -99,8 +100,6 @@ def measure_bos_fidelity(teacher_path: str, texts: Sequence[str], seq_length: in
                          num_windows: int = 8, device: str = "cpu",
                          dtype: str = "auto") -> BosFidelity:
     """Score ``num_windows`` packed windows of ``texts`` with and without the teacher's BOS."""
-    from transformers import AutoTokenizer
-
     tokenizer = AutoTokenizer.from_pretrained(teacher_path, local_files_only=True)
     if tokenizer.eos_token_id is None:
         raise ValueError(f"the tokenizer in {teacher_path} has no EOS token to join documents with")

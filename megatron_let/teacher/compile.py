@@ -33,6 +33,7 @@ def _first_on_path(names: Iterable[Optional[str]]) -> Optional[str]:
 def check_compile_available(device: torch.device) -> None:
     """ValueError naming ``--teacher-compile`` when torch.compile cannot run on ``device`` here."""
     device = torch.device(device)
+    # lazy: torch._dynamo (slow to import) and triton (optional) only for --teacher-compile
     from torch._dynamo.eval_frame import is_dynamo_supported
 
     if not is_dynamo_supported():
@@ -45,6 +46,7 @@ def check_compile_available(device: torch.device) -> None:
                              f"or clang++ on PATH): install one (e.g. apt-get install g++) or run "
                              f"without {FLAG}")
     elif device.type == "cuda":
+        # lazy: torch._dynamo (slow to import) and triton (optional) only for --teacher-compile
         from torch.utils._triton import has_triton
 
         if not has_triton():
@@ -60,6 +62,7 @@ def check_compile_available(device: torch.device) -> None:
 
 def _named_failure(fn):
     """A compile failure (it happens at the first forward) reported with the flag's name."""
+    # lazy: torch._dynamo (slow to import) and triton (optional) only for --teacher-compile
     from torch._dynamo.exc import BackendCompilerFailed, InternalTorchDynamoError, Unsupported
 
     @functools.wraps(fn)

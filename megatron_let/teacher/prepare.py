@@ -34,7 +34,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megatron_let.runtime.files import sha256_file
-from megatron_let.teacher import inspect_teacher
+from megatron_let.teacher.inspection import inspect_teacher
 
 try:  # transformers >= 5 can keep GGUF blocks packed; we need plain dense weights
     from transformers import GgufConfig

@@ -8,16 +8,18 @@ import os
 from dataclasses import dataclass, field
 from typing import List, Optional
 
+from megatron_let.data.indexed import parse_data_path, validate_indexed_dataset
 from megatron_let.model import spec as model_spec
 from megatron_let.model.llama import PRESETS, LlamaConfig, PerformanceConfig
 from megatron_let.model.spec import ImplConfig
+from megatron_let.objectives import registry
 from megatron_let.runtime.device import ParallelConfig
+from megatron_let.training import megatron_compat
 from megatron_let.training.observability_config import (
     ObservabilityConfig,
     add_observability_args,
     observability_config_from_args,
 )
-from megatron_let.training import megatron_compat
 from megatron_let.training.wandb_writer import WandbConfig, wandb_config_from_args
 
 
@@ -137,8 +139,6 @@ class RunConfig:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from megatron_let.objectives import registry
-
     p = argparse.ArgumentParser(
         prog="pretrain_let.py",
         description="Pretrain a LLaMA student with megatron-core, optionally guided by a small "
@@ -340,7 +340,7 @@ def check_finite_floats(a: argparse.Namespace) -> None:
 
 
 def config_from_namespace(a: argparse.Namespace) -> RunConfig:
-    from megatron_let.objectives import registry
+    # lazy: preflight pulls in megatron.core (seconds to import): kept off pretrain_let.py --help
     from megatron_let.training.preflight import check_sizes
 
     check_sizes(a)  # zero/negative sizes: a clear error before anything divides by them
@@ -413,8 +413,6 @@ def config_from_namespace(a: argparse.Namespace) -> RunConfig:
     if a.exit_signal_handler and not a.save:
         raise ValueError("--exit-signal-handler needs --save DIR")
     if a.data_path:
-        from megatron_let.data.indexed import parse_data_path, validate_indexed_dataset
-
         for _, prefix in parse_data_path(a.data_path):
             validate_indexed_dataset(prefix)  # missing or corrupt .bin/.idx: clear error now
     try:

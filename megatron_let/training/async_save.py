@@ -20,13 +20,13 @@ from __future__ import annotations
 import time
 from typing import Callable, Dict, Optional, Tuple
 
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
+
 from megatron_let.training import checkpointing as ckpt
 
 
 class AsyncSaver:
     def __init__(self) -> None:
-        from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-
         self.queue = AsyncCallsQueue(persistent=False)
         self.pending: Optional[Tuple[str, int, str]] = None  # (root, iteration, tmp)
         self.started = 0.0

@@ -34,10 +34,14 @@ from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import numpy as np
 import torch
+from megatron.core import dist_checkpointing, tensor_parallel
+from torch.distributed.checkpoint.api import CheckpointException
 
+from megatron_let.runtime import device as device_policy
 from megatron_let.training import checkpoint_integrity as integrity
 from megatron_let.training import optimizer_conversion as conversion
-from megatron_let.training.errors import CheckpointError
+from megatron_let.training.compatibility import model_problems, padded_vocab_problem
+from megatron_let.training.errors import CheckpointError, CheckpointWriteError, DiskFullError
 from megatron_let.training.optimizer_checkpoint import OPTIMIZER_METADATA, check_optimizer_format
 
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -229,25 +233,20 @@ def recover_interrupted_saves(root: str) -> List[str]:
 # ---------------------------------------------------------------------------------- rng / state
 
 def _rng_state() -> Dict[str, Any]:
-    from megatron.core import tensor_parallel
-
     return {
         "random": random.getstate(),
         "np": np.random.get_state(),
         "torch": torch.get_rng_state(),
-        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+        "cuda": device_policy.device_rng_state(),
         "tracker": tensor_parallel.get_cuda_rng_tracker().get_states(),
     }
 
 
 def _set_rng_state(state: Dict[str, Any]) -> None:
-    from megatron.core import tensor_parallel
-
     random.setstate(state["random"])
     np.random.set_state(state["np"])
     torch.set_rng_state(state["torch"])
-    if state.get("cuda") is not None and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state["cuda"])
+    device_policy.set_device_rng_state(state.get("cuda"))
     tensor_parallel.get_cuda_rng_tracker().set_states(state["tracker"])
 
 
@@ -280,8 +279,6 @@ def _rank_world() -> Tuple[int, int]:
 
 def _errors() -> tuple:
     """What a failing dist_checkpointing call raises: torch's CheckpointException is a BaseException."""
-    from torch.distributed.checkpoint.api import CheckpointException
-
     return (Exception, CheckpointException)
 
 
@@ -338,8 +335,6 @@ def _save_failed(error: Optional[BaseException], tmp: str) -> None:
     if rank == 0:  # a partial folder only takes space the user needs back
         shutil.rmtree(tmp, ignore_errors=True)
     if error is None:
-        from megatron_let.training.errors import CheckpointWriteError
-
         raise CheckpointWriteError(errno.EIO, f"saving checkpoint {tmp} failed on another rank "
                                               "(see its error); the partial folder is removed")
     full = integrity.disk_full_error(error, tmp)
@@ -347,8 +342,6 @@ def _save_failed(error: Optional[BaseException], tmp: str) -> None:
         raise full from error
     os_error = _os_error(error)
     if os_error is not None:
-        from megatron_let.training.errors import CheckpointWriteError
-
         where = f" ({os_error.filename})" if os_error.filename else ""
         raise CheckpointWriteError(
             os_error.errno, f"cannot write checkpoint {tmp}{where}: [Errno {os_error.errno}] "
@@ -360,8 +353,6 @@ def _start_write(root: str, iteration: int, state: Dict[str, Any], with_rng: boo
                  asynchronous: bool = False):
     """Collective: ``iter_N.tmp`` made, shards written (or, asynchronously, their AsyncRequest
     returned), RNG files written. Returns ``(tmp, request)``."""
-    from megatron.core import dist_checkpointing
-
     rank, _ = _rank_world()
     tmp = checkpoint_dir(root, iteration) + ".tmp"
     if rank == 0:
@@ -413,7 +404,6 @@ def _complete(root: str, iteration: int, tmp: str) -> str:
     if any(_gather(error is not None)):  # the checkpoint is complete; only the tracker is behind
         if error is not None:
             raise error
-        from megatron_let.training.errors import CheckpointWriteError
 
         raise CheckpointWriteError(errno.EIO, f"rank 0 could not publish {final} (see its error)")
     return final
@@ -422,8 +412,6 @@ def _complete(root: str, iteration: int, tmp: str) -> str:
 def _write_tracker(root: str, iteration: int) -> None:
     """Replace the tracker atomically; on failure remove its temporary file and name the tracker,
     and say that ``iter_N`` (already renamed in) is complete and how to load it."""
-    from megatron_let.training.errors import CheckpointWriteError, DiskFullError
-
     tracker = os.path.join(root, TRACKER)
     tracker_tmp = tracker + ".tmp"
     try:
@@ -519,8 +507,6 @@ def compatibility_problems(saved: Dict[str, Any], model_cfg, tokenizer: Dict[str
                            check_seq_length: bool = True,
                            padded_vocab: Optional[int] = None) -> List[str]:
     """Differences between a checkpoint's recorded model/tokenizer and this run's, one per line."""
-    from megatron_let.training.compatibility import model_problems, padded_vocab_problem
-
     # every LlamaConfig field but an explicit allow-list (training/compatibility.py)
     problems = model_problems(saved.get("model") or {}, model_cfg, check_seq_length)
     if padded_vocab is not None and padded_vocab_problem(saved, padded_vocab):
@@ -574,8 +560,6 @@ def load_checkpoint(root: str, model, optimizer, scheduler, load_optim: bool = T
     Verifies it against its manifest first (``verify``), then calls ``check(extra, path)`` (the
     caller's compatibility test) before any tensor is read. Returns the saved ``extra`` dict with
     ``extra["_path"]`` set, or None when ``root`` has no complete checkpoint (a fresh start)."""
-    from megatron.core import dist_checkpointing
-
     found = find_checkpoint(root, ckpt_step)
     if found is None:
         return None

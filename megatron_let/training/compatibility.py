@@ -17,6 +17,10 @@ import hashlib
 import os
 from typing import Any, Dict, List, Optional
 
+from megatron_let.data.datasets import parse_split
+from megatron_let.data.epochs import ORDER_VERSION
+from megatron_let.data.indexed import parse_data_path
+
 # LlamaConfig fields that may differ between a checkpoint and the run resuming it
 MAY_CHANGE_ON_RESUME = {
     "init_method_std": "only draws the initial weights, which the checkpoint replaces",
@@ -88,10 +92,6 @@ def _file_digest(path: Optional[str]) -> Optional[str]:
 
 def data_record(cfg) -> Dict[str, Any]:
     """What decides which sample a position reads (saved with every checkpoint)."""
-    from megatron_let.data.datasets import parse_split
-    from megatron_let.data.epochs import ORDER_VERSION
-    from megatron_let.data.indexed import parse_data_path
-
     d = cfg.data
     blend = None
     if d.data_path and not d.mock_data:

@@ -25,7 +25,8 @@ from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
 from megatron_let.model.llama import LlamaConfig
-from megatron_let.model.spec import add_local_attention_memory, device_memory_bytes, memory_lines
+from megatron_let.model.spec import add_local_attention_memory, memory_lines
+from megatron_let.runtime.device import device_memory_bytes
 from megatron_let.training.arguments import RunConfig
 from megatron_let.training.estimates import (
     FlopEstimate,
@@ -40,6 +41,7 @@ from megatron_let.training.estimates import (
     teacher_step_prefetch,
     teacher_summary,
 )
+from megatron_let.training.lr_schedule import schedule_steps
 from megatron_let.training.preflight import PreflightResult, preflight, world_size_from_env  # noqa: F401
 from megatron_let.training.trainer import Trainer
 
@@ -155,8 +157,6 @@ def _layers(first: int, last: int) -> str:
 
 
 def _warmup_iters(cfg, global_batch_size: int) -> float:
-    from megatron_let.training.lr_schedule import schedule_steps
-
     return schedule_steps(cfg.optim, cfg.batch.train_iters, global_batch_size)["lr_warmup_steps"]
 
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Iterable, List, Optional, Set, Tuple
 
 from megatron_let.model.llama import LlamaConfig
+from megatron_let.teacher.inspection import text_config
 from megatron_let.teacher.step_prefetch import teacher_state_bytes
 from megatron_let.training.arguments import RunConfig
 
@@ -201,7 +202,7 @@ def teacher_summary(info, trust_remote_code: bool) -> TeacherSummary:
         if id(p) not in seen:
             seen.add(id(p))
             total += p.numel()
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = text_config(config)
     return TeacherSummary(
         path=info.path, model_type=info.model_type, num_layers=info.num_layers,
         hidden_size=int(getattr(text, "hidden_size", info.hidden_size)),

@@ -17,6 +17,8 @@ import os
 import sys
 import threading
 
+import torch
+
 ENV = "MEGATRON_LET_TEST_FAIL_WRITE"
 _installed = False
 
@@ -69,8 +71,6 @@ def install_from_env() -> bool:
 def _route_torch_save_through_open() -> None:
     """``torch.save(obj, path)`` opens its file in C++, unseen by audit hooks: open it in Python
     (same bytes: torch.save writes the same archive into a file object)."""
-    import torch
-
     real_save = torch.save
 
     def save(obj, f, *args, **kwargs):

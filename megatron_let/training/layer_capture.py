@@ -112,6 +112,7 @@ def sequence_shard(x_sbh: torch.Tensor, sequence_parallel: bool) -> torch.Tensor
     """This TP rank's slice of a full-sequence ``[s, b, ...]`` tensor under sequence parallelism."""
     if not sequence_parallel:
         return x_sbh
+    # lazy: megatron.core takes seconds to import; arguments.py imports the objectives, and this module with them (CLI start-up)
     from megatron.core import parallel_state
 
     tp = parallel_state.get_tensor_model_parallel_world_size()

@@ -19,10 +19,18 @@ syntax. Each Megatron-LM flag is one of:
 from __future__ import annotations
 
 import argparse
+import gc
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence
+
+import torch
+
+from megatron_let.model.llama import PRESETS, transformer_engine_available
+from megatron_let.runtime import device as device_policy
+from megatron_let.runtime.torchrun import plain_torchrun_warning
+from megatron_let.training.megatron_lm_flags import MEGATRON_LM_FLAGS
 
 HONOURED, OURS, REFUSED = "honoured", "ours", "refused"
 CLASSES = (HONOURED, OURS, REFUSED)
@@ -349,8 +357,6 @@ def by_name() -> Dict[str, Flag]:
 
 
 def _megatron_lm_groups() -> Dict[str, str]:
-    from megatron_let.training.megatron_lm_flags import MEGATRON_LM_FLAGS
-
     return {"--" + name: group for group, names in MEGATRON_LM_FLAGS.items() for name in names}
 
 
@@ -425,8 +431,6 @@ def apply(a: argparse.Namespace) -> None:
                          "teacher alignment do not support context parallelism yet; use 1 (or "
                          "--tensor-model-parallel-size/--sequence-parallel to fit long sequences)")
     if a.group_query_attention and a.num_query_groups is None:
-        from megatron_let.model.llama import PRESETS
-
         if not (a.model_preset and PRESETS[a.model_preset].get("num_query_groups")):
             raise ValueError("--group-query-attention needs --num-query-groups N")
     if a.kv_channels is not None and a.kv_channels <= 0:
@@ -593,8 +597,6 @@ class StepHooks:
 
     def start(self) -> None:
         if self.runtime.manual_gc:
-            import gc
-
             gc.disable()  # collections only at step boundaries, on every rank at once
             gc.collect()
 
@@ -607,29 +609,21 @@ class StepHooks:
             self._empty_cache()
         n = self.runtime.manual_gc_interval
         if self.runtime.manual_gc and n and iteration % n == 0:
-            import gc
-
             gc.collect()
 
     def around_eval(self) -> None:
         """Before and after an evaluation (Megatron-LM collects on both sides)."""
         if self.runtime.manual_gc and self.runtime.manual_gc_eval:
-            import gc
-
             gc.collect()
 
     def _empty_cache(self) -> None:
-        import torch
-
-        if self.device.type == "cuda":
-            torch.cuda.empty_cache()
+        device_policy.release_cached_memory(self.device)
 
     def duration_expired(self, now: float) -> bool:
         """--exit-duration-in-mins: the longest-running rank decides (one MAX all-reduce)."""
         minutes = self.runtime.exit_duration_in_mins
         if minutes is None:
             return False
-        import torch
 
         elapsed = torch.tensor([(now - self.start_time) / 60.0], dtype=torch.float64,
                                device=self.device if self.device.type == "cuda" else "cpu")
@@ -641,19 +635,20 @@ def fused_cross_entropy(impl: str):
     """--cross-entropy-loss-fusion: megatron-core's fused vocab-parallel cross entropy, called as
     ``f(logits, labels)`` like ``vocab_parallel_cross_entropy``. 'native' is torch.compile'd (CPU
     too) and returns bf16 logit gradients; 'te' is Transformer Engine's (checked at preflight)."""
+    # lazy: megatron.core takes seconds to import; arguments.py imports this module (CLI start-up)
     from megatron.core import parallel_state
 
     group = parallel_state.get_tensor_model_parallel_group()
     if impl == "te":
+        # lazy: Transformer Engine is optional (and megatron.core slow to import: CLI start-up)
         from megatron.core.extensions.transformer_engine import te_parallel_cross_entropy
 
         def te_loss(logits, labels):
-            import torch
-
             labels = torch.as_strided(labels, labels.size(), (labels.size()[1], 1))
             return te_parallel_cross_entropy(logits, labels, group, False)
 
         return te_loss
+    # lazy: megatron.core takes seconds to import; arguments.py imports this module (CLI start-up)
     from megatron.core.fusions.fused_cross_entropy import fused_vocab_parallel_cross_entropy
 
     return lambda logits, labels: fused_vocab_parallel_cross_entropy(logits, labels, group)
@@ -663,8 +658,6 @@ def preflight_warnings(cfg, device_type: str) -> List[str]:
     """Checks of the Megatron-LM flags that need the device (run by the shared preflight)."""
     out = []
     if cfg.perf.cross_entropy_loss_fusion and cfg.perf.cross_entropy_fusion_impl == "te":
-        from megatron_let.model.llama import transformer_engine_available
-
         if device_type != "cuda" or not transformer_engine_available():
             raise ValueError("--cross-entropy-fusion-impl te needs Transformer Engine on a GPU; use "
                              "--cross-entropy-fusion-impl native")
@@ -675,7 +668,6 @@ def preflight_warnings(cfg, device_type: str) -> List[str]:
     if cfg.perf.attention_backend not in ("auto", "local", "unfused") and device_type != "cuda":
         out.append(f"--attention-backend {cfg.perf.attention_backend}: on CPU megatron-core's local "
                    "attention runs instead (the backend applies to Transformer Engine on GPU)")
-    from megatron_let.runtime.torchrun import plain_torchrun_warning
 
     w = plain_torchrun_warning(cfg.checkpoint.exit_signal_handler)
     if w:
@@ -696,8 +688,6 @@ def render_table(cases, parser: argparse.ArgumentParser) -> List[str]:
 
 def render_groups(parser: argparse.ArgumentParser) -> List[str]:
     """The rest of Megatron-LM's parser, refused by argument group (one row per group)."""
-    from megatron_let.training.megatron_lm_flags import MEGATRON_LM_FLAGS
-
     have = set(parser._option_string_actions)
     lines = ["| Megatron-LM argument group | flags not taken | reason (unless a flag's own) |",
              "|---|---|---|"]

@@ -5,12 +5,17 @@ from __future__ import annotations
 import json
 import math
 import os
+import resource
 import time
 from collections import OrderedDict
 from contextlib import contextmanager
 from typing import Any, Dict, Optional, Tuple
 
 import torch
+from megatron.core import parallel_state
+
+from megatron_let.runtime import device as device_policy
+from megatron_let.training.wandb_writer import open_wandb_run
 
 
 class MetricAccumulator:
@@ -25,8 +30,6 @@ class MetricAccumulator:
 
     def add(self, name: str, total: torch.Tensor, count: torch.Tensor, replicated: bool) -> None:
         """Accumulates on the tensors' device: no host-device sync inside a micro-batch."""
-        from megatron.core import parallel_state
-
         if replicated and parallel_state.get_tensor_model_parallel_rank() != 0:
             self._values.setdefault(name, [0.0, 0.0])  # the name still takes part in the reduce
             return
@@ -48,9 +51,7 @@ class MetricAccumulator:
         names = list(names)
         checks = list((finite_checks or {}).items())
         n = 2 * len(names)
-        device = "cpu"
-        if torch.distributed.is_initialized() and torch.distributed.get_backend() == "nccl":
-            device = "cuda"
+        device = device_policy.collective_device()
         zero = torch.zeros((), dtype=torch.float64, device=device)
         parts = []  # the sums stay on the device until this one all-reduce
         for name in names:
@@ -81,7 +82,7 @@ class MetricAccumulator:
         """Only after a non-finite value: which ranks saw it (every rank takes this branch)."""
         rows = [local]
         if torch.distributed.is_initialized():
-            device = "cuda" if torch.distributed.get_backend() == "nccl" else "cpu"
+            device = device_policy.collective_device()
             rows = [torch.zeros_like(local, device=device)
                     for _ in range(torch.distributed.get_world_size())]
             torch.distributed.all_gather(rows, local.to(device))
@@ -91,10 +92,8 @@ class MetricAccumulator:
 
 
 def peak_memory_mb() -> float:
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
+    if device_policy.cuda_initialized():
         return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
 
 
@@ -169,12 +168,11 @@ class MetricsWriter:
         if not enabled:
             return
         if tensorboard_dir:
+            # lazy: tensorboard takes seconds to import; only a run with --tensorboard-dir needs it
             from torch.utils.tensorboard import SummaryWriter
 
             self.tb = SummaryWriter(log_dir=tensorboard_dir, max_queue=100)
         if wandb is not None:
-            from megatron_let.training.wandb_writer import open_wandb_run
-
             self.wandb = open_wandb_run(wandb, run_config)
         if jsonl_path:
             os.makedirs(os.path.dirname(os.path.abspath(jsonl_path)), exist_ok=True)

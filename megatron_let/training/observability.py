@@ -34,6 +34,7 @@ from megatron.core import parallel_state
 from megatron.core.tensor_parallel import param_is_not_tensor_parallel_duplicate
 from megatron.core.transformer.module import param_is_not_shared
 
+from megatron_let.runtime import device as device_policy
 from megatron_let.training.estimates import StepFlops, run_step_flops
 from megatron_let.training.observability_config import ObservabilityConfig
 
@@ -65,7 +66,7 @@ def named_range(name: str) -> Iterator[None]:
     if not _PROFILING:
         yield
         return
-    nvtx = torch.cuda.is_available() and torch.cuda.is_initialized()
+    nvtx = device_policy.cuda_initialized()
     if nvtx:
         torch.cuda.nvtx.range_push(name)
     try:

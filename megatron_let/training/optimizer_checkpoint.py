@@ -9,13 +9,14 @@ converts the state between the two (:mod:`optimizer_conversion`).
 
 from __future__ import annotations
 
+from megatron.core import dist_checkpointing
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+
 # passed to every optimizer's sharded_state_dict; the regular optimizers ignore it
 OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "dp_reshardable"}
 
 
 def is_distributed_optimizer(optimizer) -> bool:
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     # get_megatron_optimizer returns a ChainedOptimizer even around a single optimizer
     inner = getattr(optimizer, "chained_optimizers", [optimizer])
     return any(isinstance(o, DistributedOptimizer) for o in inner)
@@ -25,8 +26,6 @@ def saved_optimizer_layout(checkpoint_path: str):
     """"distributed", "regular" or None (no optimizer state: an imported/exported checkpoint) for the
     checkpoint in ``checkpoint_path`` (one iter_XXXXXXX folder). Only the distributed optimizer's
     state dict carries a ``param_state_sharding_type``."""
-    from megatron.core import dist_checkpointing
-
     common = dist_checkpointing.load_common_state_dict(checkpoint_path)
     if "optimizer" not in common:
         return None

@@ -23,6 +23,14 @@ from __future__ import annotations
 from typing import Any, Dict, List
 
 import torch
+from megatron.core import dist_checkpointing, parallel_state
+from megatron.core.dist_checkpointing.dict_utils import nested_values
+from megatron.core.dist_checkpointing.mapping import ShardedObject, ShardedTensor
+from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
+from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
+from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
 
 LAYOUT_KEY = "megatron_let.optimizer_layout.dp_group_idx_{}"
 MOMENTS = ("exp_avg", "exp_avg_sq")
@@ -43,8 +51,6 @@ def _param_names(chunks) -> Dict[torch.nn.Parameter, str]:
 
 def _model_parallel_rank() -> int:
     """megatron-core's ``data_parallel_group_idx`` of the distributed optimizer (its key prefix)."""
-    from megatron.core import parallel_state
-
     return torch.distributed.get_rank(parallel_state.get_model_parallel_group())
 
 
@@ -53,9 +59,6 @@ def _model_parallel_rank() -> int:
 def layout_state(optimizer, chunks) -> Dict[str, Any]:
     """Entries for a save's sharded state dict: where each parameter sits in the distributed
     optimizer's bucket tensors, one object per model-parallel rank. Empty for a regular optimizer."""
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     inner = list(getattr(optimizer, "chained_optimizers", [optimizer]))
     if len(inner) != 1 or not isinstance(inner[0], DistributedOptimizer):
         return {}
@@ -87,15 +90,10 @@ def layout_state(optimizer, chunks) -> Dict[str, Any]:
 # ---------------------------------------------------------------------------------- load helpers
 
 def _load_object(path: str, key: str):
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     return dist_checkpointing.load({"x": ShardedObject(key, None, (1,), (0,), replica_id=0)}, path)["x"]
 
 
 def _object_keys(path: str) -> set:
-    from megatron.core.dist_checkpointing.serialization import load_sharded_metadata
-
     return {k.split("/")[0] for k in load_sharded_metadata(path)}  # objects: "key/shard_0_1"
 
 
@@ -126,8 +124,6 @@ def _set_step(torch_opt: torch.optim.Optimizer, state: dict, step: int) -> None:
 
 def _model_to_main(opt) -> List[tuple]:
     """(model param, main param) pairs of a regular megatron optimizer."""
-    from megatron.core.optimizer.optimizer import Float16OptimizerWithFloat16Params
-
     if isinstance(opt, Float16OptimizerWithFloat16Params):
         pairs = [(m, f) for mg, fg in zip(opt.float16_groups, opt.fp32_from_float16_groups)
                  for m, f in zip(mg, fg)]
@@ -139,9 +135,6 @@ def _model_to_main(opt) -> List[tuple]:
 
 def load_distributed_into_regular(path: str, optimizer, chunks) -> None:
     """Fill a regular optimizer from a distributed optimizer's ``dp_reshardable`` checkpoint."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.mapping import ShardedTensor
-
     opt = _single(optimizer)
     mp_rank = _model_parallel_rank()
     key = LAYOUT_KEY.format(mp_rank)
@@ -195,11 +188,6 @@ def load_distributed_into_regular(path: str, optimizer, chunks) -> None:
 def load_regular_into_distributed(path: str, optimizer, chunks, model_prefix: str) -> None:
     """Fill a distributed optimizer from a regular optimizer's checkpoint (any TP/PP/DP: the
     per-parameter tensors are resharded by dist_checkpointing like the model's)."""
-    from megatron.core import dist_checkpointing
-    from megatron.core.dist_checkpointing.dict_utils import nested_values
-    from megatron.core.dist_checkpointing.optimizer import make_sharded_optimizer_tensor
-    from megatron.core.dist_checkpointing.utils import extract_sharded_tensors_and_factories
-
     opt = _single(optimizer)
     names = _param_names(chunks)
     sharded_of = {}

@@ -32,6 +32,25 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple
 
+import numpy as np
+
+from megatron_let.data.datasets import _check_splits_nonempty, parse_split
+from megatron_let.data.indexed import (
+    SAMPLED_SCAN_BYTES,
+    meta_path,
+    parse_data_path,
+    read_dataset_meta,
+    sampled_token_range,
+    validate_indexed_dataset,
+)
+from megatron_let.data.tokenizers import build_tokenizer
+from megatron_let.objectives.base import ObjectiveContext, build_objective
+from megatron_let.runtime import device as device_policy
+from megatron_let.training.errors import SaveLockError
+from megatron_let.training.lr_schedule import schedule_steps
+from megatron_let.training.megatron_compat import preflight_warnings
+from megatron_let.training.save_lock import check_lock
+
 GIB = 2**30
 
 # flags that must be > 0 when given (argparse dest names)
@@ -109,8 +128,6 @@ def sample_counts(cfg, global_batch_size: int) -> Tuple[int, int]:
 
 def read_selection(path: str):
     """A SALT_DS selection file (tools/select_data.py): a non-empty 1-D integer .npy, >= 0."""
-    import numpy as np
-
     if not os.path.isfile(path):
         raise FileNotFoundError(f"--kd-data-selection {path} does not exist")
     try:
@@ -190,13 +207,6 @@ def check_dataset_ids(prefix: str, weight, vocab_size: int, padded_vocab: int, t
                       warnings: List[str], scan_bytes: int) -> DatasetCheck:
     """Token ids of one prefix against the student vocabulary, from its .meta.json when there is a
     current one, else from a sampled scan of at most ``scan_bytes`` of the .bin."""
-    from megatron_let.data.indexed import (
-        meta_path,
-        read_dataset_meta,
-        sampled_token_range,
-        validate_indexed_dataset,
-    )
-
     summary = validate_indexed_dataset(prefix)
     meta = read_dataset_meta(prefix)
     if meta is not None and meta["num_tokens"] != summary.num_tokens:
@@ -294,10 +304,6 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
     ``build_tokenizer`` and ``validate_teacher`` are the checks a run makes; ``trainer.tokenizer``
     and ``trainer.objective`` are filled in. ``cfg.model.vocab_size`` is resolved in place.
     Raises ValueError / FileNotFoundError naming the flag and the values."""
-    from megatron_let.data.datasets import _check_splits_nonempty, parse_split
-    from megatron_let.data.indexed import parse_data_path
-    from megatron_let.objectives.base import ObjectiveContext, build_objective
-
     warnings: List[str] = []
     par = cfg.parallel
     world = world_size if world_size is not None else world_size_from_env(cfg)
@@ -321,7 +327,6 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
         if not cfg.model.vocab_size:
             raise ValueError("vocabulary size unknown: pass --vocab-size, or --tokenizer-type with "
                              "--tokenizer-model")
-        from megatron_let.data.tokenizers import build_tokenizer
 
         tokenizer = build_tokenizer("NullTokenizer", None, vocab_size=cfg.model.vocab_size)
     tok_type = cfg.data.tokenizer_type or "NullTokenizer"
@@ -360,16 +365,12 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
             )
         selection = read_selection(cfg.data.kd_data_selection)
 
-    from megatron_let.training.lr_schedule import schedule_steps
-
     schedule_steps(cfg.optim, cfg.batch.train_iters, gbs)  # warmup shorter than decay, as a run
     train_samples, valid_samples = sample_counts(cfg, gbs)
     if cfg.data.kd_data_selection:
         check_selection_range(cfg.data.kd_data_selection, selection, train_samples)
     datasets: List[DatasetCheck] = []
     if cfg.data.data_path and not cfg.data.mock_data:
-        from megatron_let.data.indexed import SAMPLED_SCAN_BYTES
-
         entries = parse_data_path(cfg.data.data_path)
         # every rank checks (an error must stop them all); the scan budget is shared by the prefixes
         scan_bytes = max(1 << 20, SAMPLED_SCAN_BYTES // len(entries))
@@ -390,12 +391,9 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
     )
     if cfg.checkpoint.save:
         where = check_save_dir(cfg.checkpoint.save)
-        from megatron_let.training.save_lock import check_lock
 
         held = check_lock(cfg.checkpoint.save)  # a live holder: the run would stop at its lock
         if held:
-            from megatron_let.training.errors import SaveLockError
-
             raise SaveLockError(held)
         result.checkpoint_bytes = checkpoint_bytes(cfg.model, par.tensor_model_parallel_size, cfg.bf16)
         result.planned_checkpoints = planned_checkpoints(cfg)
@@ -408,14 +406,9 @@ def preflight(cfg, trainer, world_size: Optional[int] = None, emit: bool = True)
                 f"{result.checkpoint_bytes / GIB:.2f} GiB each are planned ({need / GIB:.2f} GiB): "
                 "the run may fail at a save"
             )
-    import torch
-
-    from megatron_let.training.megatron_compat import preflight_warnings
 
     # the device the run will use (a dry run on a login node may describe a GPU run)
-    device_type = "cuda" if cfg.device == "cuda" or (cfg.device == "auto" and
-                                                     torch.cuda.is_available()) else "cpu"
-    warnings.extend(preflight_warnings(cfg, device_type))  # the Megatron-LM flags
+    warnings.extend(preflight_warnings(cfg, device_policy.planned_device_type(cfg.device)))
     if emit:
         emit_warnings(warnings)
     return result

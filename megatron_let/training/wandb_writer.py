@@ -48,6 +48,7 @@ def wandb_config_from_args(project: Optional[str], exp_name: Optional[str], save
 
 def open_wandb_run(cfg: WandbConfig, run_config: Optional[Dict[str, Any]] = None):
     """Start the run (Megatron-LM's ``wandb.init(dir=, name=, project=, config=vars(args))``)."""
+    # lazy: wandb is an optional dependency
     import wandb
 
     os.makedirs(cfg.save_dir, exist_ok=True)
