@@ -196,7 +196,7 @@ class Trainer:
             return
         if not cfg.teacher.path:
             raise ValueError(f"--objective {cfg.objective} needs --teacher-path")
-        from megatron_let.teacher.hf_teacher import check_vocab_compatible, inspect_teacher
+        from megatron_let.teacher.inspection import check_vocab_compatible, inspect_teacher
 
         if cfg.teacher.compile:  # before any compute: the compiler torch.compile needs here
             from megatron_let.runtime.device import resolve_device
