@@ -40,6 +40,7 @@ from megatron_let.teacher.inspection import (
     find_weight_files,
     inspect_teacher,
     missing_weights_message,
+    model_load_kwargs,
     resolve_layer,
     teacher_bos_token_id,
     teacher_max_positions,
@@ -223,8 +224,7 @@ class HFTeacher:
         )
         if _supports_kwarg(PreTrainedModel.from_pretrained, "weights_only"):
             kwargs["weights_only"] = True
-        # transformers 5 renamed torch_dtype to dtype (the old name still works with a warning).
-        kwargs["dtype" if _transformers_major() >= 5 else "torch_dtype"] = dtype
+        kwargs.update(model_load_kwargs(dtype))
         try:
             model, loading = AutoModelForCausalLM.from_pretrained(
                 info.path, output_loading_info=True, **kwargs)
@@ -564,10 +564,3 @@ def _one_sequence_per_row():
 def _raise_output(module: nn.Module, args: Any, output: Any) -> None:
     """Forward hook: stop the forward right after this block, handing its hidden state out."""
     raise _StopForward(output[0] if isinstance(output, (tuple, list)) else output)
-
-
-def _transformers_major() -> int:
-    # lazy: transformers takes seconds to import; runs without a teacher never need it
-    import transformers
-
-    return int(transformers.__version__.split(".")[0])

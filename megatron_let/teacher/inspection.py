@@ -8,6 +8,7 @@ teacher (:mod:`megatron_let.teacher.hf_teacher`) shares. Layer convention: see t
 
 from __future__ import annotations
 
+import functools
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -255,6 +256,34 @@ def missing_weights_message(folder: str, missing: list[str], total: int) -> str:
             f"({shown}): transformers would initialise them randomly; the folder is incomplete")
 
 
+@functools.lru_cache(maxsize=None)
+def _from_pretrained_takes(name: str) -> bool:
+    # lazy: transformers takes seconds to import; runs without a teacher never need it
+    import inspect as _inspect
+
+    from transformers import PreTrainedModel
+
+    # from_pretrained pops most of its options from **kwargs, so the signature does not list them
+    return name in _inspect.getsource(PreTrainedModel.from_pretrained)
+
+
+def model_load_kwargs(dtype: Optional[torch.dtype] = None) -> dict:
+    """Keyword arguments for every ``AutoModelForCausalLM.from_pretrained`` of ours: the dtype under
+    this transformers version's name (5.x renamed ``torch_dtype`` to ``dtype``) and no Hub kernels.
+    transformers 5 kernelizes models by default with kernels fetched from the Hugging Face Hub: a
+    download at run time (refused here), other numerics than the teacher's own layers, and on the
+    meta device an error that would hide a teacher's missing weights."""
+    # lazy: transformers takes seconds to import; runs without a teacher never need it
+    import transformers
+
+    kwargs: dict = {}
+    if dtype is not None:
+        kwargs["dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"] = dtype
+    if _from_pretrained_takes("use_kernels"):
+        kwargs["use_kernels"] = False
+    return kwargs
+
+
 def check_weights_present(folder: str, weights: list[str], trust_remote_code: bool = False
                           ) -> Optional[int]:
     """Every weight tensor of the teacher is stored, and every weight file is readable.
@@ -274,7 +303,7 @@ def check_weights_present(folder: str, weights: list[str], trust_remote_code: bo
     try:
         model, loading = AutoModelForCausalLM.from_pretrained(
             folder, device_map="meta", output_loading_info=True, local_files_only=True,
-            trust_remote_code=trust_remote_code)
+            trust_remote_code=trust_remote_code, **model_load_kwargs())
     except Exception:  # every file is readable: an architecture meta loading does not support
         return None
     finally:

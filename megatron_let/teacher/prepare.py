@@ -34,7 +34,7 @@ import transformers
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from megatron_let.runtime.files import sha256_file
-from megatron_let.teacher.inspection import inspect_teacher
+from megatron_let.teacher.inspection import inspect_teacher, model_load_kwargs
 
 try:  # transformers >= 5 can keep GGUF blocks packed; we need plain dense weights
     from transformers import GgufConfig
@@ -170,11 +170,6 @@ def _require_gguf_support() -> None:
         )
 
 
-def _dtype_kwarg(dtype) -> dict:
-    major = int(transformers.__version__.split(".")[0])
-    return {"dtype" if major >= 5 else "torch_dtype": dtype}
-
-
 def load_source(source: SourceFile):
     """Load (model in fp32, eval) and tokenizer (or None) from a GGUF file or an HF folder."""
     if source.kind == "gguf":
@@ -183,7 +178,7 @@ def load_source(source: SourceFile):
         if GgufConfig is not None:
             kwargs["quantization_config"] = GgufConfig(dequantize=True)
         model = AutoModelForCausalLM.from_pretrained(
-            str(source.path.parent), **kwargs, **_dtype_kwarg(torch.float32)
+            str(source.path.parent), **kwargs, **model_load_kwargs(torch.float32)
         )
         tokenizer = AutoTokenizer.from_pretrained(
             str(source.path.parent), gguf_file=source.path.name, local_files_only=True
@@ -191,7 +186,7 @@ def load_source(source: SourceFile):
     else:
         inspect_teacher(source.path, read_tokenizer=False)  # clear errors for a bad folder
         model = AutoModelForCausalLM.from_pretrained(
-            str(source.path), local_files_only=True, **_dtype_kwarg(torch.float32)
+            str(source.path), local_files_only=True, **model_load_kwargs(torch.float32)
         )
         try:
             tokenizer = AutoTokenizer.from_pretrained(str(source.path), local_files_only=True)
@@ -322,7 +317,7 @@ def prepare(cfg: PrepareConfig) -> dict:
 
     # Reload exactly as --teacher-path will and compare tensor by tensor (logits would also differ
     # through buffers such as RoPE's inv_freq, which from_pretrained keeps in fp32).
-    reloaded = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, **_dtype_kwarg(dtype)).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(str(out), local_files_only=True, **model_load_kwargs(dtype)).eval()
     saved = reloaded.state_dict()
     wrong = [k for k, v in expected.items() if k not in saved or not torch.equal(saved[k], v)]
     if wrong:
