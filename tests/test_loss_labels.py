@@ -6,11 +6,13 @@ The trainer's own ``_forward_step`` + loss function on a real tiny student, agai
 (``F.cross_entropy`` on the logits the model returns without labels): losses and every gradient
 at 1e-6 in fp32, within bf16 rounding with Float16Module, ``loss_mask`` zeros honoured."""
 
+from types import SimpleNamespace
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_let.model.llama import LlamaConfig, build_student
+from megatron_let.model.llama import LlamaConfig, PerformanceConfig, build_student
 from megatron_let.runtime.device import ParallelConfig
 
 CFG = LlamaConfig(num_layers=2, hidden_size=32, ffn_hidden_size=64, num_attention_heads=4,
@@ -40,13 +42,17 @@ def _objective(name, **config):
 
 
 def _trainer(objective, model, student, forward_only=False, iteration=0):
+    from megatron_let.teacher.lifecycle import TeacherLifecycle
     from megatron_let.training.metrics import MetricAccumulator
     from megatron_let.training.trainer import Trainer
 
     t = Trainer.__new__(Trainer)  # what _forward_step and the loss function read
     t.device, t.objective, t.iteration, t._forward_only = torch.device("cpu"), objective, iteration, forward_only
-    t.model, t.student_chunks, t.capture, t.teacher = [model], [student], None, None
+    t.model, t.student_chunks = [model], [student]
     t.metrics = MetricAccumulator()
+    t.cfg = SimpleNamespace(perf=PerformanceConfig())  # the loss function reads --cross-entropy-loss-fusion
+    # a run without a teacher: no capture, no teacher output
+    t.teacher = TeacherLifecycle(TeacherLifecycle.Config(), objective, t.metrics, t.device, print)
     return t
 
 
