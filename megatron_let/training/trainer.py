@@ -77,7 +77,7 @@ class Trainer:
 
         timeout = cfg.runtime.distributed_timeout_minutes  # --distributed-timeout-minutes
         runtime_device.initialize_distributed(self.device, cfg.parallel, cfg.seed,
-                               **({"timeout_minutes": timeout} if timeout else {}))
+                                              **({"timeout_minutes": timeout} if timeout else {}))
         self.rank = torch.distributed.get_rank()
         self.world = torch.distributed.get_world_size()
         self.dp_size = parallel_state.get_data_parallel_world_size()
