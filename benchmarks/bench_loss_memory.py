@@ -80,10 +80,9 @@ class PeakMemory:
 def loss_path_worker(variant, objective, vocab, seq, micro_batch, dtype, device):
     import torch
 
-    from megatron_let.objectives.base import ObjectiveContext, build_objective
     from megatron_let.model.llama import PerformanceConfig
+    from megatron_let.objectives.base import ObjectiveContext, build_objective
     from megatron_let.runtime.device import ParallelConfig, initialize_distributed
-    from megatron_let.teacher.lifecycle import TeacherLifecycle
     from megatron_let.training.metrics import MetricAccumulator
     from megatron_let.training.trainer import Trainer
 
@@ -107,6 +106,7 @@ def loss_path_worker(variant, objective, vocab, seq, micro_batch, dtype, device)
     trainer = Trainer.__new__(Trainer)  # only what _loss_func reads
     trainer.objective, trainer.metrics, trainer.iteration = obj, MetricAccumulator(), 0
     trainer._forward_only = False
+    trainer.cfg = SimpleNamespace(perf=PerformanceConfig())  # the loss function reads the CE fusion flag
 
     def before(logits):
         """The trainer's loss function before this change (kept here as the reference)."""
@@ -140,10 +140,9 @@ def model_loss_worker(variant, objective, vocab, seq, micro_batch, hidden, dtype
 
     from megatron.core.transformer.module import Float16Module
 
-    from megatron_let.model.llama import LlamaConfig, build_student
+    from megatron_let.model.llama import LlamaConfig, PerformanceConfig, build_student
     from megatron_let.objectives import registry
     from megatron_let.objectives.base import ObjectiveContext, build_objective
-    from megatron_let.model.llama import PerformanceConfig
     from megatron_let.runtime.device import ParallelConfig, initialize_distributed
     from megatron_let.teacher.lifecycle import TeacherLifecycle
     from megatron_let.training.metrics import MetricAccumulator
