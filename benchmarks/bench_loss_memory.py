@@ -30,6 +30,7 @@ import os
 import subprocess
 import sys
 import tempfile
+from types import SimpleNamespace
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -82,6 +83,7 @@ def loss_path_worker(variant, objective, vocab, seq, micro_batch, dtype, device)
     # lazy: a worker subprocess loads only what it measures (RSS baseline); the parent stays torch-free
     import torch
 
+    from megatron_let.model.llama import PerformanceConfig
     from megatron_let.objectives.base import ObjectiveContext, build_objective
     from megatron_let.runtime.device import ParallelConfig, initialize_distributed
     from megatron_let.training.metrics import MetricAccumulator
@@ -108,6 +110,7 @@ def loss_path_worker(variant, objective, vocab, seq, micro_batch, dtype, device)
     trainer = Trainer.__new__(Trainer)  # only what _loss_func reads
     trainer.objective, trainer.metrics, trainer.iteration = obj, MetricAccumulator(), 0
     trainer._forward_only = False
+    trainer.cfg = SimpleNamespace(perf=PerformanceConfig())  # the loss function reads the CE fusion flag
 
     def before(logits):
         """The trainer's loss function before this change (kept here as the reference)."""
@@ -143,10 +146,11 @@ def model_loss_worker(variant, objective, vocab, seq, micro_batch, hidden, dtype
 
     from megatron.core.transformer.module import Float16Module
 
-    from megatron_let.model.llama import LlamaConfig, build_student
+    from megatron_let.model.llama import LlamaConfig, PerformanceConfig, build_student
     from megatron_let.objectives import registry
     from megatron_let.objectives.base import ObjectiveContext, build_objective
     from megatron_let.runtime.device import ParallelConfig, initialize_distributed
+    from megatron_let.teacher.lifecycle import TeacherLifecycle
     from megatron_let.training.metrics import MetricAccumulator
     from megatron_let.training.trainer import Trainer
 
@@ -162,8 +166,10 @@ def model_loss_worker(variant, objective, vocab, seq, micro_batch, hidden, dtype
                           ObjectiveContext(train_iters=100, vocab_size=vocab))
     trainer = Trainer.__new__(Trainer)  # what _forward_step and the loss function read
     trainer.device, trainer.objective, trainer.iteration, trainer._forward_only = dev, obj, 0, False
-    trainer.model, trainer.student_chunks, trainer.capture, trainer.teacher = [model], [student], None, None
+    trainer.model, trainer.student_chunks = [model], [student]
     trainer.metrics = MetricAccumulator()
+    trainer.cfg = SimpleNamespace(perf=PerformanceConfig())  # the loss function reads the CE fusion flag
+    trainer.teacher = TeacherLifecycle(TeacherLifecycle.Config(), obj, trainer.metrics, dev, print)  # no teacher
     g = torch.Generator().manual_seed(1)
     batch = {"tokens": torch.randint(0, vocab, (micro_batch, seq), generator=g).to(dev),
              "labels": torch.randint(0, vocab, (micro_batch, seq), generator=g).to(dev),

@@ -870,20 +870,19 @@ def test_model_only_start_logs_data_differences(tmp_path):
     from megatron_let.training.arguments import parse_args
     from megatron_let.training.compatibility import data_record
     from megatron_let.training.errors import CheckpointError
-    from megatron_let.training.trainer import Trainer
+    from megatron_let.training.run_checkpoints import check_data_on_resume
 
     base = ["--num-layers", "2", "--hidden-size", "64", "--num-attention-heads", "4", "--mock-data",
             "--vocab-size", "200", "--load", str(tmp_path)]
     saved = {"iteration": 4, "data": data_record(parse_args(base + ["--seed", "5"]))}
     for extra, saved_iteration, refused in (([], 4, True), (["--no-load-optim"], 4, False), ([], 0, False)):
-        trainer = Trainer(parse_args(base + ["--seed", "6", *extra]))
+        cfg = parse_args(base + ["--seed", "6", *extra])
         logged = []
-        trainer._log = logged.append
         record = dict(saved, iteration=saved_iteration)
         if refused:
             with pytest.raises(CheckpointError, match="--seed: checkpoint 5, this run 6"):
-                trainer._check_data_on_resume(record, "ck")
+                check_data_on_resume(cfg, record, "ck", logged.append)
         else:
-            trainer._check_data_on_resume(record, "ck")
+            check_data_on_resume(cfg, record, "ck", logged.append)
             assert logged == ["data differs from the checkpoint's (a model-only start, allowed): "
                               "--seed: checkpoint 5, this run 6"]

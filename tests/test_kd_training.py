@@ -149,7 +149,7 @@ def test_select_data_scores_and_selection_is_consumed(tmp_path, teacher_dir, meg
 
     from megatron_let.data.tokenizers import build_tokenizer
     from megatron_let.training.arguments import parse_args
-    from megatron_let.training.trainer import build_run_datasets
+    from megatron_let.data.run_datasets import build_run_datasets
 
     cfg = parse_args(KD + ["--objective", "salt", "--teacher-path", teacher_dir, "--train-iters", "6",
                            "--kd-stop-step", "2"])

@@ -17,9 +17,6 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 FOLDERS = ("megatron_let", "tools", "benchmarks")
-# training/trainer.py is being reshaped on another branch (the teacher component, issue 24 item 1),
-# which moves or removes most of its ~40 lazy imports: remove this exemption once that is merged.
-EXEMPT = {"megatron_let/training/trainer.py"}
 
 
 def unexplained_imports(source: str) -> List[int]:
@@ -59,8 +56,6 @@ def test_function_level_imports_state_their_reason():
     for folder in FOLDERS:
         for path in sorted((ROOT / folder).rglob("*.py")):
             rel = path.relative_to(ROOT).as_posix()
-            if rel in EXEMPT:
-                continue
             for line in unexplained_imports(path.read_text()):
                 offenders.append(f"{rel}:{line}")
     assert not offenders, ("imports inside functions without a reason comment (move them to the top "

@@ -137,9 +137,10 @@ def test_step_one_norms_match_plain_pytorch(megatron_single_process, teacher_dir
     student = trainer.student_chunks[0]
     initial = {k: v.detach().clone() for k, v in student.state_dict().items() if torch.is_tensor(v)}
     batches, states = [], []
-    real_loss, real_pending = trainer._loss_func, trainer.capture.set_pending
+    capture = trainer.teacher.capture  # layer k's capture, installed by setup()
+    real_loss, real_pending = trainer._loss_func, capture.set_pending
     trainer._loss_func = lambda batch, *a, **k: (batches.append(batch), real_loss(batch, *a, **k))[1]
-    trainer.capture.set_pending = lambda h, m, **k: (states.append(h.clone()), real_pending(h, m, **k))[1]
+    capture.set_pending = lambda h, m, **k: (states.append(h.clone()), real_pending(h, m, **k))[1]
     try:
         trainer.train()
     finally:

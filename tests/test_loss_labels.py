@@ -42,14 +42,17 @@ def _objective(name, **config):
 
 
 def _trainer(objective, model, student, forward_only=False, iteration=0):
+    from megatron_let.teacher.lifecycle import TeacherLifecycle
     from megatron_let.training.metrics import MetricAccumulator
     from megatron_let.training.trainer import Trainer
 
     t = Trainer.__new__(Trainer)  # what _forward_step and the loss function read
     t.device, t.objective, t.iteration, t._forward_only = torch.device("cpu"), objective, iteration, forward_only
-    t.model, t.student_chunks, t.capture, t.teacher = [model], [student], None, None
+    t.model, t.student_chunks = [model], [student]
     t.metrics = MetricAccumulator()
-    t.cfg = SimpleNamespace(perf=PerformanceConfig())  # no --cross-entropy-loss-fusion
+    t.cfg = SimpleNamespace(perf=PerformanceConfig())  # the loss function reads --cross-entropy-loss-fusion
+    # a run without a teacher: no capture, no teacher output
+    t.teacher = TeacherLifecycle(TeacherLifecycle.Config(), objective, t.metrics, t.device, print)
     return t
 
 

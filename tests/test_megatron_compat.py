@@ -764,7 +764,7 @@ def test_data_flags_reach_megatron_core(files, tmp_path):
     from megatron_let.data.datasets import parse_split
     from megatron_let.data.tokenizers import build_tokenizer
     from megatron_let.training.arguments import parse_args
-    from megatron_let.training.trainer import build_run_datasets
+    from megatron_let.data.run_datasets import build_run_datasets
 
     argv = [a for a in TINY if a != "--mock-data"] + [
         "--data-path", files["data"], "--tokenizer-type", "NullTokenizer", "--train-iters", "2",

@@ -300,7 +300,7 @@ def test_forward_backward_makes_no_host_device_sync(megatron_single_process, let
         "--log-memory-to-tensorboard", "--log-throughput", "--let-loss", loss,
         "--let-lambda-mode", mode])
     trainer = _train(cfg)
-    assert state["steps"] == 2 and trainer.capture is not None and trainer.capture.fired == 4
+    assert state["steps"] == 2 and trainer.teacher.capture is not None and trainer.teacher.capture.fired == 4
     assert state["accumulated"] == 2 and collectives["n"] == 0
     m = read_metrics(metrics)
     assert m[1]["align loss"] != 0 and m[2]["lm loss"] > 4.0

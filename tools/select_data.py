@@ -39,7 +39,7 @@ from megatron_let.runtime.device import (  # noqa: E402
 from megatron_let.teacher.hf_teacher import HFTeacher, TeacherConfig  # noqa: E402
 from megatron_let.teacher.inspection import check_vocab_compatible, inspect_teacher  # noqa: E402
 from megatron_let.training.arguments import build_parser, parse_args  # noqa: E402
-from megatron_let.training.trainer import build_run_datasets  # noqa: E402
+from megatron_let.data.run_datasets import build_run_datasets  # noqa: E402
 
 
 def build_select_parser():

@@ -25,3 +25,15 @@ class SaveLockError(ValueError):
 
 # raised during training (after set-up); pretrain_let.py turns them into one error line, exit 1
 RUN_ERRORS = (CheckpointError, DiskFullError, CheckpointWriteError, NonFiniteError, SaveLockError)
+
+
+def non_finite_error(iteration: int, non_finite, seen) -> NonFiniteError:
+    """The stop report of ``--check-for-nan-in-loss-and-grad``: ``non_finite`` maps each metric
+    that was NaN/inf to the ranks that saw it (MetricAccumulator.non_finite), ``seen`` the step's
+    reduced values."""
+    bad = "; ".join(f"{name} = {seen.get(name, float('nan'))} on rank{'s' if len(r) > 1 else ''} "
+                    f"{','.join(map(str, r))}" for name, r in non_finite.items())
+    return NonFiniteError(
+        f"non-finite values at iteration {iteration}: {bad}. Nothing of this step was "
+        "saved; lower --lr, check the data and the teacher, resume from the last checkpoint "
+        "(--no-check-for-nan-in-loss-and-grad disables this check)")
