@@ -292,15 +292,19 @@ def _fails(args, code=2):
     return proc.stderr
 
 
-def test_flipped_byte_in_shard(reference, tmp_path):
-    _case("flipped-byte")
-    d, it5 = _damaged_copy(reference, tmp_path)
-    shard = os.path.join(it5, "__0_0.distcp")
-    with open(shard, "r+b") as f:
-        f.seek(os.path.getsize(shard) // 2)
+def _flip_middle_byte(path: str) -> str:
+    with open(path, "r+b") as f:
+        f.seek(os.path.getsize(path) // 2)
         b = f.read(1)
         f.seek(-1, 1)
         f.write(bytes([b[0] ^ 0xFF]))
+    return path
+
+
+def test_flipped_byte_in_shard(reference, tmp_path):
+    _case("flipped-byte")
+    d, it5 = _damaged_copy(reference, tmp_path)
+    shard = _flip_middle_byte(os.path.join(it5, "__0_0.distcp"))
     err = _fails(["--train-iters", "6", "--load", d])
     assert f"{shard} fails its CRC-32 check" in err
     assert f"{os.path.join(d, 'iter_0000004')}: load it with --ckpt-step 4" in err
@@ -608,7 +612,7 @@ def test_reliability_doc_is_current():
     spec.loader.exec_module(reliability_table)
 
     with open(os.path.join(ROOT, "docs", "reliability.md")) as f:
-        current = reliability_table.generated_part(f.read())
+        current = reliability_table.SECTION.current(f.read())
     assert current == reliability_table.render(), \
         "docs/reliability.md is stale: run python tools/reliability_table.py"
     assert f"**{len(FAULT_CASES)} faults survived**" in current
@@ -845,12 +849,7 @@ def test_tools_verify_checkpoint_or_skip_it(reference, tmp_path):
     from launch import run_script
 
     d, it5 = _damaged_copy(reference, tmp_path)
-    shard = os.path.join(it5, "__0_0.distcp")
-    with open(shard, "r+b") as f:
-        f.seek(os.path.getsize(shard) // 2)
-        b = f.read(1)
-        f.seek(-1, 1)
-        f.write(bytes([b[0] ^ 0xFF]))
+    shard = _flip_middle_byte(os.path.join(it5, "__0_0.distcp"))
     prefix = _write_dataset(str(tmp_path / "ds"), seed=1)
     tools = {"export_hf.py": ["--load", d, "--out", str(tmp_path / "hf")],
              "evaluate.py": ["--task", "ppl", "--load", d, "--data-path", prefix, "--device", "cpu"]}

@@ -456,57 +456,8 @@ TINY = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "128",
         "--log-interval", "1", "--lr", "1e-3", "--min-lr", "1e-4", "--seed", "7"]
 
 
-def _rms(x, w, eps):
-    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
-
-
-def _rope(x, base, rot_dim):
-    """Rotate-half RoPE on the first ``rot_dim`` dims of each head; the rest passes (Megatron's
-    --rotary-percent), written from the definition."""
-    s = x.shape[-2]
-    inv = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
-    ang = torch.outer(torch.arange(s, dtype=torch.float32), inv)
-    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
-    r, rest = x[..., :rot_dim], x[..., rot_dim:]
-    r1, r2 = r[..., : rot_dim // 2], r[..., rot_dim // 2:]
-    return torch.cat([r * cos + torch.cat([-r2, r1], -1) * sin, rest], -1)
-
-
-def _reference(sd, cfg, ids):
-    """Plain-PyTorch LLaMA forward with head dim --kv-channels, partial RoPE, 1+w norms."""
-    import math
-
-    import torch.nn.functional as F
-
-    h, nh, ng, hd = cfg.hidden_size, cfg.num_attention_heads, cfg.num_query_groups, cfg.kv_channels
-    rot = int(hd * cfg.rotary_percent)
-    g = (lambda w: w + 1.0) if cfg.apply_layernorm_1p else (lambda w: w)
-    b, s = ids.shape
-    x = sd["embedding.word_embeddings.weight"][ids]
-    mask = torch.full((s, s), float("-inf")).triu(1)
-    for i in range(cfg.num_layers):
-        p = f"decoder.layers.{i}."
-        a = _rms(x, g(sd[p + "input_layernorm.weight"]), cfg.norm_epsilon)
-        w = sd[p + "self_attention.linear_qkv.weight"].view(ng, (nh // ng + 2) * hd, h)
-        wq = w[:, : nh // ng * hd].reshape(nh * hd, h)
-        wk = w[:, nh // ng * hd: nh // ng * hd + hd].reshape(ng * hd, h)
-        wv = w[:, nh // ng * hd + hd:].reshape(ng * hd, h)
-        q = (a @ wq.T).view(b, s, nh, hd).transpose(1, 2)
-        k = (a @ wk.T).view(b, s, ng, hd).transpose(1, 2)
-        v = (a @ wv.T).view(b, s, ng, hd).transpose(1, 2)
-        q, k = _rope(q, cfg.rotary_base, rot), _rope(k, cfg.rotary_base, rot)
-        k, v = k.repeat_interleave(nh // ng, 1), v.repeat_interleave(nh // ng, 1)
-        att = (q @ k.transpose(-1, -2)) / math.sqrt(hd) + mask
-        o = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, s, nh * hd)
-        x = x + o @ sd[p + "self_attention.linear_proj.weight"].T
-        m = _rms(x, g(sd[p + "pre_mlp_layernorm.weight"]), cfg.norm_epsilon)
-        gate, up = (m @ sd[p + "mlp.linear_fc1.weight"].T).chunk(2, dim=-1)
-        x = x + (F.silu(gate) * up) @ sd[p + "mlp.linear_fc2.weight"].T
-    x = _rms(x, g(sd["decoder.final_layernorm.weight"]), cfg.norm_epsilon)
-    return x @ sd["output_layer.weight"].T
-
-
 import torch  # noqa: E402
+from test_model import reference_llama  # noqa: E402
 
 
 def test_kv_channels_rotary_percent_layernorm_1p_match_reference(megatron_single_process):
@@ -534,7 +485,7 @@ def test_kv_channels_rotary_percent_layernorm_1p_match_reference(megatron_single
     pos = torch.arange(16).expand(2, 16)
     with torch.no_grad():
         out = model(ids, pos, None)
-        ref = _reference(sd, m, ids)
+        ref = reference_llama(sd, m, ids)  # tests/test_model.py's plain-PyTorch LLaMA
     torch.testing.assert_close(out[..., :96], ref[..., :96], rtol=1e-4, atol=1e-4)
 
 
@@ -743,7 +694,10 @@ def test_empty_unused_memory_level_with_a_recording_cuda(monkeypatch):
     there is nothing to release)."""
     from megatron_let.training.megatron_compat import RuntimeConfig, StepHooks
 
+    from megatron_let.runtime import device as device_policy
+
     calls = []
+    monkeypatch.setattr(device_policy, "cuda_usable", lambda: True)  # a stand-in GPU
     monkeypatch.setattr(torch.cuda, "empty_cache", lambda: calls.append(where))
     for level, expected in ((0, []), (1, ["fwd-bwd"]), (2, ["fwd-bwd", "step"])):
         calls.clear()
@@ -843,7 +797,7 @@ def test_megatron_compat_doc_is_current():
     import megatron_compat_table
 
     with open(os.path.join(ROOT, "docs", "megatron-compat.md")) as f:
-        current = megatron_compat_table.generated_part(f.read())
+        current = megatron_compat_table.SECTION.current(f.read())
     assert current == megatron_compat_table.render(), \
         "docs/megatron-compat.md is stale: run python tools/megatron_compat_table.py"
 

@@ -14,28 +14,35 @@ def rms_norm(x, w, eps):
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * w
 
 
-def rope(x, base):
-    # x: [b, heads, s, d]; rotate-half convention (GPT-NeoX / HF Llama).
+def rope(x, base, rot_dim=None):
+    """Rotate-half RoPE (GPT-NeoX / HF Llama) on the first ``rot_dim`` dims of each head (all by
+    default); the rest passes unrotated (Megatron's --rotary-percent). x: [b, heads, s, d]."""
     s, d = x.shape[-2], x.shape[-1]
-    inv = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    rot_dim = rot_dim or d
+    inv = 1.0 / (base ** (torch.arange(0, rot_dim, 2, dtype=torch.float32) / rot_dim))
     ang = torch.outer(torch.arange(s, dtype=torch.float32), inv)
     cos = torch.cat([ang.cos(), ang.cos()], -1)
     sin = torch.cat([ang.sin(), ang.sin()], -1)
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
-    return x * cos + torch.cat([-x2, x1], -1) * sin
+    r, rest = x[..., :rot_dim], x[..., rot_dim:]
+    r1, r2 = r[..., : rot_dim // 2], r[..., rot_dim // 2:]
+    return torch.cat([r * cos + torch.cat([-r2, r1], -1) * sin, rest], -1)
 
 
 def reference_llama(sd, cfg: LlamaConfig, ids):
-    """Plain LLaMA forward from megatron-core's state-dict layout, written from the architecture."""
+    """Plain LLaMA forward from megatron-core's state-dict layout, written from the architecture:
+    head dim ``kv_channels`` (default hidden / heads), RoPE on ``rotary_percent`` of each head,
+    norm scale 1 + w with ``apply_layernorm_1p``."""
     h, nh = cfg.hidden_size, cfg.num_attention_heads
     ng = cfg.num_query_groups or nh
-    hd = h // nh
+    hd = cfg.kv_channels or h // nh
+    rot = int(hd * cfg.rotary_percent)
+    g = (lambda w: w + 1.0) if cfg.apply_layernorm_1p else (lambda w: w)
     b, s = ids.shape
     x = sd["embedding.word_embeddings.weight"][ids]
     mask = torch.full((s, s), float("-inf")).triu(1)
     for i in range(cfg.num_layers):
         p = f"decoder.layers.{i}."
-        a = rms_norm(x, sd[p + "input_layernorm.weight"], cfg.norm_epsilon)
+        a = rms_norm(x, g(sd[p + "input_layernorm.weight"]), cfg.norm_epsilon)
         # fused qkv rows are grouped: per KV group, [q heads of the group, k, v]
         w = sd[p + "self_attention.linear_qkv.weight"].view(ng, (nh // ng + 2) * hd, h)
         wq = w[:, : nh // ng * hd].reshape(nh * hd, h)
@@ -44,16 +51,16 @@ def reference_llama(sd, cfg: LlamaConfig, ids):
         q = (a @ wq.T).view(b, s, nh, hd).transpose(1, 2)
         k = (a @ wk.T).view(b, s, ng, hd).transpose(1, 2)
         v = (a @ wv.T).view(b, s, ng, hd).transpose(1, 2)
-        q, k = rope(q, cfg.rotary_base), rope(k, cfg.rotary_base)
+        q, k = rope(q, cfg.rotary_base, rot), rope(k, cfg.rotary_base, rot)
         k = k.repeat_interleave(nh // ng, dim=1)
         v = v.repeat_interleave(nh // ng, dim=1)
         att = (q @ k.transpose(-1, -2)) / math.sqrt(hd) + mask
-        o = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, s, h)
+        o = (att.softmax(-1) @ v).transpose(1, 2).reshape(b, s, nh * hd)
         x = x + o @ sd[p + "self_attention.linear_proj.weight"].T
-        m = rms_norm(x, sd[p + "pre_mlp_layernorm.weight"], cfg.norm_epsilon)
+        m = rms_norm(x, g(sd[p + "pre_mlp_layernorm.weight"]), cfg.norm_epsilon)
         gate, up = (m @ sd[p + "mlp.linear_fc1.weight"].T).chunk(2, dim=-1)
         x = x + (F.silu(gate) * up) @ sd[p + "mlp.linear_fc2.weight"].T
-    x = rms_norm(x, sd["decoder.final_layernorm.weight"], cfg.norm_epsilon)
+    x = rms_norm(x, g(sd["decoder.final_layernorm.weight"]), cfg.norm_epsilon)
     out_w = sd.get("output_layer.weight", sd["embedding.word_embeddings.weight"])
     return x @ out_w.T
 
