@@ -399,3 +399,34 @@ def test_7b_launcher_dry_run_at_64_gpus(objective, smollm2_17b, tmp_path):
                 "salt": list(range(48, 64))}[objective]
     assert teacher_ranks == expected
     assert not (tmp_path / "ck").exists()  # a dry run creates nothing
+
+
+def test_dry_run_states_the_log_throughput_counts(monkeypatch, smollm2_135m):
+    """With --log-throughput the dry run prints the FLOPs per step the run will divide by its step
+    time: the trainer's own count (estimates.run_step_flops), written out here from the shapes
+    (Megatron-LM's formula: 3 x 2 x tokens x GEMM weights, causal attention halved)."""
+    from megatron_let.training.dry_run import format_plan, plan_run
+    from megatron_let.training.estimates import run_step_flops
+
+    monkeypatch.setenv("WORLD_SIZE", "64")
+    cfg = _cfg(PAPER_1B + ["--pipeline-model-parallel-size", "4", "--teacher-path", smollm2_135m,
+                           "--log-throughput"])
+    plan = plan_run(cfg)
+    m, gbs = cfg.model, plan.global_batch_size
+    h, f, s, hd = m.hidden_size, m.ffn_hidden_size, m.seq_length, m.head_dim
+    q, kv = m.num_attention_heads * hd, (m.num_query_groups or m.num_attention_heads) * hd
+    gemm = m.num_layers * (h * (q + 2 * kv) + q * h + 3 * h * f) + h * m.padded_vocab_size(1)
+    student = 6 * gbs * (s * gemm + m.num_layers * s * s * q)
+    t = plan.teacher  # LET: all 30 blocks, no LM head
+    teacher = 2 * gbs * (s * t.block_parameters + t.num_layers * s * s * t.hidden_size)
+    line = next(x for x in format_plan(plan).splitlines() if "--log-throughput counts" in x)
+    assert f"student {student:.3e}" in line and f"teacher forward {teacher:.3e}" in line, line
+    assert "64 GPUs" in line
+    # the same numbers the trainer's throughput divides by its step time
+    from megatron_let.teacher.inspection import inspect_teacher
+
+    info = inspect_teacher(smollm2_135m, layer=-1, seq_length=m.seq_length)
+    trainer = run_step_flops(cfg, plan.objective, info, 64, gbs)
+    assert trainer.student == pytest.approx(student) and trainer.teacher == pytest.approx(teacher)
+    cfg = _cfg(PAPER_1B + ["--teacher-path", smollm2_135m])
+    assert "--log-throughput counts" not in format_plan(plan_run(cfg))

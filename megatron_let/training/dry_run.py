@@ -36,9 +36,11 @@ from megatron_let.training.estimates import (
     TeacherUse,
     estimate_flops,
     estimate_memory,
+    megatron_training_flops,
     objective_teacher_use,
     teacher_state_memory,
     teacher_step_prefetch,
+    teacher_forward_flops,
     teacher_summary,
 )
 from megatron_let.training.lr_schedule import schedule_steps
@@ -304,6 +306,16 @@ def format_plan(plan: DryRunPlan) -> str:
         ]
     else:
         out.append("  no teacher: no overhead")
+    if cfg.logging.observability.log_throughput:
+        # what --log-throughput divides by the step time: Megatron-LM's count (causal attention
+        # halved), not the dense estimate above
+        gbs = plan.global_batch_size
+        student = megatron_training_flops(model, gbs, layout.tp)
+        teacher = (teacher_forward_flops(t, use, model.seq_length, gbs)
+                   if t is not None and use is not None else 0.0)
+        out.append(f"  --log-throughput counts (Megatron-LM's formula): student {student:.3e}, "
+                   f"teacher forward {teacher:.3e} FLOPs per step; TFLOP/s per GPU = FLOPs / "
+                   f"(step time x {layout.world_size} GPUs)")
     out += ["", "dry run OK: configuration is valid; nothing was started."]
     return "\n".join(out)
 
