@@ -5,7 +5,8 @@
 # on Debian/Ubuntu without shellcheck, Debian's shellcheck system-wide (apt-get; RUN_TESTS_APT=0 skips
 # that, and the lint tests then skip with the reason).
 # pytest-xdist spreads the files over TEST_WORKERS workers (default 2, one per core; 0: no xdist),
-# each file whole on one worker (--dist loadfile: a file's module fixtures are built once). About
+# each file whole on one worker (--dist loadfile: a file's module fixtures are built once), the longest
+# files first (tests/conftest.py SLOW_FILES_FIRST; --no-loadscope-reorder keeps that order). About
 # 18-19 minutes measured on 2 idle cores (903 tests, 2026-12-04); pytest prints a running count and,
 # at the end, the 25 slowest tests and the reason of every skipped test.
 set -euo pipefail
@@ -27,4 +28,4 @@ echo "[run_tests] running pytest on ${WORKERS} workers (the whole of tests/: abo
 # -ra (pyproject's addopts) lists skip reasons; no path given: pyproject's testpaths (tests/).
 # -n stays out of pyproject's addopts: the nested `pytest -m gpu` of scripts/gpu_check.sh runs serially.
 exec "${ROOT}/.venv/bin/python" -m pytest -q -o console_output_style=count --durations=25 \
-    -n "${WORKERS}" --dist loadfile "$@"
+    -n "${WORKERS}" --dist loadfile --no-loadscope-reorder "$@"

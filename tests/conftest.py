@@ -25,12 +25,13 @@ except ImportError:
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-from launch import build_once  # noqa: E402
+from launch import build_once, hide_optional_imports  # noqa: E402
 from megatron_let.runtime.cli import quiet_backend_warnings  # noqa: E402
 from megatron_let.runtime.files import sha256_file  # noqa: E402
 from megatron_let.teacher import prepare as prep  # noqa: E402
 
 quiet_backend_warnings()
+hide_optional_imports()  # the processes tests start: megatron-core's wandb import is 0.45 s each
 
 
 @pytest.fixture(scope="session")
@@ -70,10 +71,25 @@ def smollm2_teacher():
 GPU_DRY_RUN_ENV = "MEGATRON_LET_GPU_DRY_RUN"
 
 
-# The files with the longest set-ups (a whole pipeline each: ~2.5 min on idle cores) go first, so that
-# pytest-xdist's file-by-file hand-out (--dist loadfile, in collection order) does not leave one
-# worker running one of them alone at the end.
-SLOW_FILES_FIRST = ("test_reproduce.py", "test_gpu_check.py", "test_quickstart.py")
+# Longest first (files measured in a whole-suite run on 2 cores, 2026-12-04, seconds): pytest-xdist hands
+# out whole files in collection order (run_tests.sh passes --no-loadscope-reorder, else xdist sorts the
+# files by their number of tests), so the long files start early and the short ones fill in at the end,
+# instead of one worker running a 2-4 minute file alone while the other has finished.
+SLOW_FILES_FIRST = ("test_signals.py",  # 288
+                    "test_faults.py",  # 251
+                    "test_reproduce.py",  # 217, one pipeline in a module fixture
+                    "test_let_training.py",  # 200
+                    "test_performance_features.py",  # 157
+                    "test_gpu_check.py",  # 153, one pipeline in a module fixture
+                    "test_teacher_tp_split.py",  # 146
+                    "test_parallel_equivalence.py",  # 94
+                    "test_let_grad_ratio.py",  # 84
+                    "test_kd_training.py",  # 83
+                    "test_gpu_path_on_cpu.py",  # 72
+                    "test_observability.py",  # 60
+                    "test_launchers.py",  # 60
+                    "test_quickstart.py",  # 52
+                    "test_lm_eval.py")  # 46
 
 
 def slow_files_first(items):

@@ -60,6 +60,24 @@ def xdist_worker_threads(environ=os.environ, cpus=None):
     return max(1, (cpus or os.cpu_count() or 1) // workers)
 
 
+# Folder of stand-ins that make optional packages look absent to the suite's processes (conftest.py
+# puts it on their PYTHONPATH): see tests/hidden_imports/wandb/__init__.py.
+HIDDEN_IMPORTS = os.path.join(ROOT, "tests", "hidden_imports")
+
+
+def hide_optional_imports() -> None:
+    """Every process started from here on (by any test) sees wandb as not installed."""
+    paths = [p for p in os.environ.get("PYTHONPATH", "").split(os.pathsep) if p]
+    if HIDDEN_IMPORTS not in paths:
+        os.environ["PYTHONPATH"] = os.pathsep.join([HIDDEN_IMPORTS, *paths])
+
+
+def with_wandb(env: dict) -> dict:
+    """``env`` with the real wandb importable again (the W&B tests)."""
+    paths = [p for p in env.get("PYTHONPATH", "").split(os.pathsep) if p and p != HIDDEN_IMPORTS]
+    return dict(env, PYTHONPATH=os.pathsep.join(paths))
+
+
 def base_env(threads: int = 1) -> dict:
     env = dict(os.environ)
     env.update(OMP_NUM_THREADS=str(threads), PYTHONPATH=ROOT + os.pathsep + env.get("PYTHONPATH", ""),

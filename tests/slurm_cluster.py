@@ -99,7 +99,7 @@ ReturnToService=2
 MinJobAge=600
 KillWait=5
 AuthInfo=cred_expire=10
-SchedulerParameters=sched_interval=5
+SchedulerParameters=sched_interval=1
 NodeName={self.node} CPUs={os.cpu_count()} RealMemory=1000 State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
 """

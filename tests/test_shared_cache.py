@@ -62,7 +62,8 @@ def test_each_worker_gets_its_share_of_the_cores():
 
 def test_run_tests_uses_the_workers_the_dev_extra_installs():
     script = open(os.path.join(ROOT, "scripts", "run_tests.sh")).read()
-    assert '-n "${WORKERS}" --dist loadfile' in script and 'WORKERS="${TEST_WORKERS:-2}"' in script
+    # --no-loadscope-reorder: xdist hands the files out in conftest's order (longest first)
+    assert '-n "${WORKERS}" --dist loadfile --no-loadscope-reorder' in script and 'WORKERS="${TEST_WORKERS:-2}"' in script
     dev = re.search(r"^dev = \[(.*)\]$", open(os.path.join(ROOT, "pyproject.toml")).read(), re.M).group(1)
     assert '"pytest-xdist' in dev and '"filelock' in dev, dev
     # -n stays out of addopts: the nested `pytest -m gpu` of scripts/gpu_check.sh must run serially

@@ -14,7 +14,7 @@ import zlib
 
 import pytest
 
-from launch import TINY_MODEL, base_env, run_script
+from launch import TINY_MODEL, base_env, run_script, with_wandb
 
 pytest.importorskip("wandb", reason="wandb is optional (pip install -e .[wandb])")
 
@@ -76,7 +76,7 @@ def test_wandb_offline_run_holds_the_tensorboard_scalars(tmp_path):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     tb, wb = tmp_path / "tb", tmp_path / "wandb"
-    env = base_env()
+    env = with_wandb(base_env())
     env.update(WANDB_MODE="offline", WANDB_SILENT="true", WANDB_DIR=str(tmp_path / "unused"))
     run_script("pretrain_let.py",
                TINY_MODEL + ["--objective", "baseline", "--mock-data", "--vocab-size", "200",
