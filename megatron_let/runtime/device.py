@@ -50,6 +50,12 @@ class ParallelConfig:
 # ------------------------------------------------------------------------------------ probes
 
 
+def cuda_built() -> bool:
+    """This torch can run CUDA at all (a CPU-only wheel cannot, whatever the machine has); asking
+    never touches the driver."""
+    return torch.backends.cuda.is_built()
+
+
 def cuda_usable() -> bool:
     """A CUDA GPU is visible to this process."""
     return torch.cuda.is_available()

@@ -148,7 +148,8 @@ FLAGS: List[Flag] = [
     _switch("--attention-softmax-in-fp32", OURS, "megatron-core's attention computes the softmax "
             "in fp32 with bf16 inputs (query-key scaling is off)"),
     _switch("--cross-entropy-loss-fusion", HONOURED, "megatron-core's fused vocab-parallel cross "
-            "entropy (torch.compile'd; its logit gradients are bf16, so an fp32 run gets a warning)",
+            "entropy (torch.compile'd on a CUDA build of torch, eager on a CPU-only one; its logit "
+            "gradients are bf16, so an fp32 run gets a warning)",
             dest="cross_entropy_loss_fusion"),
     _value("--cross-entropy-fusion-impl", HONOURED, "'native' (megatron-core's fused kernel) or "
            "'te' (Transformer Engine's, needs it: refused without)", dest="cross_entropy_fusion_impl",
@@ -633,8 +634,8 @@ class StepHooks:
 
 def fused_cross_entropy(impl: str):
     """--cross-entropy-loss-fusion: megatron-core's fused vocab-parallel cross entropy, called as
-    ``f(logits, labels)`` like ``vocab_parallel_cross_entropy``. 'native' is torch.compile'd (CPU
-    too) and returns bf16 logit gradients; 'te' is Transformer Engine's (checked at preflight)."""
+    ``f(logits, labels)`` like ``vocab_parallel_cross_entropy``. 'native' is torch.compile'd (eager
+    on a CPU-only torch: runtime/jit_fusions.py) and returns bf16 logit gradients; 'te' is Transformer Engine's (checked at preflight)."""
     # lazy: megatron.core takes seconds to import; arguments.py imports this module (CLI start-up)
     from megatron.core import parallel_state
 
