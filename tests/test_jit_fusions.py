@@ -6,6 +6,7 @@ import json
 import subprocess
 import sys
 
+import pytest
 import torch
 
 from launch import ROOT, base_env
@@ -28,8 +29,8 @@ def _probe(pre: str) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+@pytest.mark.skipif(torch.backends.cuda.is_built(), reason="a CUDA build of torch (CI has the CPU wheel)")
 def test_cpu_only_torch_keeps_megatron_fusions_eager():
-    assert not torch.backends.cuda.is_built()  # CI's torch is the CPU wheel
     got = _probe("import megatron_let")
     assert got == {"fuser": "noop_decorator", "inductor": False, "plain": True}
 

@@ -38,8 +38,9 @@ class _DisableAfterExec(importlib.abc.Loader):
         # top-level imports are torch and numpy, so this cannot cycle back into megatron-core
         from megatron_let.runtime.device import cuda_built
 
-        if not cuda_built():
-            module.disable_jit_fuser()
+        disable = getattr(module, "disable_jit_fuser", None)  # megatron-core >= 0.12 has it
+        if disable is not None and not cuda_built():
+            disable()
 
 
 class JitFuserHook(importlib.abc.MetaPathFinder):
