@@ -288,6 +288,43 @@ def test_forwarder_waits_until_the_worker_catches_the_signal():
             child.kill()
 
 
+_TRAINER_WITH_HELPERS = """
+import os, time
+from megatron.core.dist_checkpointing.strategies import filesystem_async
+from megatron_let.runtime.signal_shield import start_checkpoint_helpers
+start_checkpoint_helpers()
+print(filesystem_async._results_queue._manager._process.pid, flush=True)
+time.sleep(120)
+"""
+
+
+def test_checkpoint_helpers_die_with_a_sigkilled_trainer():
+    """A trainer killed by SIGKILL (OOM killer, kill -9) runs no finaliser: the write-results Manager
+    it started must not live on as an orphan (its stop signals are blocked: only SIGKILL ends it)."""
+    import sys
+
+    from launch import base_env
+
+    trainer = subprocess.Popen([sys.executable, "-c", _TRAINER_WITH_HELPERS], env=base_env(),
+                               stdout=subprocess.PIPE, text=True, cwd=ROOT)
+    manager = None
+    try:
+        manager = psutil.Process(int(trainer.stdout.readline()))
+        assert manager.ppid() == trainer.pid
+        os.kill(manager.pid, signal.SIGTERM)  # shielded: the stop signal stays pending there
+        time.sleep(0.5)
+        assert manager.is_running() and manager.status() != psutil.STATUS_ZOMBIE
+        trainer.kill()
+        trainer.wait()
+        _, alive = psutil.wait_procs([manager], timeout=10)
+        assert not alive, "the checkpoint helper outlived its SIGKILLed trainer"
+    finally:
+        if trainer.poll() is None:
+            trainer.kill()
+        if manager is not None and manager.is_running():
+            manager.kill()
+
+
 _FAKE_AGENT = """
 import os, subprocess, sys, time
 env = dict(os.environ)

@@ -10,18 +10,25 @@ results (``filesystem_async._get_write_results_queue``) and multiprocessing's re
 :func:`start_checkpoint_helpers` starts them before the first save with the stop signals blocked in
 the calling thread: a child inherits the signal mask (across ``exec`` too), so the signals stay
 pending there for good, while the trainer gets any that arrived meanwhile as soon as the mask is
-restored. The helpers still end with the trainer (the Manager is shut down by its finaliser, the
-tracker at EOF of its pipe) and SIGKILL still kills them.
+restored. The helpers still end with the trainer: the tracker at EOF of its pipe, the Manager by its
+finaliser, or, when the trainer is SIGKILLed (no finaliser runs), by the kernel: we start that Manager
+ourselves with an initializer that asks for SIGKILL at the trainer's death (lifeline.exit_with_trainer);
+megatron-core's ``ctx.Manager()`` would have left it an orphan, immune to the stop signals, for good.
 """
 
 from __future__ import annotations
 
 import contextlib
+import multiprocessing
+import os
 import signal
 from multiprocessing import resource_tracker
+from multiprocessing.managers import SyncManager
 from typing import Iterable, Iterator
 
 from megatron.core.dist_checkpointing.strategies import filesystem_async
+
+from megatron_let.runtime.lifeline import exit_with_trainer
 
 STOP_SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
 
@@ -46,9 +53,12 @@ def start_checkpoint_helpers() -> list[str]:
         # this thread, so the Manager below gets a block of its own
         resource_tracker.ensure_running()
         started.append("resource tracker")
-    get_queue = getattr(filesystem_async, "_get_write_results_queue", None)
-    if get_queue is not None:
-        with signals_blocked():
-            get_queue()
+    if hasattr(filesystem_async, "_get_write_results_queue"):
+        if filesystem_async._results_queue is None:
+            # what _get_write_results_queue does (a spawn-context Manager's Queue), with the lifeline
+            manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
+            with signals_blocked():
+                manager.start(initializer=exit_with_trainer, initargs=(os.getpid(),))
+            filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
         started.append("write-results queue manager")
     return started
