@@ -96,6 +96,9 @@ FAULT_CASES = [
      "megatron-core's helper processes included (SLURM's time limit, `scancel` without `--batch`), "
      "after a periodic save", "checkpoint of the step it arrived in, exit 0 (plain `torchrun`'s agent "
      "exits 1 by its own SIGTERM handling, its workers checkpoint all the same); equal losses on resume"),
+    ("sigkill-trainer-helpers", "SIGKILL of a trainer whose checkpoint helpers run (megatron-core's "
+     "write-results Manager, shielded from the stop signals)", "the helper dies with the trainer "
+     "(the kernel SIGKILLs it): no orphan is left holding memory"),
 ]
 
 ARGS = TINY_MODEL + ["--objective", "baseline", "--mock-data", "--vocab-size", "200",

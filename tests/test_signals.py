@@ -304,6 +304,9 @@ def test_checkpoint_helpers_die_with_a_sigkilled_trainer():
     import sys
 
     from launch import base_env
+    from test_faults import _case
+
+    _case("sigkill-trainer-helpers")
 
     trainer = subprocess.Popen([sys.executable, "-c", _TRAINER_WITH_HELPERS], env=base_env(),
                                stdout=subprocess.PIPE, text=True, cwd=ROOT)

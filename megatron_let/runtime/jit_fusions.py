@@ -34,11 +34,11 @@ class _DisableAfterExec(importlib.abc.Loader):
 
     def exec_module(self, module) -> None:
         self.loader.exec_module(module)
-        # lazy: torch is importable only now (megatron-core's import loads it); runtime.device's
-        # top-level imports are torch and numpy, so this cannot cycle back into megatron-core
+        # lazy: torch is loaded only now (megatron-core's import loads it); runtime.device imports
+        # torch, numpy and runtime.cpu_compat (torch only), so this cannot cycle into megatron-core
         from megatron_let.runtime.device import cuda_built
 
-        disable = getattr(module, "disable_jit_fuser", None)  # megatron-core >= 0.12 has it
+        disable = getattr(module, "disable_jit_fuser", None)  # absent: megatron-core's default stays
         if disable is not None and not cuda_built():
             disable()
 

@@ -53,12 +53,17 @@ def start_checkpoint_helpers() -> list[str]:
         # this thread, so the Manager below gets a block of its own
         resource_tracker.ensure_running()
         started.append("resource tracker")
-    if hasattr(filesystem_async, "_get_write_results_queue"):
-        if filesystem_async._results_queue is None:
-            # what _get_write_results_queue does (a spawn-context Manager's Queue), with the lifeline
+    get_queue = getattr(filesystem_async, "_get_write_results_queue", None)
+    if get_queue is not None:
+        if getattr(filesystem_async, "_results_queue", "absent") is None:
+            # what get_queue would do (a spawn-context Manager's Queue), with the lifeline; the proxy
+            # keeps the manager alive, as megatron-core's own does
             manager = SyncManager(ctx=multiprocessing.get_context("spawn"))
             with signals_blocked():
                 manager.start(initializer=exit_with_trainer, initargs=(os.getpid(),))
-            filesystem_async._results_queue = manager.Queue()  # the proxy keeps the manager alive
+            filesystem_async._results_queue = manager.Queue()
+        else:  # already made, or kept elsewhere by this megatron-core: its own getter, shielded
+            with signals_blocked():
+                get_queue()
         started.append("write-results queue manager")
     return started

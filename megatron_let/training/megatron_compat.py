@@ -635,7 +635,8 @@ class StepHooks:
 def fused_cross_entropy(impl: str):
     """--cross-entropy-loss-fusion: megatron-core's fused vocab-parallel cross entropy, called as
     ``f(logits, labels)`` like ``vocab_parallel_cross_entropy``. 'native' is torch.compile'd (eager
-    on a CPU-only torch: runtime/jit_fusions.py) and returns bf16 logit gradients; 'te' is Transformer Engine's (checked at preflight)."""
+    on a CPU-only torch: runtime/jit_fusions.py) and returns bf16 logit gradients; 'te' is
+    Transformer Engine's (checked at preflight)."""
     # lazy: megatron.core takes seconds to import; arguments.py imports this module (CLI start-up)
     from megatron.core import parallel_state
 
