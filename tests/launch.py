@@ -11,6 +11,8 @@ from typing import Callable
 
 from filelock import FileLock
 
+import warm_start
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 TINY_MODEL = [
@@ -87,16 +89,22 @@ def base_env(threads: int = 1) -> dict:
     return env
 
 
-def run_script(script, args, nproc=1, timeout=300, check=True, env=None):
-    """Run ``script`` (path relative to the repo) with python or torchrun; returns CompletedProcess."""
+def run_script(script, args, nproc=1, timeout=300, check=True, env=None, warm=True):
+    """Run ``script`` (path relative to the repo) with python or torchrun; returns CompletedProcess.
+    ``warm``: forked from tests/warm_start.py's server when ``env`` allows; False: a cold start."""
     path = os.path.join(ROOT, script)
+    port = free_port()
     if nproc == 1:
         cmd = [sys.executable, path, *args]
     else:
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-               "--master_addr", "127.0.0.1", "--master_port", str(free_port()), path, *args]
-    proc = subprocess.run(cmd, env=env or base_env(), capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT)
+               "--master_addr", "127.0.0.1", "--master_port", str(port), path, *args]
+    env = env or base_env()
+    proc = None
+    if warm:  # the same processes without their imports (tests/warm_start.py); None: start cold
+        proc = warm_start.run(path, args, nproc, env, ROOT, timeout, cmd, torchrun=nproc > 1, port=port)
+    if proc is None:
+        proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout, cwd=ROOT)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode})\nSTDOUT:\n{proc.stdout[-4000:]}\n"
@@ -105,8 +113,8 @@ def run_script(script, args, nproc=1, timeout=300, check=True, env=None):
     return proc
 
 
-def run_pretrain(args, nproc=1, timeout=300, check=True):
-    return run_script("pretrain_let.py", args, nproc=nproc, timeout=timeout, check=check)
+def run_pretrain(args, nproc=1, timeout=300, check=True, warm=True):
+    return run_script("pretrain_let.py", args, nproc=nproc, timeout=timeout, check=check, warm=warm)
 
 
 def read_metrics(path, split="train"):

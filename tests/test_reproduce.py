@@ -19,6 +19,8 @@ from pathlib import Path
 
 import pytest
 
+import warm_start
+
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "reproduce" / "run.sh"
 sys.path.insert(0, str(ROOT / "examples" / "reproduce"))
@@ -40,7 +42,8 @@ def _env(out: Path, **extra: str) -> dict:
 @pytest.fixture(scope="module")
 def smoke(tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("reproduce")
-    res = subprocess.run(["bash", str(SCRIPT)], env=_env(out), capture_output=True, text=True, timeout=1500)
+    res = subprocess.run(["bash", str(SCRIPT)], env=warm_start.python_env(_env(out)), capture_output=True,
+                         text=True, timeout=1500)
     assert res.returncode == 0, f"run.sh failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
     return out
 

@@ -1,0 +1,119 @@
+"""The suite's warm starts (tests/warm_start.py) run what a cold start runs: the same output and
+metrics as a real torchrun launch, torchrun's exit codes, timeouts that leave no process behind, and
+a cold start whenever the environment could change what a module does at import."""
+
+import os
+import subprocess
+import time
+
+import pytest
+
+import warm_start
+from launch import ROOT, TINY_MODEL, base_env, free_port, read_metrics, run_pretrain
+from tiny_teachers import save_tiny_llama_teacher
+
+# Everything in a metrics record but wall-clock and memory figures (which differ between runs anyway).
+TIMING = ("time", "throughput", "per sec", "tflops", "mfu", "elapsed", "ms", "seconds", "memory", "rss")
+
+
+def _deterministic(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not any(t in k.lower() for t in TIMING)}
+
+
+def _lines_without_timing(text: str) -> list:
+    return [line for line in text.splitlines() if "iteration" in line and "loss" in line]
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("teacher")
+    save_tiny_llama_teacher(d)
+    return str(d)
+
+
+def _let_run(folder, teacher_dir, warm):
+    metrics = folder / "m.jsonl"
+    args = TINY_MODEL + ["--objective", "let", "--mock-data", "--vocab-size", "200", "--seed", "5",
+                         "--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "3",
+                         "--let-lambda", "1.0", "--let-stop-step", "2", "--let-student-layer", "2",
+                         "--teacher-path", teacher_dir, "--tensor-model-parallel-size", "2",
+                         "--metrics-jsonl", str(metrics), "--save", str(folder / "ckpt"),
+                         "--save-interval", "3"]
+    proc = run_pretrain(args, nproc=2, warm=warm)
+    return proc, read_metrics(metrics)
+
+
+def test_warm_torchrun_run_matches_a_cold_one(tmp_path, teacher_dir):
+    """TP=2 LET (teacher, capture, release, checkpoint): a forked run's losses, printed iterations and
+    checkpoint are a real torchrun run's, to the digit."""
+    (tmp_path / "warm").mkdir()
+    (tmp_path / "cold").mkdir()
+    warm_proc, warm = _let_run(tmp_path / "warm", teacher_dir, warm=True)
+    cold_proc, cold = _let_run(tmp_path / "cold", teacher_dir, warm=False)
+    assert sorted(warm) == sorted(cold) == [1, 2, 3]
+    for i in cold:
+        assert _deterministic(warm[i]) == _deterministic(cold[i]), i
+    assert "teacher loaded on rank 0" in warm_proc.stdout and "teacher loaded on rank 1" in warm_proc.stdout
+    assert len(_lines_without_timing(warm_proc.stdout)) == len(_lines_without_timing(cold_proc.stdout)) > 0
+    for ckpt in ("warm", "cold"):
+        assert (tmp_path / ckpt / "ckpt" / "latest_checkpointed_iteration.txt").read_text().strip() == "3"
+
+
+def test_exit_codes_are_torchrun_s_and_python_s():
+    bad = TINY_MODEL + ["--mock-data", "--vocab-size", "200", "--train-iters", "1",
+                        "--micro-batch-size", "2", "--global-batch-size", "6"]
+    single = run_pretrain(bad[:-2] + ["--global-batch-size", "3"], check=False)
+    assert single.returncode == 2, single.stderr[-2000:]  # pretrain_let.py's own code for bad input
+    assert "--global-batch-size 3 is not divisible" in single.stderr
+    multi = run_pretrain(bad, nproc=2, check=False)
+    assert multi.returncode == 1, multi.stderr[-2000:]  # torchrun's when a worker fails
+    assert "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2" \
+        in multi.stderr
+
+
+def _processes_with(marker: str) -> list:
+    """Pids whose environment holds ``marker`` (a run's TORCHELASTIC_RUN_ID)."""
+    found = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            with open(f"/proc/{pid}/environ", "rb") as f:
+                if marker.encode() in f.read():
+                    found.append(int(pid))
+        except OSError:  # gone, or not ours
+            pass
+    return found
+
+
+def test_a_timeout_raises_and_leaves_no_process(tmp_path):
+    env = base_env()
+    env["MEGATRON_LET_TEST_STEP_SLEEP"] = "30"
+    args = TINY_MODEL + ["--objective", "baseline", "--mock-data", "--vocab-size", "200", "--train-iters", "50",
+                         "--micro-batch-size", "2", "--global-batch-size", "4"]
+    port = free_port()
+    script = os.path.join(ROOT, "pretrain_let.py")
+    started = time.monotonic()
+    with pytest.raises(subprocess.TimeoutExpired):
+        proc = warm_start.run(script, args, 2, env, str(tmp_path), 20, ["pretrain_let.py"], torchrun=True,
+                              port=port)
+        pytest.fail(f"not a warm start, or no timeout: {proc}")
+    assert time.monotonic() - started < 50
+    assert _processes_with(f"TORCHELASTIC_RUN_ID=warm-{port}\0") == []
+
+
+def test_an_import_time_variable_starts_cold():
+    env = base_env()
+    assert warm_start.differing_keys(env, env) == []
+    assert warm_start.differing_keys(dict(env, OMP_NUM_THREADS="7", MEGATRON_LET_TEST_X="1",
+                                          PYTEST_CURRENT_TEST="t"), env) == []
+    assert warm_start.differing_keys(dict(env, TRITON_CACHE_DIR="/elsewhere"), env) == ["TRITON_CACHE_DIR"]
+    # what an import sets: missing or the same in the run is no difference; another value is
+    imports = {"TORCHINDUCTOR_CACHE_DIR": "/tmp/x"}
+    assert warm_start.differing_keys(dict(env, TORCHINDUCTOR_CACHE_DIR="/tmp/x"), env, imports) == []
+    assert warm_start.differing_keys(dict(env, TORCHINDUCTOR_CACHE_DIR="/y"), env, imports) == [
+        "TORCHINDUCTOR_CACHE_DIR"]
+    assert warm_start.differing_keys(dict(env, KMP_DUPLICATE_LIB_OK="True"), env) == []
+    no_path = {k: v for k, v in env.items() if k != "PYTHONPATH"}
+    assert warm_start.differing_keys(no_path, env) == ["PYTHONPATH"]
+    out = warm_start.run("/nonexistent.py", [], 1, dict(env, TRITON_CACHE_DIR="/elsewhere"), "/", 10, ["x"],
+                         torchrun=False)
+    assert out is None
