@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 
+import warm_start
 from launch import ROOT, base_env
 from test_launchers import LAUNCHERS, launcher_env, run_launcher, save_config_only_teacher
 
@@ -383,8 +384,8 @@ def test_error_exit_code_and_stderr_in_a_real_process():
 
 @pytest.mark.parametrize("objective", ["baseline", "let", "rkd", "salt"])
 def test_7b_launcher_dry_run_at_64_gpus(objective, smollm2_17b, tmp_path):
-    env = launcher_env(MOCK_DATA=1, VOCAB_SIZE=49152, TEACHER_PATH=smollm2_17b, NNODES=8,
-                       TP=2, PP=4, CHECKPOINT_DIR=tmp_path / "ck")
+    env = warm_start.python_env(launcher_env(MOCK_DATA=1, VOCAB_SIZE=49152, TEACHER_PATH=smollm2_17b,
+                                             NNODES=8, TP=2, PP=4, CHECKPOINT_DIR=tmp_path / "ck"))
     out = run_launcher(LAUNCHERS["7b", objective], env, ["--dry-run"], timeout=300).stdout
     assert "parallel layout: world 64 = TP 2 x DP 8 x PP 4" in out
     assert "global batch: 2048 = micro 4 x DP 8 x 64 micro-batches" in out

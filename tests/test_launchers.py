@@ -22,6 +22,7 @@ import sys
 
 import pytest
 
+import warm_start
 from launch import ROOT, base_env, free_port, read_metrics
 
 OBJECTIVES = ("baseline", "let", "rkd", "salt")
@@ -127,7 +128,8 @@ AGENT = "megatron_let.runtime.torchrun"  # what the launchers run: `python -m` i
 
 def torchrun_args(words: list[str]) -> list[str]:
     """The torchrun arguments in a shown command (between the agent and the script)."""
-    return words[words.index(AGENT) + 1:words.index("pretrain_let.py")]
+    start = words.index(AGENT) + 1 if AGENT in words else 1  # else $TORCHRUN, one word
+    return words[start:words.index("pretrain_let.py")]
 
 
 def pretrain_args(words: list[str]) -> list[str]:
@@ -370,14 +372,19 @@ def test_launcher_trains_two_iterations_on_cpu(objective, tiny_teacher, tmp_path
     from megatron_let.training.arguments import parse_args
 
     ck = str(tmp_path / "ck")
-    out = run_launcher(LAUNCHERS["1b", objective], tiny_env(ck, tiny_teacher)).stdout
+    env = tiny_env(ck, tiny_teacher)
+    # LET through the launcher's own agent (python -m megatron_let.runtime.torchrun); the other
+    # objectives' ranks start warm (tests/warm_torchrun), from the same argument arrays
+    if objective != "let":
+        env = warm_start.torchrun_env(env)
+    out = run_launcher(LAUNCHERS["1b", objective], env).stdout
     assert tracker(ck) == "2"  # the final checkpoint is complete
     recs = read_metrics(os.path.join(ck, "metrics.jsonl"))
     assert sorted(recs) == [1, 2]
     for rec in recs.values():
         assert math.isfinite(rec["lm loss"]) and 0 < rec["lm loss"] < 20
 
-    words = shown_command(out, AGENT)
+    words = shown_command(out, env.get("TORCHRUN", AGENT))
     assert torchrun_args(words)[:4] == ["--nproc_per_node", "2", "--nnodes", "1"]
     cfg = parse_args(pretrain_args(words))
     assert cfg.objective == objective and cfg.device == "cpu" and not cfg.bf16

@@ -25,6 +25,7 @@ import time
 import psutil
 import pytest
 
+import warm_start
 from launch import ROOT, free_port, read_metrics
 from test_launchers import LAUNCHERS, SBATCH, run_launcher, tiny_env, tracker
 
@@ -45,7 +46,9 @@ def tiny_teacher(tmp_path_factory):
 def reference(tmp_path_factory, tiny_teacher):
     """Per-iteration metrics of the uninterrupted run (LET launcher, tiny override)."""
     ck = str(tmp_path_factory.mktemp("reference") / "ck")
-    run_launcher(LAUNCHERS["1b", "let"], tiny_env(ck, tiny_teacher, TRAIN_ITERS=TRAIN_ITERS))
+    # uninterrupted: its ranks may start warm (tests/warm_torchrun); the interrupted runs start cold
+    run_launcher(LAUNCHERS["1b", "let"],
+                 warm_start.torchrun_env(tiny_env(ck, tiny_teacher, TRAIN_ITERS=TRAIN_ITERS)))
     recs = read_metrics(os.path.join(ck, "metrics.jsonl"))
     assert sorted(recs) == list(range(1, TRAIN_ITERS + 1))
     return recs

@@ -3,6 +3,7 @@ metrics as a real torchrun launch, torchrun's exit codes, timeouts that leave no
 a cold start whenever the environment could change what a module does at import."""
 
 import os
+import signal
 import subprocess
 import time
 
@@ -93,10 +94,10 @@ def test_a_timeout_raises_and_leaves_no_process(tmp_path):
     script = os.path.join(ROOT, "pretrain_let.py")
     started = time.monotonic()
     with pytest.raises(subprocess.TimeoutExpired):
-        proc = warm_start.run(script, args, 2, env, str(tmp_path), 20, ["pretrain_let.py"], torchrun=True,
+        proc = warm_start.run(script, args, 2, env, str(tmp_path), 8, ["pretrain_let.py"], torchrun=True,
                               port=port)
         pytest.fail(f"not a warm start, or no timeout: {proc}")
-    assert time.monotonic() - started < 50
+    assert time.monotonic() - started < 40
     assert _processes_with(f"TORCHELASTIC_RUN_ID=warm-{port}\0") == []
 
 
@@ -117,3 +118,45 @@ def test_an_import_time_variable_starts_cold():
     out = warm_start.run("/nonexistent.py", [], 1, dict(env, TRITON_CACHE_DIR="/elsewhere"), "/", 10, ["x"],
                          torchrun=False)
     assert out is None
+
+
+def test_warm_python_passes_streams_exit_code_and_signals(tmp_path):
+    """tests/warm_python (a shell script's $PYTHON): a script's output reaches the caller's streams,
+    its exit code and a forwarded SIGTERM behave as with the real interpreter; -c runs the real one."""
+    env = warm_start.python_env(base_env())
+    shim = env["PYTHON"]
+    script = tmp_path / "job.py"
+    script.write_text("import os, signal, sys, time\n"
+                      "def stop(signum, frame):\n"
+                      "    print('stopped by', signum, flush=True); sys.exit(0)\n"
+                      "signal.signal(signal.SIGTERM, stop)\n"
+                      "print('pid', os.getpid(), 'parent', os.getppid(), flush=True)\n"
+                      "print('to stderr', file=sys.stderr)\n"
+                      "if sys.argv[1] == 'wait':\n"
+                      "    time.sleep(60)\n"
+                      "sys.exit(int(sys.argv[1]))\n")
+    done = subprocess.run([shim, str(script), "3"], env=env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3 and done.stderr == "to stderr\n", done
+    words = done.stdout.split()
+    assert int(words[3]) != os.getpid()  # forked from the server, not a child of this test
+    real = subprocess.run([shim, "-c", "import sys; print(sys.flags.no_site)"], env=env,
+                          capture_output=True, text=True, timeout=60)
+    assert real.returncode == 0 and real.stdout == "0\n"  # the real interpreter, with its site
+    waiting = subprocess.Popen([shim, str(script), "wait"], env=env, stdout=subprocess.PIPE, text=True)
+    assert waiting.stdout.readline().startswith("pid ")
+    waiting.send_signal(signal.SIGTERM)
+    assert waiting.stdout.readline() == f"stopped by {int(signal.SIGTERM)}\n"
+    assert waiting.wait(timeout=30) == 0
+
+
+def test_warm_torchrun_takes_single_node_command_lines_only():
+    script = os.path.join(ROOT, "pretrain_let.py")
+    one_node = ["--nproc_per_node", "2", "--nnodes", "1", "--node_rank", "0", "--master_addr", "localhost",
+                "--master_port", "1234", script, "--train-iters", "2"]
+    request = warm_start._torchrun_request(one_node)
+    assert (request["nproc"], request["port"], request["args"], request["torchrun"]) == (
+        2, 1234, ["--train-iters", "2"], True)
+    assert warm_start._torchrun_request(["--nproc-per-node=2", "--master-port=99", script])["port"] == 99
+    for other in (["--nnodes", "2"], ["--rdzv_backend", "c10d"], ["--node_rank", "1"],
+                  ["--master_addr", "node7"], ["--max-restarts", "3"]):
+        assert warm_start._torchrun_request(one_node[:-3] + other + one_node[-3:]) is None, other

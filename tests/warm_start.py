@@ -6,18 +6,21 @@ transformers another ~2.4 s), and the suite starts some 400 of them, plus a torc
 per multi-process run. Here one server per pytest-xdist worker imports them once; each run is a
 ``fork`` of it that becomes ``python -u <script> <args>`` (one process per rank, with the variables
 torchrun sets), so the code under test runs unchanged, in real separate processes over gloo, only
-without the imports. Two clients:
+without the imports. Three clients:
 
 - tests/launch.py:run_script (the runs a test starts itself; its output captured in files);
-- tests/warm_python, a ``python`` for shell scripts that honour $PYTHON (examples/reproduce/run.sh):
-  ``warm_python script.py args`` runs warm with the caller's stdin/stdout/stderr (passed over the
-  socket), forwards stop signals and exits with the script's code; anything else (``-c``, ``-m``,
-  no server) it hands to the real interpreter.
+- tests/warm_python, a ``python`` for shell scripts that honour $PYTHON (examples/reproduce/run.sh,
+  the launchers' dry run): ``warm_python script.py args`` runs warm with the caller's
+  stdin/stdout/stderr (passed over the socket), forwards stop signals and exits with the script's
+  code; anything else (``-c``, ``-m``, no server) it hands to the real interpreter;
+- tests/warm_torchrun, a ``torchrun`` for the launchers ($TORCHRUN): a single-node command line
+  runs its ranks warm, anything else (a rendezvous, more nodes) runs torch.distributed.run.
 
 A run starts cold when its environment differs from the server's in a variable a module may read
 at import (IMPORT_TIME: interpreter, torch/Triton/CUDA, Hugging Face, threading libraries, locale,
-home and cache folders); and wherever a test needs a real launch (the torchrun/SLURM launchers,
-signals to the agent, import-time behaviour), it starts one. tests/test_warm_start.py checks that a
+home and cache folders); and wherever a test needs a real launch (the launchers' own agent,
+signals and kills through the process chain, SLURM, import-time behaviour, the quick start as a
+user runs it), it starts one. tests/test_warm_start.py checks that a
 warm run prints and writes what a cold torchrun run does. MEGATRON_LET_TEST_COLD_START=1 turns warm
 starts off for a whole session.
 
@@ -45,7 +48,8 @@ IMPORT_TIME = ("PYTHON", "TRITON", "TORCH", "CUDA", "NVIDIA", "CUBLAS", "HF_", "
                "TRANSFORMERS", "TOKENIZERS", "SAFETENSORS", "WANDB", "OMP_", "KMP_", "GOMP", "MKL",
                "OPENBLAS", "LD_", "LANG", "LC_", "HOME", "XDG_", "TMPDIR", "USER")
 THREADS_ENV = "OMP_NUM_THREADS"  # read by OpenMP when the server loaded torch: applied per run instead
-RUN_TIME = {THREADS_ENV, "PYTHON"}  # $PYTHON: the interpreter shell scripts use (tests/warm_python)
+# $PYTHON, $TORCHRUN: the commands shell scripts run (tests/warm_python, tests/warm_torchrun)
+RUN_TIME = {THREADS_ENV, "PYTHON", "TORCHRUN"}
 # Set by a library's import with os.environ.setdefault, so present in a pytest worker that imported
 # it (scikit-learn, via lm-eval) and passed on by base_env: no difference when it has this value.
 LIBRARY_DEFAULTS = {"KMP_DUPLICATE_LIB_OK": "True"}
@@ -80,11 +84,17 @@ def differing_keys(env: dict, server_env: dict, set_by_imports: dict | None = No
         value = env.get(key)
         if not key.startswith(prefixes) or key in RUN_TIME or value == server_env.get(key):
             return False
+        if key == "PYTHONPATH" and _search_path(value) == _search_path(server_env.get(key)):
+            return False  # the launchers prepend the repository, already there: the same path
         if key in set_by_imports and value in (None, set_by_imports[key]):
             return False
         return not (key not in server_env and LIBRARY_DEFAULTS.get(key) == value)
 
     return sorted(filter(differs, set(env) | set(server_env)))
+
+
+def _search_path(value) -> list:
+    return list(dict.fromkeys(p for p in (value or "").split(os.pathsep) if p))
 
 
 def send_message(conn: socket.socket, message: dict, fds=()) -> None:
@@ -381,14 +391,50 @@ def python_env(env: dict) -> dict:
                                                                  REAL_PYTHON_ENV: sys.executable})
 
 
-def client_main(argv: list) -> None:
+def torchrun_env(env: dict) -> dict:
+    """``env`` for a launcher (examples/common.sh honours $TORCHRUN) to start its ranks warm:
+    TORCHRUN=tests/warm_torchrun, which takes single-node command lines and hands the rest to
+    torchrun; $PYTHON (the launcher's dry run) warm too."""
+    env = python_env(env)
+    if SOCKET_ENV not in env:
+        return env
+    return dict(env, TORCHRUN=os.path.join(os.path.dirname(os.path.abspath(__file__)), "warm_torchrun"))
+
+
+def _torchrun_request(argv: list) -> dict | None:
+    """A single-node torchrun command line (``--nproc_per_node N --nnodes 1 --node_rank 0
+    --master_addr localhost --master_port P script args``) as a request; None for anything else
+    (a rendezvous, another option), which the real torchrun runs."""
+    options, i = {}, 0
+    while i + 1 < len(argv) and argv[i].startswith("--"):
+        name, eq, value = argv[i][2:].partition("=")
+        options[name.replace("-", "_")] = value if eq else argv[i + 1]
+        i += 1 if eq else 2
+    if i >= len(argv) or not argv[i].endswith(".py") or not os.path.isfile(argv[i]):
+        return None
+    allowed = {"nproc_per_node", "nnodes", "node_rank", "master_addr", "master_port"}
+    if set(options) - allowed or not options.get("nproc_per_node", "").isdigit() \
+            or options.get("nnodes", "1") != "1" or options.get("node_rank", "0") != "0" \
+            or options.get("master_addr", "localhost") not in ("localhost", "127.0.0.1") \
+            or not options.get("master_port", "").isdigit():
+        return None
+    return dict(script=os.path.abspath(argv[i]), args=argv[i + 1:], nproc=int(options["nproc_per_node"]),
+                env=dict(os.environ), cwd=os.getcwd(), timeout=None, torchrun=True,
+                port=int(options["master_port"]))
+
+
+def client_main(argv: list, torchrun: bool = False) -> None:
     """tests/warm_python: ``python script.py args`` warm when the server takes it, else the real
     interpreter with the same arguments."""
     real = os.environ.get(REAL_PYTHON_ENV) or sys.executable
     path = os.environ.get(SOCKET_ENV)
-    if path and argv and argv[0].endswith(".py") and os.path.isfile(argv[0]):
+    request = None
+    if torchrun:
+        request = _torchrun_request(argv)
+    elif argv and argv[0].endswith(".py") and os.path.isfile(argv[0]):
         request = dict(script=os.path.abspath(argv[0]), args=argv[1:], nproc=1, env=dict(os.environ),
                        cwd=os.getcwd(), timeout=None, torchrun=False, port=0)
+    if path and request is not None:
         pids = []
 
         def forward(signum, frame):
@@ -407,11 +453,13 @@ def client_main(argv: list) -> None:
                 signal.signal(-code, signal.SIG_DFL)
                 os.kill(os.getpid(), -code)
             sys.exit(code)
+    if torchrun:
+        argv = ["-m", "torch.distributed.run", *argv]
     os.execv(real, [real, *argv])
 
 
 if __name__ == "__main__":
-    if sys.argv[1:2] == ["--client"]:
-        client_main(sys.argv[2:])
+    if sys.argv[1] in ("--client", "--torchrun-client"):
+        client_main(sys.argv[2:], torchrun=sys.argv[1] == "--torchrun-client")
     else:
         server_main(sys.argv[1])
