@@ -26,7 +26,7 @@ import psutil
 import pytest
 
 import warm_start
-from launch import ROOT, free_port, read_metrics
+from launch import ROOT, free_port, read_metrics, run_script
 from test_launchers import LAUNCHERS, SBATCH, run_launcher, tiny_env, tracker
 
 TRAIN_ITERS = 6
@@ -162,7 +162,7 @@ def test_signal_checkpoints_and_resumes(sig, to, tmp_path, tiny_teacher, referen
         return
     _check_stop_and_resume(
         ck, rc, out, reference,
-        resume=lambda: run_launcher(path, dict(env, MASTER_PORT=str(free_port()))).stdout)
+        resume=lambda: run_launcher(path, warm_start.torchrun_env(dict(env, MASTER_PORT=str(free_port())))).stdout)
 
 
 def test_sigkill_on_agent_takes_the_trainers_down(tmp_path, tiny_teacher):
@@ -385,11 +385,20 @@ STEP_ARGS = ["--num-layers", "2", "--hidden-size", "64", "--ffn-hidden-size", "1
 STEP_ITERS = 8
 
 
+def _step_args(ck: str, metrics: str, iters: int = STEP_ITERS) -> list[str]:
+    return [*STEP_ARGS, "--train-iters", str(iters), "--save", ck, "--load", ck, "--metrics-jsonl", metrics]
+
+
+def _uninterrupted(world: int, ck: str, metrics: str) -> str:
+    """An uninterrupted run (a reference, or a resume), forked warm where it can be (tests/launch.py);
+    returns its stdout."""
+    return run_script("pretrain_let.py", _step_args(ck, metrics), nproc=world, timeout=600).stdout
+
+
 def _step_cmd(launcher: str, ck: str, metrics: str, iters: int = STEP_ITERS) -> list[str]:
     import sys
 
-    script = [os.path.join(ROOT, "pretrain_let.py"), *STEP_ARGS, "--train-iters", str(iters),
-              "--save", ck, "--load", ck, "--metrics-jsonl", metrics]
+    script = [os.path.join(ROOT, "pretrain_let.py"), *_step_args(ck, metrics, iters)]
     if launcher == "python --async-save":  # the signal may find a background save in flight
         return [sys.executable, *script, "--async-save"]
     if launcher == "python":
@@ -417,15 +426,12 @@ def _signal_job_step(proc: subprocess.Popen, sig: int) -> list[str]:
 @pytest.fixture(scope="module")
 def step_reference(tmp_path_factory):
     """Uninterrupted runs' losses, one process and two (data parallel)."""
-    from launch import base_env
 
     out = {}
-    for world, launcher in ((1, "python"), (2, "torch.distributed.run")):
+    for world in (1, 2):
         d = tmp_path_factory.mktemp(f"step_ref{world}")
         metrics = str(d / "m.jsonl")
-        proc = subprocess.run(_step_cmd(launcher, str(d / "ck"), metrics), env=base_env(), cwd=ROOT,
-                              capture_output=True, text=True, timeout=600)
-        assert proc.returncode == 0, proc.stderr[-4000:]
+        _uninterrupted(world, str(d / "ck"), metrics)
         out[world] = read_metrics(metrics)
     return out
 
@@ -482,10 +488,7 @@ def test_stop_signal_to_every_process_of_the_step(launcher, sig, tmp_path, step_
         return  # the resume is the same for every stop; two are enough
     world = 1 if launcher.startswith("python") else 2
     resumed = str(tmp_path / "resumed.jsonl")
-    proc = subprocess.run(_step_cmd(launcher, ck, resumed), env=base_env(), cwd=ROOT,
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-4000:]
-    assert f"resumed from {ck} at iteration {stopped}" in proc.stdout
+    assert f"resumed from {ck} at iteration {stopped}" in _uninterrupted(world, ck, resumed)
     got, ref = read_metrics(resumed), step_reference[world]
     assert sorted(got) == list(range(stopped + 1, STEP_ITERS + 1))
     for it in got:
