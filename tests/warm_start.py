@@ -34,6 +34,7 @@ import atexit
 import ctypes
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -309,6 +310,12 @@ def server_main(path: str) -> None:
 _server = None  # (Popen, socket path, its environment)
 
 
+def _stop_server(proc: subprocess.Popen, folder: str) -> None:
+    proc.kill()
+    proc.wait()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
 def server_socket() -> str | None:
     """This pytest worker's server (started on first use, with tests/launch.py's base_env); None when
     warm starts are off."""
@@ -328,7 +335,7 @@ def server_socket() -> str | None:
             proc.kill()
             raise RuntimeError("the warm-start server did not start:\n"
                                + open(os.path.join(folder, "server.log")).read()[-4000:])
-        atexit.register(proc.kill)
+        atexit.register(_stop_server, proc, folder)
         _server = (proc, path, env)
     return _server[1]
 
