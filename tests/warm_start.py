@@ -316,11 +316,15 @@ def _stop_server(proc: subprocess.Popen, folder: str) -> None:
     shutil.rmtree(folder, ignore_errors=True)
 
 
+_unavailable = None  # why this worker's server could not start: its runs start cold
+
+
 def server_socket() -> str | None:
     """This pytest worker's server (started on first use, with tests/launch.py's base_env); None when
-    warm starts are off."""
-    global _server
-    if os.environ.get(COLD_ENV) == "1" or not sys.platform.startswith("linux"):
+    warm starts are off or the server could not start (then every run starts cold, which is slower,
+    not wrong; tests/test_warm_start.py fails with the reason)."""
+    global _server, _unavailable
+    if os.environ.get(COLD_ENV) == "1" or not sys.platform.startswith("linux") or _unavailable:
         return None
     if _server is None or _server[0].poll() is not None:
         from launch import ROOT, base_env
@@ -333,8 +337,11 @@ def server_socket() -> str | None:
                                 stdout=subprocess.PIPE, stderr=log, text=True, cwd=ROOT)
         if proc.stdout.readline().strip() != "ready":
             proc.kill()
-            raise RuntimeError("the warm-start server did not start:\n"
-                               + open(os.path.join(folder, "server.log")).read()[-4000:])
+            proc.wait()
+            _unavailable = ("the warm-start server did not start:\n"
+                            + open(os.path.join(folder, "server.log")).read()[-4000:])
+            shutil.rmtree(folder, ignore_errors=True)
+            return None
         atexit.register(_stop_server, proc, folder)
         _server = (proc, path, env)
     return _server[1]
