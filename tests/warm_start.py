@@ -247,10 +247,14 @@ def _serve(path: str, server_env: dict, added: dict) -> None:
                 print(f"cold start for {request['script']}: {differing or 'no standard streams'}",
                       file=sys.stderr, flush=True)
                 send_message(conn, {"cold": differing or ["(no standard streams)"]})
-            elif os.fork() == 0:
+            elif os.fork() == 0:  # the supervisor: never back into this loop
                 listener.close()
                 request["env"] = {**added, **request["env"]}
-                _supervise(conn, request, fds)
+                try:
+                    _supervise(conn, request, fds)
+                except Exception as e:  # noqa: BLE001  (a rank's _BecomeRank passes: BaseException)
+                    print(f"supervisor failed: {e!r}", file=sys.stderr, flush=True)
+                    os._exit(1)
         except Exception as e:  # noqa: BLE001  (logged; the client sees its connection close)
             print(f"bad request: {e!r}", file=sys.stderr, flush=True)
         for fd in fds:
