@@ -31,7 +31,9 @@ LAUNCHERS = {(s, o): os.path.join(ROOT, "examples", f"llama_{s}", f"pretrain_{o}
              for s in SCALES for o in OBJECTIVES}
 COMMON = os.path.join(ROOT, "examples", "common.sh")
 SBATCH = os.path.join(ROOT, "examples", "slurm", "pretrain_let.sbatch")
-SHELL_FILES = [*LAUNCHERS.values(), COMMON, SBATCH]
+# issue 23's crossover pilot (its output is committed next to it): at least parsed and linted
+PILOT = os.path.join(ROOT, "examples", "reproduce", "pilots", "crossover_pilot.sh")
+SHELL_FILES = [*LAUNCHERS.values(), COMMON, SBATCH, PILOT]
 TINY_VOCAB = 200
 
 # SmolLM2 configurations (Hugging Face model cards) for config-only teacher folders.
