@@ -8,7 +8,8 @@
 # each file whole on one worker (--dist loadfile: a file's module fixtures are built once), the longest
 # files first (tests/conftest.py SLOW_FILES_FIRST; --no-loadscope-reorder keeps that order); most
 # training runs start warm (tests/warm_start.py). ~14 minutes measured on 2 cores (914 tests,
-# 2026-12-04: 13:49 and 14:13 from fresh clones, whose .ci/run took 15:32 and 15:57 with the install;
+# 2026-12-04: 12:13 on a quiet machine, 13:49 and 14:13 from fresh clones, whose .ci/run took
+# 15:32 and 15:57 with the install;
 # 18:35 before megatron_let/runtime/jit_fusions.py, tests/hidden_imports and the warm starts); pytest
 # prints a running count and, at the end, the 25 slowest tests and the reason of every skipped test.
 set -euo pipefail
