@@ -29,6 +29,7 @@ from launch import build_once, hide_optional_imports  # noqa: E402
 from megatron_let.runtime.cli import quiet_backend_warnings  # noqa: E402
 from megatron_let.runtime.files import sha256_file  # noqa: E402
 from megatron_let.teacher import prepare as prep  # noqa: E402
+from tiny_teachers import save_tiny_llama_teacher  # noqa: E402
 
 quiet_backend_warnings()
 hide_optional_imports()  # the processes tests start: megatron-core's wandb import is 0.45 s each
@@ -42,6 +43,15 @@ def megatron_single_process():
 
     initialize_distributed(torch.device("cpu"), ParallelConfig(), seed=1234)
     yield
+
+
+@pytest.fixture(scope="module")
+def teacher_dir(tmp_path_factory):
+    """A tiny random Llama teacher folder (tests/tiny_teachers.py, default vocabulary); a file that
+    needs another vocabulary or shape defines its own ``teacher_dir``."""
+    d = tmp_path_factory.mktemp("teacher")
+    save_tiny_llama_teacher(d)
+    return str(d)
 
 
 @pytest.fixture(scope="session")

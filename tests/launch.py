@@ -93,7 +93,7 @@ def run_script(script, args, nproc=1, timeout=300, check=True, env=None, warm=Tr
     """Run ``script`` (path relative to the repo) with python or torchrun; returns CompletedProcess.
     ``warm``: forked from tests/warm_start.py's server when ``env`` allows; False: a cold start."""
     path = os.path.join(ROOT, script)
-    port = free_port()
+    port = free_port() if nproc > 1 else 0
     if nproc == 1:
         cmd = [sys.executable, path, *args]
     else:

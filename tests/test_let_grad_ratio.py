@@ -15,7 +15,6 @@ import pytest
 import torch
 
 from launch import TINY_MODEL, read_metrics, run_pretrain
-from tiny_teachers import save_tiny_llama_teacher
 
 from megatron_let.objectives.let import LETObjective
 
@@ -111,13 +110,6 @@ def test_measured_mode_matches_autograd(megatron_single_process):
     assert float(seen["term"]) == pytest.approx(lam * float(align), rel=1e-5)
     for name in want:
         torch.testing.assert_close(got[name], want[name], rtol=1e-5, atol=1e-6, msg=name)
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("teacher")
-    save_tiny_llama_teacher(d)
-    return str(d)
 
 
 def test_step_one_norms_match_plain_pytorch(megatron_single_process, teacher_dir, tmp_path):

@@ -78,13 +78,6 @@ def test_alignment_gradient_injected_at_layer_k(megatron_single_process):
                               want["decoder.layers.0.mlp.linear_fc2.weight"])
 
 
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("teacher")
-    save_tiny_llama_teacher(d)
-    return str(d)
-
-
 LET = TINY_MODEL + ["--objective", "let", "--mock-data", "--vocab-size", "200",
                     "--micro-batch-size", "2", "--global-batch-size", "4", "--seed", "11",
                     "--let-lambda", "1.0", "--let-student-layer", "2"]

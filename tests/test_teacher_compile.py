@@ -7,19 +7,11 @@ import pytest
 import torch
 
 from launch import TINY_MODEL, read_metrics, run_pretrain
-from tiny_teachers import save_tiny_llama_teacher
 
 # fp32 on CPU: inductor fuses and may reorder the norms' and the attention's reductions; measured
 # max |compiled - eager| here 6e-7 on hidden states of magnitude ~3.5 (2.4e-7 on logits), allowed 1e-5
 ATOL, RTOL = 1e-5, 1e-5
 SHAPE = (2, 32)  # the LET run's micro-batch x sequence below: its subprocess reuses this compile
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("teacher")
-    save_tiny_llama_teacher(d)
-    return str(d)
 
 
 @pytest.fixture(scope="module")

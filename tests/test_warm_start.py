@@ -11,7 +11,6 @@ import pytest
 
 import warm_start
 from launch import ROOT, TINY_MODEL, base_env, free_port, read_metrics, run_pretrain
-from tiny_teachers import save_tiny_llama_teacher
 
 # Everything in a metrics record but wall-clock and memory figures (which differ between runs anyway).
 TIMING = ("time", "throughput", "per sec", "tflops", "mfu", "elapsed", "ms", "seconds", "memory", "rss")
@@ -23,13 +22,6 @@ def _deterministic(record: dict) -> dict:
 
 def _lines_without_timing(text: str) -> list:
     return [line for line in text.splitlines() if "iteration" in line and "loss" in line]
-
-
-@pytest.fixture(scope="module")
-def teacher_dir(tmp_path_factory):
-    d = tmp_path_factory.mktemp("teacher")
-    save_tiny_llama_teacher(d)
-    return str(d)
 
 
 def _let_run(folder, teacher_dir, warm):
