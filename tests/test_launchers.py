@@ -33,7 +33,8 @@ COMMON = os.path.join(ROOT, "examples", "common.sh")
 SBATCH = os.path.join(ROOT, "examples", "slurm", "pretrain_let.sbatch")
 # issue 23's crossover pilot (its output is committed next to it): at least parsed and linted
 PILOT = os.path.join(ROOT, "examples", "reproduce", "pilots", "crossover_pilot.sh")
-SHELL_FILES = [*LAUNCHERS.values(), COMMON, SBATCH, PILOT]
+REPRODUCE = [os.path.join(ROOT, "examples", "reproduce", f) for f in ("run.sh", "crossover.sh")]
+SHELL_FILES = [*LAUNCHERS.values(), COMMON, SBATCH, PILOT, *REPRODUCE]
 TINY_VOCAB = 200
 
 # SmolLM2 configurations (Hugging Face model cards) for config-only teacher folders.

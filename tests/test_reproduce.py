@@ -23,6 +23,7 @@ import warm_start
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "examples" / "reproduce" / "run.sh"
+CROSSOVER = ROOT / "examples" / "reproduce" / "crossover.sh"
 sys.path.insert(0, str(ROOT / "examples" / "reproduce"))
 
 MAIN_RUNS = {"baseline": "baseline", "LET": "let", "LET-logsum": "let_logsum", "SALT": "salt"}
@@ -222,7 +223,9 @@ def test_parameter_formula_matches_transformers() -> None:
 
 
 def test_bad_input_is_refused(tmp_path: Path) -> None:
-    for extra, message in ((dict(REPRO_PROFILE="huge"), "REPRO_PROFILE must be full or smoke"),
+    for extra, message in ((dict(REPRO_PROFILE="huge"), "REPRO_PROFILE must be full, smoke or crossover"),
+                           (dict(REPORT_STAGES="grid plots"), "unknown stage 'plots' in REPORT_STAGES"),
+                           (dict(REPRO_PROFILE="crossover", PUBLISH="1"), "publish it with PUBLISH=1 bash"),
                            (dict(PARALLEL_RUNS="0"), "PARALLEL_RUNS"),
                            (dict(SEEDS="1234"), "SEEDS needs at least two seeds"),
                            (dict(MIXES="all wiki"), "unknown mix 'wiki'"),
@@ -244,6 +247,9 @@ def test_bad_input_is_refused(tmp_path: Path) -> None:
 
     with pytest.raises(FileNotFoundError, match="build_corpus.py"):
         build_mixes(tmp_path / "nothing", tmp_path / "m")
+    res = subprocess.run(["bash", str(CROSSOVER)], env=_env(tmp_path, REPRO_PROFILE="full"), capture_output=True,
+                         text=True)
+    assert res.returncode == 2 and "REPRO_PROFILE must be crossover or smoke" in res.stderr, res.stderr
 
 
 def test_results_page_is_rendered_from_the_tables(smoke: Path, tmp_path: Path) -> None:
@@ -404,3 +410,78 @@ def test_changed_archive_is_a_clear_error(tmp_path: Path) -> None:
     assert check_archive("linux-docs", deb, same, record, allow_changed=False)["matches_record"] is True
     with pytest.raises(ValueError, match="shorter than 16"):
         check_archive("x", deb, "ab" * 32, {"x": {"file": "f", "sha256": "abc"}}, allow_changed=False)
+
+
+
+def test_crossover_study_driver(smoke: Path, tmp_path: Path) -> None:
+    """examples/reproduce/crossover.sh on the smoke runs: the grid's best setting (recomputed from
+    the logs) is carried to the other size and the held-out corpus, every table of the page is
+    produced, and the paired before/after-crossover differences match metrics.jsonl."""
+    x32 = "--num-layers 4 --hidden-size 32 --ffn-hidden-size 88 --num-attention-heads 2"
+    held, report, fig, page = tmp_path / "heldout", tmp_path / "report", tmp_path / "fig", tmp_path / "page.md"
+    env = _env(smoke, SIZE_STUDENTS=f"x32={x32}", SIZE_ADAPTIVE="1", HELDOUT_DIR=str(held), REPORT_DIR=str(report),
+               HELDOUT_REPORT_DIR=str(tmp_path / "held_report"), PUBLISH="1", RESULTS_PAGE=str(page),
+               FIGURES_DIR=str(fig), PARALLEL_RUNS="2")
+    res = subprocess.run(["bash", str(CROSSOVER)], env=warm_start.python_env(env), capture_output=True,
+                         text=True, timeout=1500)
+    assert res.returncode == 0, f"crossover.sh failed:\n{res.stdout[-4000:]}\n{res.stderr[-4000:]}"
+
+    # the best grid setting: lowest final validation loss at the first seed, from the logs
+    grid = {p.name: _final(p) for p in (smoke / "runs" / "all" / f"s{SEEDS[0]}").iterdir()
+            if p.name.startswith("grid_") and (p / ".done").is_file()}
+    ran = (smoke / "best_settings.txt").read_text().split()
+    lam, pct = min(grid, key=grid.get)[len("grid_l"):].split("_s")
+    assert ran[0] == f"{lam}:{pct}"
+    stop = max(1, (TRAIN_ITERS * int(pct) + 50) // 100)
+    for root in (smoke / "runs" / "size_x32", held / "runs" / "size_x32", held / "runs" / "all"):
+        for s in SEEDS:
+            cmd = (root / f"s{s}" / f"grid_l{lam}_s{pct}" / "command.sh").read_text()
+            assert f"--let-lambda {lam} " in cmd and f"--let-stop-step {stop} " in cmd
+    # the held-out corpus: its own corpus flags, tokenizer and teacher
+    manifest = json.loads((held / "corpus" / "manifest.json").read_text())
+    assert "i % 7 == 1" in manifest["rule"]
+    assert str(held / "tokenizer" / "spm.model") in (held / "teachers" / "same" / "train" / "command.sh").read_text()
+
+    # paired differences at the baseline's crossing and at the end, recomputed
+    teacher = [r for r in map(json.loads, open(smoke / "teachers" / "same" / "train" / "metrics.jsonl"))
+               if r.get("split") == "valid"][-1]["lm loss"]
+    root = smoke / "runs" / "size_x32"
+    adaptive = next(p.name for p in (root / f"s{SEEDS[0]}").iterdir() if p.name.startswith("adaptive"))
+    pairs = list(csv.DictReader(open(report / "crossover_x32_pairs.csv")))
+    assert pairs and pairs[0]["b"].startswith(f"λ0 {lam}, S_stop {stop} ")
+    finals, crossed = [], []
+    for s in SEEDS:
+        a, b = root / f"s{s}" / adaptive, root / f"s{s}" / f"grid_l{lam}_s{pct}"
+        finals.append(_final(a) - _final(b))
+        br = _bracket(_records(root / f"s{s}" / "baseline", "valid"), teacher)
+        if br is not None:
+            at = {r["iteration"]: r["lm loss"] for r in _records(a, "valid")}
+            bt = {r["iteration"]: r["lm loss"] for r in _records(b, "valid")}
+            crossed.append(at[br[1]] - bt[br[1]])
+    assert float(pairs[0]["final_mean"]) == pytest.approx(statistics.mean(finals), abs=1e-9)
+    if crossed:
+        assert float(pairs[0]["at_cross_mean"]) == pytest.approx(statistics.mean(crossed), abs=1e-9)
+
+    text = page.read_text()
+    assert "{{" not in text and "Not run" not in text
+    for name in ("grid", "settings_all", "crossover_all", "size_x32", "crossover_x32"):
+        assert (report / f"{name}.md").read_text().rstrip() in text, name
+        assert (tmp_path / "held_report" / f"{name}.md").is_file() or name == "grid", name
+    import re
+
+    for figure in re.findall(r"\]\(figures/([^)]+)\)", text):
+        assert (fig / figure).stat().st_size > 1000, figure
+    assert (smoke / "report" / "main_all.md").is_file()  # the shared smoke report is left alone
+
+
+def test_results_page_names_reports(tmp_path: Path) -> None:
+    """{{table:NAME/GROUP}} reads the report given as --report NAME=DIR; an unknown NAME is an error."""
+    from render_results import render
+
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    (tmp_path / "a" / "t.md").write_text("from a\n")
+    (tmp_path / "b" / "t.md").write_text("from b\n")
+    assert render("{{table:t}} / {{table:held/t}}", tmp_path / "a", {"held": tmp_path / "b"}) == "from a / from b"
+    with pytest.raises(ValueError, match="--report other=DIR"):
+        render("{{table:other/t}}", tmp_path / "a", {"held": tmp_path / "b"})

@@ -3,6 +3,8 @@
 #
 #   bash examples/reproduce/run.sh                       # full profile: corpus -> ... -> tables/plots
 #   REPRO_PROFILE=smoke bash examples/reproduce/run.sh   # tiny, seconds per stage (tests)
+#   PUBLISH=1 bash examples/reproduce/crossover.sh       # issue 23's study (REPRO_PROFILE=crossover:
+#                                                        # students that outgrow their teacher)
 #
 # Stages (a finished stage or run is reused when its command is unchanged; delete its folder to redo):
 #   1 corpus      examples/reproduce/build_corpus.py: Shakespeare + Python docs + Linux kernel docs,
@@ -21,25 +23,34 @@
 #                 seed loads it (--no-load-optim --no-load-rng) and reads the batches --seed orders
 #   7 main        per mix and seed: baseline, LET (cosine), LET (logsum), SALT; RKD at the first seed
 #   8 teacher     LET with the disjoint teacher, first seed, each mix
-#   9 grid        λ0 x S_stop grid (GRID_LAMBDAS x GRID_STOPS of the run), first seed, mix all
+#   9 grid        λ0 x S_stop grid (GRID_LAMBDAS x GRID_STOPS of the run) and its baseline, first
+#                 seed, mix all
 #  10 best        the BEST_SETTINGS grid settings of lowest final validation loss, at the other seeds
+#                 (listed, best first, in OUT_DIR/best_settings.txt)
 #  11 layers      teacher->student layer pairs (LAYER_PAIRS of L2M L2L M2E; L2E = LET), first seed
 #  12 settings    SETTINGS ("λ0:S_stop% ...", e.g. "3:40 10:40") and ADAPTIVE ("r0[:S_stop%] ...":
 #                 --let-lambda-mode grad-ratio; S_stop defaults to the paper's) at every seed, on
-#                 SETTINGS_MIXES
+#                 SETTINGS_MIXES, with the baseline and the paper's setting; the report adds the
+#                 best stage's settings and where each run crosses the teacher (as for sizes)
 #  13 sizes       crossover / student size: per SIZE_STUDENTS entry ("NAME=model flags;..."), its
 #                 own initial checkpoints, then baseline, LET at the paper's setting, SIZE_SETTINGS
 #                 and SIZE_ADAPTIVE at every seed for SIZE_TRAIN_ITERS steps on mix all; the report
-#                 finds where each curve crosses the teacher's final validation loss
+#                 finds where each curve crosses the teacher's final validation loss and compares
+#                 each grad-ratio run with each fixed setting there and at the end (paired)
 #  14 report      tools/compare_runs.py tables per seed, examples/reproduce/study.py mean ± sd tables
-#                 over seeds, the grid and the figures under OUT_DIR/report; PUBLISH=1 copies them to
+#                 over seeds, the grid and the figures under REPORT_DIR, for the stages of
+#                 REPORT_STAGES (the paper's claims when it has main, teacher, grid, best and
+#                 layers); PUBLISH=1 (full and smoke profiles) copies them to
 #                 docs/figures/reproduce_*.{csv,png} and renders docs/results.md from
 #                 examples/reproduce/results_template.md (render_results.py)
 #
-# Environment: REPRO_PROFILE full|smoke (default full); OUT_DIR (default runs/reproduce/<profile>);
+# Environment: REPRO_PROFILE full|smoke|crossover (default full); STAGES (default: the profile's
+# PROFILE_STAGES, config.sh); REPORT_STAGES (the stages whose tables the report writes; default:
+# STAGES, or PROFILE_STAGES when STAGES is just "report"); REPORT_DIR (default OUT_DIR/report);
+# OUT_DIR (default runs/reproduce/<profile>);
 # SOURCES_DIR (archive cache, default runs/reproduce/sources); PARALLEL_RUNS (student runs at once,
-# default 4, each with OMP_NUM_THREADS=1); PUBLISH 0|1 (default 0); STAGES (default: every stage
-# after tokenize, space-separated, e.g. "main report"); ALLOW_CHANGED_ARCHIVES 0|1 (default 0: a
+# default 4, each with OMP_NUM_THREADS=1); PUBLISH 0|1 (default 0; the full profile's page);
+# ALLOW_CHANGED_ARCHIVES 0|1 (default 0: a
 # corpus archive that differs from examples/reproduce/archives.json is an error); any variable of
 # examples/reproduce/config.sh (GRID_LAMBDAS, GRID_STOPS, SETTINGS, ADAPTIVE, SIZE_*, EVAL_INTERVAL...).
 # Speed-ups are resolved to one evaluation interval at the step a run reaches its target; the
@@ -52,8 +63,8 @@ ROOT="$(cd "${HERE}/../.." && pwd)"
 PY="${PYTHON:-${ROOT}/.venv/bin/python}"
 REPRO_PROFILE="${REPRO_PROFILE:-full}"
 die() { echo "reproduce: error: $*" >&2; exit 2; }
-case "${REPRO_PROFILE}" in full|smoke) ;; *) die "REPRO_PROFILE must be full or smoke, got '${REPRO_PROFILE}'" ;; esac
-# shellcheck source=config.sh
+case "${REPRO_PROFILE}" in full|smoke|crossover) ;; *) die "REPRO_PROFILE must be full, smoke or crossover, got '${REPRO_PROFILE}'" ;; esac
+# shellcheck source-path=SCRIPTDIR source=config.sh
 source "${HERE}/config.sh"
 OUT_DIR="${OUT_DIR:-${ROOT}/runs/reproduce/${REPRO_PROFILE}}"
 SOURCES_DIR="${SOURCES_DIR:-${ROOT}/runs/reproduce/sources}"
@@ -61,16 +72,27 @@ PARALLEL_RUNS="${PARALLEL_RUNS:-4}"
 PUBLISH="${PUBLISH:-0}"
 ALL_STAGES="teachers init main teacher grid best layers settings sizes report"
 ALLOW_CHANGED_ARCHIVES="${ALLOW_CHANGED_ARCHIVES:-0}"
-STAGES="${STAGES:-${ALL_STAGES}}"
+PROFILE_STAGES="${PROFILE_STAGES:-${ALL_STAGES}}"  # the profile's stages (config.sh)
+STAGES="${STAGES:-${PROFILE_STAGES}}"
+# what the report covers: the stages of this invocation, or the profile's when only the report is asked
+if [[ -z "${REPORT_STAGES:-}" ]]; then
+    read -r -a _asked <<< "${STAGES}"
+    if [[ "${_asked[*]}" == report ]]; then REPORT_STAGES="${PROFILE_STAGES}"; else REPORT_STAGES="${STAGES}"; fi
+fi
 case "${PUBLISH}" in 0|1) ;; *) die "PUBLISH must be 0 or 1, got '${PUBLISH}'" ;; esac
+if [[ "${PUBLISH}" == 1 && "${REPRO_PROFILE}" == crossover ]]; then
+    die "the crossover profile's page combines two corpora: publish it with PUBLISH=1 bash examples/reproduce/crossover.sh"
+fi
 case "${ALLOW_CHANGED_ARCHIVES}" in 0|1) ;; *) die "ALLOW_CHANGED_ARCHIVES must be 0 or 1, got '${ALLOW_CHANGED_ARCHIVES}'" ;; esac
 [[ "${PARALLEL_RUNS}" =~ ^[1-9][0-9]*$ ]] || die "PARALLEL_RUNS must be a positive integer, got '${PARALLEL_RUNS}'"
 [[ -x "${PY}" ]] || die "python ${PY} not found (create the venv: bash scripts/install.sh)"
 for v in TRAIN_ITERS TEACHER_ITERS EVAL_INTERVAL EVAL_ITERS LET_STOP_STEP BEST_SETTINGS SIZE_TRAIN_ITERS; do
     [[ "${!v}" =~ ^[1-9][0-9]*$ ]] || die "${v} must be a positive integer, got '${!v}'"
 done
-for st in ${STAGES}; do
-    [[ " ${ALL_STAGES} " == *" ${st} "* ]] || die "unknown stage '${st}' in STAGES (choose from: ${ALL_STAGES})"
+for var in STAGES PROFILE_STAGES REPORT_STAGES; do
+    for st in ${!var}; do
+        [[ " ${ALL_STAGES} " == *" ${st} "* ]] || die "unknown stage '${st}' in ${var} (choose from: ${ALL_STAGES})"
+    done
 done
 read -r -a SEED_LIST <<< "${SEEDS}"
 (( ${#SEED_LIST[@]} >= 2 )) || die "SEEDS needs at least two seeds for a spread, got '${SEEDS}'"
@@ -91,6 +113,7 @@ for lam in ${GRID_LAMBDAS}; do is_number "${lam}" || die "GRID_LAMBDAS must be p
 check_settings() {
     local name=$1 st; shift
     for st in "$@"; do
+        # shellcheck disable=SC2015  # die only when a check fails
         [[ "${st}" == *:* ]] && is_number "${st%%:*}" && is_percent "${st##*:}" \
             || die "${name} entries must be λ0:S_stop% (e.g. 3:40), got '${st}'"
     done
@@ -123,6 +146,7 @@ for entry in "${_sizes[@]}"; do
     SIZE_NAMES+=("${name}")
 done
 wants() { [[ " ${STAGES} " == *" $1 "* ]]; }
+reports() { [[ " ${REPORT_STAGES} " == *" $1 "* ]]; }  # the report shows stage $1's results
 if wants sizes; then (( ${#SIZE_NAMES[@]} >= 1 )) || die "the sizes stage needs SIZE_STUDENTS"; fi
 export OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONWARNINGS=ignore
 
@@ -151,7 +175,7 @@ mark_done() { local dir=$1; shift; printf '%s' "$*" > "${dir}/.done"; }
 # ------------------------------------------------------------------------------------------------
 stage corpus
 CORPUS="${OUT_DIR}/corpus"
-# shellcheck disable=SC2086
+# shellcheck disable=SC2086,SC2206  # CORPUS_FLAGS: words
 cmd=("${PY}" "${HERE}/build_corpus.py" --out "${CORPUS}" --cache "${SOURCES_DIR}" --min-total-mb "${MIN_CORPUS_MB}" ${CORPUS_FLAGS})
 if [[ "${ALLOW_CHANGED_ARCHIVES}" == 1 ]]; then cmd+=(--allow-changed-archives); fi
 if is_done "${CORPUS}" "${cmd[*]}"; then echo "reusing ${CORPUS}"; else
@@ -322,6 +346,7 @@ fi
 grid_name() { echo "grid_l$1_s$2"; }  # LAMBDA PERCENT
 if wants grid; then
     stage grid
+    student all "${SEED0}" baseline --objective baseline  # the grid's reference (main's run when it ran)
     for lam in ${GRID_LAMBDAS}; do
         for pct in ${GRID_STOPS}; do
             student all "${SEED0}" "$(grid_name "${lam}" "${pct}")" "${LET[@]}" --let-lambda "${lam}" \
@@ -331,7 +356,7 @@ if wants grid; then
 fi
 wait_runs  # the grid decides the next stage
 
-REPORT="${OUT_DIR}/report"
+REPORT="${REPORT_DIR:-${OUT_DIR}/report}"
 mkdir -p "${REPORT}"
 STUDY=("${PY}" "${HERE}/study.py")
 GRID_SPECS=()
@@ -343,6 +368,7 @@ if wants best; then
     mapfile -t BEST < <("${STUDY[@]}" best --runs-dir "${RUNS}/all/s${SEED0}" --grid "${GRID_SPECS[@]}" \
                         --top "${BEST_SETTINGS}")
     echo "best grid settings (lowest final validation loss at seed ${SEED0}): ${BEST[*]}"
+    printf '%s\n' "${BEST[@]}" > "${OUT_DIR}/best_settings.txt"  # best first (examples/reproduce/crossover.sh)
     for setting in "${BEST[@]}"; do
         lam="${setting%%:*}" pct="${setting##*:}"
         for sd in "${SEED_LIST[@]:1}"; do
@@ -369,6 +395,9 @@ if wants settings; then
     stage settings  # named settings (the grid's run names: a grid run of the same setting is reused)
     for mix in "${SETTINGS_MIX_LIST[@]}"; do
         for sd in "${SEED_LIST[@]}"; do
+            # the table's reference rows (main's runs when it ran): baseline and the paper's setting
+            student "${mix}" "${sd}" baseline --objective baseline
+            student "${mix}" "${sd}" let "${LET[@]}" --let-lambda "${LET_LAMBDA}" --let-stop-step "${LET_STOP_STEP}"
             for setting in ${SETTINGS}; do
                 lam="${setting%%:*}" pct="${setting##*:}"
                 student "${mix}" "${sd}" "$(grid_name "${lam}" "${pct}")" "${LET[@]}" --let-lambda "${lam}" \
@@ -431,65 +460,98 @@ wait_runs
 if wants report; then
     stage report
     rm -rf "${REPORT}"; mkdir -p "${REPORT}"
-    MAIN_SPECS=(baseline=baseline LET=let "LET-logsum=let_logsum" SALT=salt RKD=rkd)
-    for mix in "${MIX_LIST[@]}"; do
-        "${STUDY[@]}" seeds --root "${RUNS}/${mix}" --seeds "${SEED_LIST[@]}" --runs "${MAIN_SPECS[@]}" \
-            --pairs LET:SALT LET:LET-logsum LET:RKD --out "${REPORT}/main_${mix}" --title "mix ${mix}"
-        "${STUDY[@]}" seeds --root "${RUNS}/${mix}" --seeds "${SEED0}" --runs baseline=baseline \
-            "LET (same-data teacher)=let" "LET (disjoint teacher)=let_disjoint" \
-            --pairs "LET (disjoint teacher):LET (same-data teacher)" --out "${REPORT}/teacher_${mix}" --title "mix ${mix}, seed ${SEED0}"
-    done
-    "${STUDY[@]}" grid --runs-dir "${RUNS}/all/s${SEED0}" --grid "${GRID_SPECS[@]}" --train-iters "${TRAIN_ITERS}" \
-        --out "${REPORT}/grid"
-    best_specs=(baseline=baseline "LET (λ0 ${LET_LAMBDA}, S_stop ${LET_STOP_STEP})=let")
-    mapfile -t BEST < <("${STUDY[@]}" best --runs-dir "${RUNS}/all/s${SEED0}" --grid "${GRID_SPECS[@]}" \
-                        --top "${BEST_SETTINGS}")
-    for setting in "${BEST[@]}"; do
-        lam="${setting%%:*}" pct="${setting##*:}"
-        best_specs+=("$(setting_label "${lam}" "${pct}")=$(grid_name "${lam}" "${pct}")")
-    done
-    "${STUDY[@]}" seeds --root "${RUNS}/all" --seeds "${SEED_LIST[@]}" --runs "${best_specs[@]}" \
-        --out "${REPORT}/best" --title "mix all, best grid settings"
-    layer_specs=(baseline=baseline L2E=let)
-    for pair in ${LAYER_PAIRS}; do layer_specs+=("${pair}=let_${pair}"); done
-    "${STUDY[@]}" seeds --root "${RUNS}/all" --seeds "${SEED0}" --runs "${layer_specs[@]}" \
-        --out "${REPORT}/layers" --title "mix all, seed ${SEED0}"
-    if [[ -n "${SETTINGS}${ADAPTIVE}" ]]; then
+    if reports main; then
+        MAIN_SPECS=(baseline=baseline LET=let "LET-logsum=let_logsum" SALT=salt RKD=rkd)
+        for mix in "${MIX_LIST[@]}"; do
+            "${STUDY[@]}" seeds --root "${RUNS}/${mix}" --seeds "${SEED_LIST[@]}" --runs "${MAIN_SPECS[@]}" \
+                --pairs LET:SALT LET:LET-logsum LET:RKD --out "${REPORT}/main_${mix}" --title "mix ${mix}"
+        done
+    fi
+    if reports teacher; then
+        for mix in "${MIX_LIST[@]}"; do
+            "${STUDY[@]}" seeds --root "${RUNS}/${mix}" --seeds "${SEED0}" --runs baseline=baseline \
+                "LET (same-data teacher)=let" "LET (disjoint teacher)=let_disjoint" \
+                --pairs "LET (disjoint teacher):LET (same-data teacher)" --out "${REPORT}/teacher_${mix}" --title "mix ${mix}, seed ${SEED0}"
+        done
+    fi
+    BEST=()
+    if reports grid; then
+        "${STUDY[@]}" grid --runs-dir "${RUNS}/all/s${SEED0}" --grid "${GRID_SPECS[@]}" --train-iters "${TRAIN_ITERS}" \
+            --out "${REPORT}/grid"
+    fi
+    if reports grid || reports best; then
+        mapfile -t BEST < <("${STUDY[@]}" best --runs-dir "${RUNS}/all/s${SEED0}" --grid "${GRID_SPECS[@]}" \
+                            --top "${BEST_SETTINGS}")
+    fi
+    if reports best; then
+        best_specs=(baseline=baseline "LET (λ0 ${LET_LAMBDA}, S_stop ${LET_STOP_STEP})=let")
+        for setting in "${BEST[@]}"; do
+            lam="${setting%%:*}" pct="${setting##*:}"
+            best_specs+=("$(setting_label "${lam}" "${pct}")=$(grid_name "${lam}" "${pct}")")
+        done
+        "${STUDY[@]}" seeds --root "${RUNS}/all" --seeds "${SEED_LIST[@]}" --runs "${best_specs[@]}" \
+            --out "${REPORT}/best" --title "mix all, best grid settings"
+    fi
+    if reports layers; then
+        layer_specs=(baseline=baseline L2E=let)
+        for pair in ${LAYER_PAIRS}; do layer_specs+=("${pair}=let_${pair}"); done
+        "${STUDY[@]}" seeds --root "${RUNS}/all" --seeds "${SEED0}" --runs "${layer_specs[@]}" \
+            --out "${REPORT}/layers" --title "mix all, seed ${SEED0}"
+    fi
+    if reports settings && [[ -n "${SETTINGS}${ADAPTIVE}" ]]; then
         for mix in "${SETTINGS_MIX_LIST[@]}"; do  # named settings and grad-ratio runs at every seed
             specs=(baseline=baseline "λ0 ${LET_LAMBDA}, S_stop ${LET_STOP_STEP} (paper)=let")
-            pairs=()
-            for setting in ${SETTINGS}; do
+            fixed=()  # the named settings, then (mix all) the grid's best ones the best stage ran at every seed
+            for setting in ${SETTINGS}; do fixed+=("${setting}"); done
+            if [[ "${mix}" == all ]] && reports best; then
+                for setting in "${BEST[@]}"; do
+                    [[ " ${fixed[*]} " == *" ${setting} "* ]] || fixed+=("${setting}")
+                done
+            fi
+            for setting in "${fixed[@]}"; do
                 specs+=("$(setting_label "${setting%%:*}" "${setting##*:}")=$(grid_name "${setting%%:*}" "${setting##*:}")")
             done
+            pairs=()
             for a in ${ADAPTIVE}; do
                 IFS='|' read -r name _ label <<< "$(adaptive_run "${a}")"
                 specs+=("${label}=${name}")
-                for setting in ${SETTINGS}; do pairs+=("${label}:$(setting_label "${setting%%:*}" "${setting##*:}")"); done
+                for setting in "${fixed[@]}"; do
+                    pairs+=("${label}:$(setting_label "${setting%%:*}" "${setting##*:}")")
+                done
             done
             "${STUDY[@]}" seeds --root "${RUNS}/${mix}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
                 --pairs "${pairs[@]}" --out "${REPORT}/settings_${mix}" --title "mix ${mix}, named settings"
+            "${STUDY[@]}" crossover --root "${RUNS}/${mix}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
+                --teacher-metrics "${TEACHERS}/same/train/metrics.jsonl" --out "${REPORT}/crossover_${mix}" \
+                --pairs "${pairs[@]}" --title "student ${STUDENT_MODEL}, mix ${mix}"
         done
     fi
-    if wants sizes; then
+    if reports sizes; then
         paper_stop="$(( (SIZE_TRAIN_ITERS * PAPER_STOP_STEP + PAPER_TOTAL_STEPS / 2) / PAPER_TOTAL_STEPS ))"
         (( paper_stop >= 1 )) || paper_stop=1
         for size in "${SIZE_NAMES[@]}"; do
             specs=(baseline=baseline "λ0 ${LET_LAMBDA}, S_stop ${paper_stop} (paper)=let")
+            pairs=()
             for setting in ${SIZE_SETTINGS}; do
                 specs+=("$(setting_label "${setting%%:*}" "${setting##*:}" "${SIZE_TRAIN_ITERS}")=$(grid_name "${setting%%:*}" "${setting##*:}")")
             done
             for a in ${SIZE_ADAPTIVE}; do
                 IFS='|' read -r name _ label <<< "$(adaptive_run "${a}" "${SIZE_TRAIN_ITERS}")"
                 specs+=("${label}=${name}")
+                for setting in ${SIZE_SETTINGS}; do
+                    pairs+=("${label}:$(setting_label "${setting%%:*}" "${setting##*:}" "${SIZE_TRAIN_ITERS}")")
+                done
             done
             "${STUDY[@]}" seeds --root "${RUNS}/size_${size}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
-                --out "${REPORT}/size_${size}" --title "student ${size}, ${SIZE_TRAIN_ITERS} steps, mix all"
+                --pairs "${pairs[@]}" --out "${REPORT}/size_${size}" --title "student ${size}, ${SIZE_TRAIN_ITERS} steps, mix all"
             "${STUDY[@]}" crossover --root "${RUNS}/size_${size}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
                 --teacher-metrics "${TEACHERS}/same/train/metrics.jsonl" --out "${REPORT}/crossover_${size}" \
-                --title "student ${size} (${SIZE_FLAGS[${size}]})"
+                --pairs "${pairs[@]}" --title "student ${size} (${SIZE_FLAGS[${size}]})"
         done
     fi
-    "${STUDY[@]}" claims --report "${REPORT}" --mixes "${MIX_LIST[@]}"
+    if reports main && reports teacher && reports grid && reports best && reports layers; then
+        "${STUDY[@]}" claims --report "${REPORT}" --mixes "${MIX_LIST[@]}"  # the paper's claims, one line each
+    fi
     "${PY}" "${HERE}/summarize.py" --out-dir "${OUT_DIR}" --teacher-model "${TEACHER_MODEL}" \
         --student-model "${STUDENT_MODEL}" > "${REPORT}/setup.md"
     cat "${REPORT}/setup.md"

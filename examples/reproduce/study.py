@@ -607,6 +607,42 @@ def crossover_markdown(rows: Sequence[dict], teacher: Tuple[int, float], title: 
     return "\n".join(lines) + "\n"
 
 
+def crossover_pairs(per_seed: Dict[int, Dict[str, Run]], baseline: str, teacher_loss: float,
+                    pairs: Sequence[str]) -> List[Tuple[str, str, Stat, Stat]]:
+    """Per pair A:B, the paired difference A − B of the validation loss at the baseline's crossing
+    step (before the student outgrows the teacher) and at the end (after), over the common seeds."""
+    names = {n for runs in per_seed.values() for n in runs}
+    out = []
+    for pair in pairs:
+        a, sep, b = pair.partition(":")
+        if not sep or a not in names or b not in names:
+            raise ValueError(f"--pairs {pair!r} must be A:B with A and B among the runs {sorted(names)}")
+        at_cross, final = Stat(), Stat()
+        for runs in per_seed.values():
+            if a not in runs or b not in runs:
+                continue
+            final.values.append(float(_curve(runs[a])[1][-1] - _curve(runs[b])[1][-1]))
+            br = reach_bracket(*_curve(runs[baseline]), teacher_loss)
+            if br is not None:
+                here, there = _value_at(runs[a], br[1]), _value_at(runs[b], br[1])
+                if here is not None and there is not None:
+                    at_cross.values.append(here - there)
+        out.append((a, b, at_cross, final))
+    return out
+
+
+def crossover_pairs_markdown(pairs: Sequence[Tuple[str, str, Stat, Stat]]) -> str:
+    lines = ["| comparison | seeds | Δ at the baseline's crossing (paired) | exceeds the seed spread? "
+             "| Δ final (paired) | exceeds the seed spread? |", "|---|---|---|---|---|---|"]
+    for a, b, cross, final in pairs:
+        def cell(st: Stat) -> Tuple[str, str]:
+            if not st.n:
+                return "n/a", ""
+            return st.fmt("+.4f"), verdict(st, 0.0, f"{a} lower", f"{b} lower")
+        lines.append("| " + " | ".join([f"{a} − {b}", str(final.n), *cell(cross), *cell(final)]) + " |")
+    return "\n".join(lines) + "\n"
+
+
 def plot_crossover(path: Path, rows: Sequence[dict], per_seed: Dict[int, Dict[str, Run]],
                    teacher: Tuple[int, float], title: str) -> None:
     import matplotlib
@@ -644,6 +680,17 @@ def cmd_crossover(a: argparse.Namespace) -> None:
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     md = crossover_markdown(rows, teacher, a.title)
+    if a.pairs:
+        pairs = crossover_pairs(per_seed, specs[0][0], teacher[1], a.pairs)
+        md += "\n" + crossover_pairs_markdown(pairs)
+        with open(f"{out}_pairs.csv", "w", newline="") as fh:
+            w = csv.writer(fh)
+            w.writerow(["a", "b", "seeds", "at_cross_mean", "at_cross_sd", "at_cross_t", "final_mean",
+                        "final_sd", "final_t"])
+            for pa, pb, cross, final in pairs:
+                w.writerow([pa, pb, final.n, _num(cross.mean), _num(cross.sd),
+                            "" if cross.t() is None else _num(cross.t()), _num(final.mean), _num(final.sd),
+                            "" if final.t() is None else _num(final.t())])
     Path(f"{out}.md").write_text(md)
     with open(f"{out}.csv", "w", newline="") as fh:
         w = csv.writer(fh)
@@ -777,6 +824,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     x.add_argument("--teacher-metrics", required=True, help="the teacher's metrics.jsonl")
     x.add_argument("--out", required=True)
     x.add_argument("--title", default="")
+    x.add_argument("--pairs", nargs="*", default=[], metavar="A:B",
+                   help="paired A − B at the baseline's crossing and at the end")
     x.set_defaults(func=cmd_crossover)
     c = sub.add_parser("claims", help="one computed line per claim of the paper (REPORT/claims.md)")
     c.add_argument("--report", required=True)
