@@ -332,24 +332,40 @@ def test_named_settings_and_grad_ratio_runs_at_every_seed(smoke: Path) -> None:
     assert pairs and pairs[0]["a"] == label and int(pairs[0]["seeds"]) == len(SEEDS)
 
 
+def _teacher_windows(report: Path, mix: str = "all") -> dict:
+    """seed -> the teacher's loss on that seed's evaluation windows (tools/evaluate.py), after checking
+    the evaluation ran on those windows: the seed's shuffle, EVAL_ITERS x MBS of them (smoke: 1 x 2)."""
+    out = {}
+    for s in SEEDS:
+        res = json.loads((report / f"teacher_windows_{mix}_s{s}.json").read_text())
+        assert res["samples"] == 2 and res["eval_split"] == "valid" and res["task"] == "ppl"
+        assert res["load"].endswith("teachers/same/ckpt")
+        out[s] = res["loss"]
+    assert len(set(out.values())) == len(SEEDS)  # each seed's own windows
+    return out
+
+
 def test_sizes_stage_and_crossover_from_the_logs(smoke: Path) -> None:
     """Each size has its own initial checkpoints; the crossover table is recomputed from
     metrics.jsonl and the teacher's final validation loss."""
-    teacher = [r for r in map(json.loads, open(smoke / "teachers" / "same" / "train" / "metrics.jsonl"))
-               if r.get("split") == "valid"][-1]["lm loss"]
+    teacher = _teacher_windows(smoke / "report")
     root = smoke / "runs" / "size_w32"
     for s in SEEDS:
         assert "--hidden-size 32" in (root / f"s{s}" / "baseline" / "command.sh").read_text()
         assert str(smoke / "size_init" / "w32" / f"s{s}" / "ckpt") in (root / f"s{s}" / "let" / "command.sh").read_text()
     rows = {r["run"]: r for r in csv.DictReader(open(smoke / "report" / "crossover_w32.csv"))}
-    assert float(rows["baseline"]["teacher_final_loss"]) == pytest.approx(teacher)
+    final = [r for r in map(json.loads, open(smoke / "teachers" / "same" / "train" / "metrics.jsonl"))
+             if r.get("split") == "valid"][-1]["lm loss"]
+    assert float(rows["baseline"]["teacher_final_loss"]) == pytest.approx(final)
+    assert {int(k): float(v) for k, v in (x.split(":") for x in rows["baseline"]["teacher_loss_by_seed"].split())} \
+        == pytest.approx(teacher)
     for name, r in rows.items():
         d = "baseline" if name == "baseline" else ("let" if "paper" in name else
                                                    next(p.name for p in (root / f"s{SEEDS[0]}").iterdir()
                                                         if p.name.startswith("adaptive")))
         steps = []
         for s in SEEDS:
-            b = _bracket(_records(root / f"s{s}" / d, "valid"), teacher)
+            b = _bracket(_records(root / f"s{s}" / d, "valid"), teacher[s])
             if b is not None:
                 steps.append(b[1])
         assert int(r["crossed"]) == len(steps), name
@@ -443,8 +459,7 @@ def test_crossover_study_driver(smoke: Path, tmp_path: Path) -> None:
     assert str(held / "tokenizer" / "spm.model") in (held / "teachers" / "same" / "train" / "command.sh").read_text()
 
     # paired differences at the baseline's crossing and at the end, recomputed
-    teacher = [r for r in map(json.loads, open(smoke / "teachers" / "same" / "train" / "metrics.jsonl"))
-               if r.get("split") == "valid"][-1]["lm loss"]
+    teacher = _teacher_windows(report)
     root = smoke / "runs" / "size_x32"
     adaptive = next(p.name for p in (root / f"s{SEEDS[0]}").iterdir() if p.name.startswith("adaptive"))
     pairs = list(csv.DictReader(open(report / "crossover_x32_pairs.csv")))
@@ -453,7 +468,7 @@ def test_crossover_study_driver(smoke: Path, tmp_path: Path) -> None:
     for s in SEEDS:
         a, b = root / f"s{s}" / adaptive, root / f"s{s}" / f"grid_l{lam}_s{pct}"
         finals.append(_final(a) - _final(b))
-        br = _bracket(_records(root / f"s{s}" / "baseline", "valid"), teacher)
+        br = _bracket(_records(root / f"s{s}" / "baseline", "valid"), teacher[s])
         if br is not None:
             at = {r["iteration"]: r["lm loss"] for r in _records(a, "valid")}
             bt = {r["iteration"]: r["lm loss"] for r in _records(b, "valid")}

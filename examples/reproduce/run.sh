@@ -498,6 +498,24 @@ if wants report; then
         "${STUDY[@]}" seeds --root "${RUNS}/all" --seeds "${SEED0}" --runs "${layer_specs[@]}" \
             --out "${REPORT}/layers" --title "mix all, seed ${SEED0}"
     fi
+    # teacher_windows MIX: TEACHER_WINDOWS = SEED=JSON, the teacher's loss on the validation windows a
+    # student of that seed evaluates on MIX (EVAL_ITERS x MBS windows, shuffled by the seed)
+    teacher_windows() {
+        local mix=$1 sd out
+        local -a data
+        read -r -a data <<< "${DATA_FLAGS[student_${mix}]}"
+        TEACHER_WINDOWS=()
+        for sd in "${SEED_LIST[@]}"; do
+            out="${REPORT}/teacher_windows_${mix}_s${sd}.json"
+            if [[ ! -s "${out}" ]]; then
+                "${PY}" "${ROOT}/tools/evaluate.py" --task ppl --load "${TEACHERS}/same/ckpt" "${data[@]}" \
+                    --eval-split valid --seed "${sd}" --micro-batch-size "${MBS}" --eval-samples $(( EVAL_ITERS * MBS )) \
+                    --device cpu --output "${out}" > "${out%.json}.log" 2>&1 \
+                    || { cat "${out%.json}.log" >&2; die "the teacher's evaluation on seed ${sd}'s windows failed"; }
+            fi
+            TEACHER_WINDOWS+=("${sd}=${out}")
+        done
+    }
     if reports settings && [[ -n "${SETTINGS}${ADAPTIVE}" ]]; then
         for mix in "${SETTINGS_MIX_LIST[@]}"; do  # named settings and grad-ratio runs at every seed
             specs=(baseline=baseline "λ0 ${LET_LAMBDA}, S_stop ${LET_STOP_STEP} (paper)=let")
@@ -521,9 +539,10 @@ if wants report; then
             done
             "${STUDY[@]}" seeds --root "${RUNS}/${mix}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
                 --pairs "${pairs[@]}" --out "${REPORT}/settings_${mix}" --title "mix ${mix}, named settings"
+            teacher_windows "${mix}"
             "${STUDY[@]}" crossover --root "${RUNS}/${mix}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
                 --teacher-metrics "${TEACHERS}/same/train/metrics.jsonl" --out "${REPORT}/crossover_${mix}" \
-                --pairs "${pairs[@]}" --title "student ${STUDENT_MODEL}, mix ${mix}"
+                --pairs "${pairs[@]}" --teacher-windows "${TEACHER_WINDOWS[@]}" --title "student ${STUDENT_MODEL}, mix ${mix}"
         done
     fi
     if reports sizes; then
@@ -544,9 +563,10 @@ if wants report; then
             done
             "${STUDY[@]}" seeds --root "${RUNS}/size_${size}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
                 --pairs "${pairs[@]}" --out "${REPORT}/size_${size}" --title "student ${size}, ${SIZE_TRAIN_ITERS} steps, mix all"
+            teacher_windows all
             "${STUDY[@]}" crossover --root "${RUNS}/size_${size}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
                 --teacher-metrics "${TEACHERS}/same/train/metrics.jsonl" --out "${REPORT}/crossover_${size}" \
-                --pairs "${pairs[@]}" --title "student ${size} (${SIZE_FLAGS[${size}]})"
+                --pairs "${pairs[@]}" --teacher-windows "${TEACHER_WINDOWS[@]}" --title "student ${size} (${SIZE_FLAGS[${size}]})"
         done
     fi
     if reports main && reports teacher && reports grid && reports best && reports layers; then

@@ -531,10 +531,29 @@ def _value_at(run: Run, step: int) -> Optional[float]:
     return float(v[hit[0]]) if hit.size else None
 
 
+def teacher_lines(seeds: Sequence[int], final: float, windows: Sequence[str]) -> Dict[int, float]:
+    """The teacher's loss each seed's runs are compared with: its loss on that seed's own
+    evaluation windows (``SEED=JSON`` of tools/evaluate.py) where given, else its final validation
+    loss on its own windows."""
+    import json
+
+    given = {}
+    for spec in windows:
+        sd, sep, path = spec.partition("=")
+        if not sep or not sd.isdigit():
+            raise ValueError(f"--teacher-windows {spec!r} must be SEED=JSON")
+        given[int(sd)] = float(json.loads(Path(path).read_text())["loss"])
+    missing = [sd for sd in seeds if given and sd not in given]
+    if missing:
+        raise ValueError(f"--teacher-windows has no evaluation for seed(s) {missing}")
+    return {sd: given.get(sd, final) for sd in seeds}
+
+
 def crossover_rows(root: Path, seeds: Sequence[int], specs: Sequence[Tuple[str, str]],
-                   teacher_loss: float) -> Tuple[List[dict], Dict[int, Dict[str, Run]]]:
-    """Per run: crossing step of the teacher's loss (first evaluation below it and the interpolated
-    step), and Δ to the same seed's baseline at the baseline's crossing and at the end."""
+                   teacher_loss: Dict[int, float]) -> Tuple[List[dict], Dict[int, Dict[str, Run]]]:
+    """Per run: crossing step of the teacher's loss (``teacher_loss[seed]``: first evaluation below
+    it and the interpolated step), and Δ to the same seed's baseline at the baseline's crossing and
+    at the end."""
     baseline = specs[0][0]
     per_seed: Dict[int, Dict[str, Run]] = {}
     for sd in seeds:
@@ -551,11 +570,11 @@ def crossover_rows(root: Path, seeds: Sequence[int], specs: Sequence[Tuple[str, 
                 continue
             seen.append(sd)
             base = per_seed[sd][baseline]
-            br = reach_bracket(*_curve(run), teacher_loss)
+            br = reach_bracket(*_curve(run), teacher_loss[sd])
             if br is not None:
                 cross.values.append(br[1])
                 interp.values.append(br[2])
-            b_br = reach_bracket(*_curve(base), teacher_loss)
+            b_br = reach_bracket(*_curve(base), teacher_loss[sd])
             if b_br is not None and name != baseline:
                 here, there = _value_at(run, b_br[1]), _value_at(base, b_br[1])
                 if here is not None and there is not None:
@@ -570,7 +589,8 @@ def crossover_rows(root: Path, seeds: Sequence[int], specs: Sequence[Tuple[str, 
     return rows, per_seed
 
 
-def crossover_markdown(rows: Sequence[dict], teacher: Tuple[int, float], title: str) -> str:
+def crossover_markdown(rows: Sequence[dict], teacher: Tuple[int, float], lines_by_seed: Dict[int, float],
+                       title: str, windows: bool = False) -> str:
     head = ["run", "seeds", "crossed the teacher", "first evaluation below the teacher",
             "interpolated crossing step", "Δ vs baseline at the baseline's crossing", "Δ vs baseline, final",
             "final − at crossing (paired)", "after the crossing, LET's advantage"]
@@ -586,8 +606,12 @@ def crossover_markdown(rows: Sequence[dict], teacher: Tuple[int, float], title: 
         elif not exceeds_spread(ch.t(0.0) or 0.0, ch.n):
             trend = "persists (no change beyond the seed spread)" if r["delta_final"].mean < 0 else \
                 "no advantage either side of the crossing"
-        elif ch.mean > 0:
-            trend = "reverses" if r["delta_final"].mean > 0 else "fades"
+        elif ch.mean > 0:  # the advantage shrinks after the crossing: by how much does the end say
+            t_final = r["delta_final"].t(0.0)
+            if t_final is not None and exceeds_spread(t_final, r["delta_final"].n):
+                trend = "reverses (ends worse, beyond the spread)" if t_final > 0 else "fades (still ahead at the end)"
+            else:
+                trend = "fades to level (final Δ within the spread)"
         else:
             trend = "grows"
         lines.append("| " + " | ".join([
@@ -599,15 +623,21 @@ def crossover_markdown(rows: Sequence[dict], teacher: Tuple[int, float], title: 
                 f" ({verdict(r['delta_final'], 0.0, 'lower', 'higher')})" if r["delta_final"].n else ""),
             "" if base else (ch.fmt("+.4f") if ch.n else "n/a"), trend]) + " |")
     lines.append("")
-    lines.append(f"{title}. Teacher: final validation loss {teacher[1]:.4f} (step {teacher[0]}) on the same "
-                 "held-out documents. Crossing: the first evaluation whose validation loss is below the "
+    if windows:
+        vals = Stat(list(lines_by_seed.values()))
+        where = (f"its validation loss on each seed's own evaluation windows (tools/evaluate.py): "
+                 f"{vals.fmt('.4f')} (" + ", ".join(f"{v:.4f}" for v in lines_by_seed.values())
+                 + f"); on its own windows {teacher[1]:.4f} (step {teacher[0]})")
+    else:
+        where = f"final validation loss {teacher[1]:.4f} (step {teacher[0]}) on the same held-out documents"
+    lines.append(f"{title}. Teacher: {where}. Crossing: the first evaluation whose validation loss is below the "
                  "teacher's (interpolated: on the straight line between the two evaluations around it). Δ: "
                  "the run's validation loss minus the same seed's baseline's, at the baseline's crossing step "
                  "and at the end; the last column tests the change between the two (paired t, 95 %).")
     return "\n".join(lines) + "\n"
 
 
-def crossover_pairs(per_seed: Dict[int, Dict[str, Run]], baseline: str, teacher_loss: float,
+def crossover_pairs(per_seed: Dict[int, Dict[str, Run]], baseline: str, teacher_loss: Dict[int, float],
                     pairs: Sequence[str]) -> List[Tuple[str, str, Stat, Stat]]:
     """Per pair A:B, the paired difference A − B of the validation loss at the baseline's crossing
     step (before the student outgrows the teacher) and at the end (after), over the common seeds."""
@@ -618,11 +648,11 @@ def crossover_pairs(per_seed: Dict[int, Dict[str, Run]], baseline: str, teacher_
         if not sep or a not in names or b not in names:
             raise ValueError(f"--pairs {pair!r} must be A:B with A and B among the runs {sorted(names)}")
         at_cross, final = Stat(), Stat()
-        for runs in per_seed.values():
+        for sd, runs in per_seed.items():
             if a not in runs or b not in runs:
                 continue
             final.values.append(float(_curve(runs[a])[1][-1] - _curve(runs[b])[1][-1]))
-            br = reach_bracket(*_curve(runs[baseline]), teacher_loss)
+            br = reach_bracket(*_curve(runs[baseline]), teacher_loss[sd])
             if br is not None:
                 here, there = _value_at(runs[a], br[1]), _value_at(runs[b], br[1])
                 if here is not None and there is not None:
@@ -644,7 +674,7 @@ def crossover_pairs_markdown(pairs: Sequence[Tuple[str, str, Stat, Stat]]) -> st
 
 
 def plot_crossover(path: Path, rows: Sequence[dict], per_seed: Dict[int, Dict[str, Run]],
-                   teacher: Tuple[int, float], title: str) -> None:
+                   lines_by_seed: Dict[int, float], title: str) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -665,7 +695,11 @@ def plot_crossover(path: Path, rows: Sequence[dict], per_seed: Dict[int, Dict[st
         if len(curves) > 1:
             sd_ = data.std(0, ddof=1)
             ax.fill_between(steps, data.mean(0) - sd_, data.mean(0) + sd_, color=f"C{i}", alpha=0.2)
-    ax.axhline(teacher[1], color="black", ls="--", lw=1, label=f"teacher's final loss {teacher[1]:.3f}")
+    lo, hi = min(lines_by_seed.values()), max(lines_by_seed.values())
+    ax.axhline((lo + hi) / 2, color="black", ls="--", lw=1,
+               label=f"teacher's loss {lo:.3f}" + (f"-{hi:.3f} (per seed)" if hi > lo else ""))
+    if hi > lo:
+        ax.axhspan(lo, hi, color="black", alpha=0.1)
     ax.set(title=f"validation loss vs the teacher ({title})", xlabel="step", ylabel="lm loss")
     ax.legend(fontsize=8)
     fig.tight_layout()
@@ -676,12 +710,13 @@ def plot_crossover(path: Path, rows: Sequence[dict], per_seed: Dict[int, Dict[st
 def cmd_crossover(a: argparse.Namespace) -> None:
     specs = parse_specs(a.runs)
     teacher = teacher_final_loss(Path(a.teacher_metrics))
-    rows, per_seed = crossover_rows(Path(a.root), a.seeds, specs, teacher[1])
+    by_seed = teacher_lines(a.seeds, teacher[1], a.teacher_windows)
+    rows, per_seed = crossover_rows(Path(a.root), a.seeds, specs, by_seed)
     out = Path(a.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    md = crossover_markdown(rows, teacher, a.title)
+    md = crossover_markdown(rows, teacher, by_seed, a.title, windows=bool(a.teacher_windows))
     if a.pairs:
-        pairs = crossover_pairs(per_seed, specs[0][0], teacher[1], a.pairs)
+        pairs = crossover_pairs(per_seed, specs[0][0], by_seed, a.pairs)
         md += "\n" + crossover_pairs_markdown(pairs)
         with open(f"{out}_pairs.csv", "w", newline="") as fh:
             w = csv.writer(fh)
@@ -696,15 +731,17 @@ def cmd_crossover(a: argparse.Namespace) -> None:
         w = csv.writer(fh)
         w.writerow(["run", "seeds", "crossed", "cross_step_mean", "cross_interp_mean", "cross_interp_sd",
                     "delta_at_baseline_cross_mean", "delta_at_baseline_cross_sd", "delta_final_mean",
-                    "delta_final_sd", "change_mean", "change_sd", "change_t", "teacher_final_loss"])
+                    "delta_final_sd", "change_mean", "change_sd", "change_t", "teacher_final_loss",
+                    "teacher_loss_by_seed"])
         for r in rows:
             t = r["change"].t()
             w.writerow([r["run"], " ".join(map(str, r["seeds"])), r["crossed"], _num(r["cross_step"].mean),
                         _num(r["cross_interp"].mean), _num(r["cross_interp"].sd),
                         _num(r["delta_at_baseline_cross"].mean), _num(r["delta_at_baseline_cross"].sd),
                         _num(r["delta_final"].mean), _num(r["delta_final"].sd), _num(r["change"].mean),
-                        _num(r["change"].sd), "" if t is None else _num(t), repr(teacher[1])])
-    plot_crossover(Path(f"{out}.png"), rows, per_seed, teacher, a.title)
+                        _num(r["change"].sd), "" if t is None else _num(t), repr(teacher[1]),
+                        " ".join(f"{sd}:{v!r}" for sd, v in by_seed.items())])
+    plot_crossover(Path(f"{out}.png"), rows, per_seed, by_seed, a.title)
     print(md)
 
 
@@ -826,6 +863,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     x.add_argument("--title", default="")
     x.add_argument("--pairs", nargs="*", default=[], metavar="A:B",
                    help="paired A − B at the baseline's crossing and at the end")
+    x.add_argument("--teacher-windows", nargs="*", default=[], metavar="SEED=JSON",
+                   help="the teacher's loss on each seed's evaluation windows (tools/evaluate.py --output); "
+                        "default: its final validation loss on its own windows")
     x.set_defaults(func=cmd_crossover)
     c = sub.add_parser("claims", help="one computed line per claim of the paper (REPORT/claims.md)")
     c.add_argument("--report", required=True)
