@@ -77,8 +77,9 @@ elif [[ "${REPRO_PROFILE}" == "crossover" ]]; then
     : "${TEACHER_ITERS:=150}" "${TRAIN_ITERS:=400}" "${EVAL_INTERVAL:=5}" "${EVAL_ITERS:=4}" "${LOG_INTERVAL:=10}"
     : "${STUDENT_MID_LAYER:=2}" "${STUDENT_LAST_LAYER:=4}" "${TEACHER_MID_LAYER:=1}"
     : "${SEEDS:=1234 2345 3456}"
-    # the wider grid of issue 23 (its optimum inside: λ0 up to 30, S_stop up to 80 %)
-    : "${GRID_LAMBDAS:=0.1 1 3 10 30}" "${GRID_STOPS:=${GRID_STOP_PERCENTS:-10 20 40 60 80}}" "${BEST_SETTINGS:=2}"
+    # the wider grid of issue 23 (λ0 up to 30, S_stop up to 80 %), and λ0 0.03 below the paper's value:
+    # past the crossover the best cells sit at the grid's low-λ0 edge (λ0 = 0 is the baseline itself)
+    : "${GRID_LAMBDAS:=0.03 0.1 1 3 10 30}" "${GRID_STOPS:=${GRID_STOP_PERCENTS:-10 20 40 60 80}}" "${BEST_SETTINGS:=2}"
     : "${LAYER_PAIRS:=}"
     # grad-ratio: r0 1 (the flag's default) and r0 0.1 (the share λ0 0.1 has at the start here)
     : "${SETTINGS:=3:40}" "${ADAPTIVE:=1 0.1}" "${SETTINGS_MIXES:=all}"

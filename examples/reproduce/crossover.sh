@@ -10,7 +10,7 @@
 #     the baseline beats the teacher: the λ0 x S_stop grid (first seed), the grid's best settings at
 #     every seed, SETTINGS and the grad-ratio schedule (ADAPTIVE) at every seed
 #   2 the same corpus, student x32 (SIZE_STUDENTS): baseline, the paper's setting, SETTINGS plus the
-#     grid's best setting, grad-ratio; each at every seed
+#     grid's BEST_SETTINGS best settings, grad-ratio; each at every seed
 #   3 a held-out corpus (HELDOUT_CORPUS_FLAGS: kernel documentation only; its own tokenizer and a
 #     teacher of another seed) in HELDOUT_DIR: the fixed settings of step 2 and grad-ratio, both sizes
 #   4 the reports (both corpora); PUBLISH=1 copies their figures and CSVs to FIGURES_DIR/crossover_*
@@ -43,10 +43,10 @@ export PYTHON="${PY}" PUBLISH=0  # run.sh publishes the full profile's page only
 echo "=== 1/4 corpus, teacher, grid and settings (x8), ${OUT_DIR}"
 OUT_DIR="${OUT_DIR}" REPORT_DIR="${REPORT_DIR}" STAGES="teachers init grid best settings" "${RUN[@]}"
 [[ -s "${OUT_DIR}/best_settings.txt" ]] || die "${OUT_DIR}/best_settings.txt missing: the best stage did not run"
-best="$(head -n 1 "${OUT_DIR}/best_settings.txt")"
-FIXED="${SETTINGS}"  # the named settings and the grid's best, each once
-[[ " ${FIXED} " == *" ${best} "* ]] || FIXED="${FIXED:+${FIXED} }${best}"
-echo "fixed settings for the other size and corpus: ${FIXED} (grid's best: ${best})"
+mapfile -t best < "${OUT_DIR}/best_settings.txt"
+FIXED="${SETTINGS}"  # the named settings and the grid's BEST_SETTINGS best ones, each once
+for setting in "${best[@]}"; do [[ " ${FIXED} " == *" ${setting} "* ]] || FIXED="${FIXED:+${FIXED} }${setting}"; done
+echo "fixed settings for the other size and corpus: ${FIXED} (the grid's best: ${best[*]})"
 
 echo "=== 2/4 the other student size, ${OUT_DIR}"
 OUT_DIR="${OUT_DIR}" REPORT_DIR="${REPORT_DIR}" SIZE_SETTINGS="${FIXED}" STAGES="sizes" "${RUN[@]}"

@@ -155,7 +155,7 @@ class LETObjective(Objective):
         logsum_alpha: float = 4.0
         kernel: str = "auto"  # auto | triton | reference
         lambda_mode: str = "linear"  # linear | grad-ratio
-        grad_ratio: float = 1.0  # r0 of the grad-ratio mode
+        grad_ratio: float = 0.1  # r0 of the grad-ratio mode (docs/results-crossover.md)
 
     @classmethod
     def add_arguments(cls, parser: argparse.ArgumentParser) -> None:
@@ -175,8 +175,9 @@ class LETObjective(Objective):
                        help="linear: λ(s) = λ0·(1 − s/S_stop) (the paper); grad-ratio: λ set each step "
                             "so that ‖λ·∂L_align/∂h_k‖ = r(s)·‖∂L_NLL/∂h_k‖, r(s) = r0·(1 − s/S_stop), "
                             "from the previous step's gradients (--let-lambda is then not used)")
-        g.add_argument("--let-grad-ratio", type=float, default=1.0,
-                       help="r0 of --let-lambda-mode grad-ratio")
+        g.add_argument("--let-grad-ratio", type=float, default=0.1,
+                       help="r0 of --let-lambda-mode grad-ratio (0.1: within the seed spread of the best "
+                            "fixed λ0/S_stop in docs/results-crossover.md)")
 
     @classmethod
     def config_from_args(cls, args: argparse.Namespace) -> "LETObjective.Config":
