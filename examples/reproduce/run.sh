@@ -542,7 +542,7 @@ if wants report; then
             teacher_windows "${mix}"
             "${STUDY[@]}" crossover --root "${RUNS}/${mix}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
                 --teacher-metrics "${TEACHERS}/same/train/metrics.jsonl" --out "${REPORT}/crossover_${mix}" \
-                --pairs "${pairs[@]}" --teacher-windows "${TEACHER_WINDOWS[@]}" --title "student ${STUDENT_MODEL}, mix ${mix}"
+                --pairs "${pairs[@]}" --teacher-windows "${TEACHER_WINDOWS[@]}" --title "main student, mix ${mix}"
         done
     fi
     if reports sizes; then
@@ -566,7 +566,7 @@ if wants report; then
             teacher_windows all
             "${STUDY[@]}" crossover --root "${RUNS}/size_${size}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
                 --teacher-metrics "${TEACHERS}/same/train/metrics.jsonl" --out "${REPORT}/crossover_${size}" \
-                --pairs "${pairs[@]}" --teacher-windows "${TEACHER_WINDOWS[@]}" --title "student ${size} (${SIZE_FLAGS[${size}]})"
+                --pairs "${pairs[@]}" --teacher-windows "${TEACHER_WINDOWS[@]}" --title "student ${size}"
         done
     fi
     if reports main && reports teacher && reports grid && reports best && reports layers; then

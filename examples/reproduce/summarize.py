@@ -139,7 +139,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         if t_valid:
             last = t_valid[-1]
             lines.append(f"  - after {last['iteration']} steps: validation loss {last['lm loss']:.4f} "
-                         f"(ppl {math.exp(last['lm loss']):.1f}) on every held-out document")
+                         f"(ppl {math.exp(last['lm loss']):.1f}) on its evaluation windows of the held-out "
+                         "documents")
     lines.append(f"- student M: {student.layers} layers x {student.hidden} (FFN {student.ffn}, {student.heads} heads), "
                  f"{s_params:,} non-embedding parameters = {s_params / t_formula:.1f}x T")
     walls = sorted((out / "runs").glob("*/*/*/wall_seconds")) if (out / "runs").is_dir() else []
