@@ -12,6 +12,7 @@ import csv
 import json
 import math
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -270,10 +271,13 @@ def test_results_page_is_rendered_from_the_tables(smoke: Path, tmp_path: Path) -
         (tmp_path / "layers.md").rename(smoke / "report" / "layers.md")
 
 
-def test_committed_results_page_names_no_machine_path() -> None:
-    page = (ROOT / "docs" / "results.md").read_text()
+@pytest.mark.parametrize("name", ["results.md", "results-crossover.md"])
+def test_committed_results_page_names_no_machine_path(name: str) -> None:
+    page = (ROOT / "docs" / name).read_text()
     for prefix in ("/work/", "/tmp/", "/home/", "/root/"):
         assert prefix not in page, prefix
+    for figure in re.findall(r"\]\(figures/([^)]+)\)", page):  # every figure it shows is committed
+        assert (ROOT / "docs" / "figures" / figure).is_file(), figure
 
 
 def _bracket(recs: list, target: float):
@@ -482,8 +486,6 @@ def test_crossover_study_driver(smoke: Path, tmp_path: Path) -> None:
     for name in ("grid", "settings_all", "crossover_all", "size_x32", "crossover_x32"):
         assert (report / f"{name}.md").read_text().rstrip() in text, name
         assert (tmp_path / "held_report" / f"{name}.md").is_file() or name == "grid", name
-    import re
-
     for figure in re.findall(r"\]\(figures/([^)]+)\)", text):
         assert (fig / figure).stat().st_size > 1000, figure
     assert (smoke / "report" / "main_all.md").is_file()  # the shared smoke report is left alone
