@@ -7,9 +7,10 @@
 # pytest-xdist spreads the files over TEST_WORKERS workers (default 2, one per core; 0: no xdist),
 # each file whole on one worker (--dist loadfile: a file's module fixtures are built once), the longest
 # files first (tests/conftest.py SLOW_FILES_FIRST; --no-loadscope-reorder keeps that order); most
-# training runs start warm (tests/warm_start.py). ~14 minutes measured on 2 cores (914 tests,
-# 2026-12-04: 12:13 on a quiet machine, 13:49 and 14:13 from fresh clones, whose .ci/run took
-# 15:32 and 15:57 with the install;
+# training runs start warm (tests/warm_start.py). ~15 minutes measured on 2 cores (919 tests,
+# 2026-12-04: 14:46 after the crossover study's driver test (+131 s of one worker); before it 12:13
+# on a quiet machine, 13:49 and 14:13 from fresh clones, whose .ci/run took 15:32 and 15:57 with the
+# install;
 # 18:35 before megatron_let/runtime/jit_fusions.py, tests/hidden_imports and the warm starts); pytest
 # prints a running count and, at the end, the 25 slowest tests and the reason of every skipped test.
 set -euo pipefail
@@ -27,7 +28,7 @@ cd "${ROOT}"
 export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRANSFORMERS_OFFLINE=1
 WORKERS="${TEST_WORKERS:-2}"
 [[ "${WORKERS}" =~ ^[0-9]+$ ]] || { echo "[run_tests] TEST_WORKERS must be a number of workers (0: no xdist)" >&2; exit 2; }
-echo "[run_tests] running pytest on ${WORKERS} workers (the whole of tests/: ~14 minutes on 2 cores)"
+echo "[run_tests] running pytest on ${WORKERS} workers (the whole of tests/: ~15 minutes on 2 cores)"
 # -ra (pyproject's addopts) lists skip reasons; no path given: pyproject's testpaths (tests/).
 # -n stays out of pyproject's addopts: the nested `pytest -m gpu` of scripts/gpu_check.sh runs serially.
 exec "${ROOT}/.venv/bin/python" -m pytest -q -o console_output_style=count --durations=25 \

@@ -85,9 +85,10 @@ GPU_DRY_RUN_ENV = "MEGATRON_LET_GPU_DRY_RUN"
 # out whole files in collection order (run_tests.sh passes --no-loadscope-reorder, else xdist sorts the
 # files by their number of tests), so the long files start early and the short ones fill in at the end,
 # instead of one worker running a 2-4 minute file alone while the other has finished.
-SLOW_FILES_FIRST = ("test_signals.py",  # 297 (seconds on 2 busy cores, 2026-12-04)
+SLOW_FILES_FIRST = ("test_reproduce.py",  # ~300 (seconds on 2 busy cores, 2026-12-04): the smoke pipeline
+                    # in a module fixture, then crossover.sh on it
+                    "test_signals.py",  # 297
                     "test_faults.py",  # 196
-                    "test_reproduce.py",  # 163, one pipeline in a module fixture
                     "test_gpu_check.py",  # 125, one pipeline in a module fixture
                     "test_launchers.py",  # 85
                     "test_performance_features.py",  # 70
