@@ -2,7 +2,7 @@
 # Issue 23's study: does LET still pay once the student outgrows its teacher, at two student sizes,
 # and does the grad-ratio schedule find λ without a grid? (docs/results-crossover.md)
 #
-#   PUBLISH=1 bash examples/reproduce/crossover.sh                 # ~1 h on 2 shared cores
+#   PUBLISH=1 bash examples/reproduce/crossover.sh                 # ~2 h on 2 shared cores
 #   REPRO_PROFILE=smoke bash examples/reproduce/crossover.sh       # every step, tiny (tests)
 #
 # Four invocations of examples/reproduce/run.sh (REPRO_PROFILE=crossover, examples/reproduce/config.sh):

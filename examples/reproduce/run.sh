@@ -516,9 +516,26 @@ if wants report; then
             TEACHER_WINDOWS+=("${sd}=${out}")
         done
     }
+    # comparison ITERS PAPER_STOP "R0 ..." FIXED...: the runs of one table over seeds, as study.py specs
+    # (baseline, the paper's setting, each fixed λ0:S_stop%, each grad-ratio r0) and pairs (each
+    # grad-ratio run against each fixed setting)
+    comparison() {
+        local iters=$1 paper_stop=$2 adaptive=$3 setting a name label; shift 3
+        specs=(baseline=baseline "λ0 ${LET_LAMBDA}, S_stop ${paper_stop} (paper)=let")
+        pairs=()
+        for setting in "$@"; do
+            specs+=("$(setting_label "${setting%%:*}" "${setting##*:}" "${iters}")=$(grid_name "${setting%%:*}" "${setting##*:}")")
+        done
+        for a in ${adaptive}; do
+            IFS='|' read -r name _ label <<< "$(adaptive_run "${a}" "${iters}")"
+            specs+=("${label}=${name}")
+            for setting in "$@"; do
+                pairs+=("${label}:$(setting_label "${setting%%:*}" "${setting##*:}" "${iters}")")
+            done
+        done
+    }
     if reports settings && [[ -n "${SETTINGS}${ADAPTIVE}" ]]; then
         for mix in "${SETTINGS_MIX_LIST[@]}"; do  # named settings and grad-ratio runs at every seed
-            specs=(baseline=baseline "λ0 ${LET_LAMBDA}, S_stop ${LET_STOP_STEP} (paper)=let")
             fixed=()  # the named settings, then (mix all) the grid's best ones the best stage ran at every seed
             for setting in ${SETTINGS}; do fixed+=("${setting}"); done
             if [[ "${mix}" == all ]] && reports best; then
@@ -526,17 +543,7 @@ if wants report; then
                     [[ " ${fixed[*]} " == *" ${setting} "* ]] || fixed+=("${setting}")
                 done
             fi
-            for setting in "${fixed[@]}"; do
-                specs+=("$(setting_label "${setting%%:*}" "${setting##*:}")=$(grid_name "${setting%%:*}" "${setting##*:}")")
-            done
-            pairs=()
-            for a in ${ADAPTIVE}; do
-                IFS='|' read -r name _ label <<< "$(adaptive_run "${a}")"
-                specs+=("${label}=${name}")
-                for setting in "${fixed[@]}"; do
-                    pairs+=("${label}:$(setting_label "${setting%%:*}" "${setting##*:}")")
-                done
-            done
+            comparison "${TRAIN_ITERS}" "${LET_STOP_STEP}" "${ADAPTIVE}" "${fixed[@]}"
             "${STUDY[@]}" seeds --root "${RUNS}/${mix}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
                 --pairs "${pairs[@]}" --out "${REPORT}/settings_${mix}" --title "mix ${mix}, named settings"
             teacher_windows "${mix}"
@@ -549,18 +556,8 @@ if wants report; then
         paper_stop="$(( (SIZE_TRAIN_ITERS * PAPER_STOP_STEP + PAPER_TOTAL_STEPS / 2) / PAPER_TOTAL_STEPS ))"
         (( paper_stop >= 1 )) || paper_stop=1
         for size in "${SIZE_NAMES[@]}"; do
-            specs=(baseline=baseline "λ0 ${LET_LAMBDA}, S_stop ${paper_stop} (paper)=let")
-            pairs=()
-            for setting in ${SIZE_SETTINGS}; do
-                specs+=("$(setting_label "${setting%%:*}" "${setting##*:}" "${SIZE_TRAIN_ITERS}")=$(grid_name "${setting%%:*}" "${setting##*:}")")
-            done
-            for a in ${SIZE_ADAPTIVE}; do
-                IFS='|' read -r name _ label <<< "$(adaptive_run "${a}" "${SIZE_TRAIN_ITERS}")"
-                specs+=("${label}=${name}")
-                for setting in ${SIZE_SETTINGS}; do
-                    pairs+=("${label}:$(setting_label "${setting%%:*}" "${setting##*:}" "${SIZE_TRAIN_ITERS}")")
-                done
-            done
+            # shellcheck disable=SC2086  # SIZE_SETTINGS: words
+            comparison "${SIZE_TRAIN_ITERS}" "${paper_stop}" "${SIZE_ADAPTIVE}" ${SIZE_SETTINGS}
             "${STUDY[@]}" seeds --root "${RUNS}/size_${size}" --seeds "${SEED_LIST[@]}" --runs "${specs[@]}" \
                 --pairs "${pairs[@]}" --out "${REPORT}/size_${size}" --title "student ${size}, ${SIZE_TRAIN_ITERS} steps, mix all"
             teacher_windows all

@@ -531,6 +531,16 @@ def _value_at(run: Run, step: int) -> Optional[float]:
     return float(v[hit[0]]) if hit.size else None
 
 
+def _at_baseline_crossing(run: Run, other: Run, base: Run, teacher_loss: float) -> Optional[float]:
+    """``run`` − ``other`` at the first evaluation where ``base`` is below the teacher's loss (None when
+    the baseline never crosses it or either run has no evaluation at that step)."""
+    br = reach_bracket(*_curve(base), teacher_loss)
+    if br is None:
+        return None
+    here, there = _value_at(run, br[1]), _value_at(other, br[1])
+    return None if here is None or there is None else here - there
+
+
 def teacher_lines(seeds: Sequence[int], final: float, windows: Sequence[str]) -> Dict[int, float]:
     """The teacher's loss each seed's runs are compared with: its loss on that seed's own
     evaluation windows (``SEED=JSON`` of tools/evaluate.py) where given, else its final validation
@@ -574,11 +584,10 @@ def crossover_rows(root: Path, seeds: Sequence[int], specs: Sequence[Tuple[str, 
             if br is not None:
                 cross.values.append(br[1])
                 interp.values.append(br[2])
-            b_br = reach_bracket(*_curve(base), teacher_loss[sd])
-            if b_br is not None and name != baseline:
-                here, there = _value_at(run, b_br[1]), _value_at(base, b_br[1])
-                if here is not None and there is not None:
-                    d_cross.values.append(here - there)
+            if name != baseline:
+                d = _at_baseline_crossing(run, base, base, teacher_loss[sd])
+                if d is not None:
+                    d_cross.values.append(d)
             if name != baseline:
                 d_final.values.append(float(_curve(run)[1][-1] - _curve(base)[1][-1]))
         change = Stat([f - c for f, c in zip(d_final.values, d_cross.values)]) \
@@ -652,11 +661,9 @@ def crossover_pairs(per_seed: Dict[int, Dict[str, Run]], baseline: str, teacher_
             if a not in runs or b not in runs:
                 continue
             final.values.append(float(_curve(runs[a])[1][-1] - _curve(runs[b])[1][-1]))
-            br = reach_bracket(*_curve(runs[baseline]), teacher_loss[sd])
-            if br is not None:
-                here, there = _value_at(runs[a], br[1]), _value_at(runs[b], br[1])
-                if here is not None and there is not None:
-                    at_cross.values.append(here - there)
+            d = _at_baseline_crossing(runs[a], runs[b], runs[baseline], teacher_loss[sd])
+            if d is not None:
+                at_cross.values.append(d)
         out.append((a, b, at_cross, final))
     return out
 
